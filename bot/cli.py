@@ -1,0 +1,92 @@
+"""The ``rapport`` command: one entry point, one small function a subcommand.
+
+Global options (``--config``, ``--set``) build the :class:`~bot.config.Config` once and
+hand it to the subcommand through click's context. Errors a user can act on
+(:class:`~bot.errors.RapportError`) are printed as one line and exit with status 1;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from bot.config import Config, load_config
+from bot.errors import RapportError
+from bot.store import Store
+
+
+def open_store(config: Config) -> Store:
+    """The one way every command opens the database."""
+    return Store(config.database_path(), busy_timeout_s=config.store.busy_timeout_s)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    envvar=None,
+    help="TOML config file (default: $RAPPORT_CONFIG, else $RAPPORT_HOME/rapport.toml).",
+)
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="SECTION.KEY=VALUE",
+    help="Override one config value; repeatable.",
+)
+@click.pass_context
+def cli(ctx: click.Context, config_path: str | None, overrides: tuple[str, ...]) -> None:
+    """rapport: a chat bot that learns what people enjoy from how they react."""
+    ctx.obj = load_config(config_path, overrides)
+
+
+@cli.group()
+def db() -> None:
+    """Inspect and back up the conversation database."""
+
+
+@db.command("status")
+@click.pass_obj
+def db_status(config: Config) -> None:
+    """Print the database path, schema version and row counts per table."""
+    with open_store(config) as store:
+        version, name = store.schema_version()
+        click.echo(f"database: {store.path}")
+        click.echo(f"schema version: {version} ({name})")
+        for table, count in store.counts().items():
+            click.echo(f"{table:<14} {count:>10,}")
+
+
+@db.command("backup")
+@click.argument("destination", type=click.Path(dir_okay=False))
+@click.pass_obj
+def db_backup(config: Config, destination: str) -> None:
+    """Write a consistent copy of the database to DESTINATION (safe while bots run)."""
+    with open_store(config) as store:
+        path = store.backup(destination)
+    click.echo(f"backed up to {path}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        code = cli.main(args=argv, prog_name="rapport", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except RapportError as e:
+        click.echo(f"rapport: error: {e}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    if isinstance(code, int) and code:
+        sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

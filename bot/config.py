@@ -1,0 +1,238 @@
+"""Configuration: one TOML file, then ``RAPPORT_*`` environment variables, then CLI flags.
+
+Design
+------
+The settings are dataclasses, one per TOML table, each field with its type, default and
+help text. ``data/rapport.toml`` is the shipped, commented default file; a test checks
+that it loads to exactly these defaults, so the two never drift.
+
+Precedence, lowest first:
+
+1. the defaults below;
+2. the config file: ``--config PATH``, else ``$RAPPORT_CONFIG``, else
+   ``$RAPPORT_HOME/rapport.toml`` when it exists;
+3. environment variables ``RAPPORT_<TABLE>_<KEY>`` (``RAPPORT_GENERATION_TOP_P=0.8``);
+4. CLI flags ``--set table.key=value``.
+
+Every layer is validated the same way: an unknown table or key, or a value of the wrong
+type or range, is a :class:`ConfigError` with one line naming the key and its source.
+
+Where the data lives is not a config key: :func:`rapport_home` reads ``RAPPORT_HOME``
+(default: the per-user data folder, e.g. ``~/.local/share/rapport``), because the config
+file itself may live there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+
+from bot.errors import ConfigError
+
+ENV_PREFIX = "RAPPORT_"
+# Environment variables in our namespace that are not config keys.
+RESERVED_ENV = {"RAPPORT_HOME", "RAPPORT_CONFIG"}
+DEFAULT_CONFIG_FILE = Path(__file__).resolve().parent.parent / "data" / "rapport.toml"
+
+
+def rapport_home() -> Path:
+    """The folder that holds the database, the pseudonym key and cached models."""
+    home = os.environ.get("RAPPORT_HOME")
+    path = Path(home).expanduser() if home else Path(platformdirs.user_data_dir("rapport"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _help(text: str, default: Any) -> Any:
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class StoreConfig:
+    path: str = _help(
+        "SQLite database file; empty means $RAPPORT_HOME/rapport.db.",
+        "",
+    )
+    busy_timeout_s: float = _help(
+        "How long a write waits for another process's write lock before failing "
+        "(seconds). Writes are short, so 30 s only runs out if something hangs.",
+        30.0,
+    )
+
+    def validate(self) -> None:
+        _require(self.busy_timeout_s >= 0, "store.busy_timeout_s must be >= 0")
+
+
+@dataclass
+class ModelConfig:
+    path: str = _help(
+        "Model to serve: empty for the default SmolLM2-135M-Instruct, a local Hugging "
+        "Face folder, or a registered model version.",
+        "",
+    )
+    context_tokens: int = _help(
+        "Token budget of the prompt (system prompt + recent turns); older turns are "
+        "dropped first. SmolLM2 was trained with 8k, 2k keeps CPU latency low.",
+        2048,
+    )
+    system_prompt: str = _help(
+        "The system prompt every conversation starts with.",
+        "You are a friendly, curious conversation partner. Keep replies short and "
+        "natural, like a person chatting.",
+    )
+
+    def validate(self) -> None:
+        _require(self.context_tokens >= 64, "model.context_tokens must be >= 64")
+
+
+@dataclass
+class GenerationConfig:
+    temperature: float = _help(
+        "Sampling temperature; 0 means greedy decoding.",
+        0.7,
+    )
+    top_p: float = _help("Nucleus sampling: keep the smallest token set with this mass.", 0.9)
+    max_new_tokens: int = _help("Longest reply in tokens.", 96)
+    repetition_penalty: float = _help(
+        "Penalty > 1 discourages repeating tokens already in the context "
+        "(small models loop without it).",
+        1.1,
+    )
+
+    def validate(self) -> None:
+        _require(self.temperature >= 0, "generation.temperature must be >= 0")
+        _require(0 < self.top_p <= 1, "generation.top_p must be in (0, 1]")
+        _require(self.max_new_tokens >= 1, "generation.max_new_tokens must be >= 1")
+        _require(self.repetition_penalty > 0, "generation.repetition_penalty must be > 0")
+
+
+@dataclass
+class Config:
+    store: StoreConfig = field(default_factory=StoreConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+
+    def validate(self) -> None:
+        for section in dataclasses.fields(self):
+            getattr(self, section.name).validate()
+
+    def database_path(self) -> Path:
+        return (
+            Path(self.store.path).expanduser()
+            if self.store.path
+            else (rapport_home() / "rapport.db")
+        )
+
+    def as_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _sections() -> dict[str, type]:
+    return {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
+
+
+def _coerce(value: Any, kind: type, where: str) -> Any:
+    """Check (TOML) or parse (environment, --set strings) one value into ``kind``."""
+    if isinstance(value, str) and kind is not str:
+        text = value.strip()
+        try:
+            if kind is bool:
+                if text.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if text.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError
+            return kind(text)
+        except ValueError:
+            raise ConfigError(f"{where} must be {_type_name(kind)}, got {value!r}") from None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise ConfigError(f"{where} must be {_type_name(kind)}, got {value!r}")
+    return value
+
+
+def _type_name(kind: type) -> str:
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}[kind]
+
+
+def _apply(config: Config, table: str, key: str, value: Any, source: str) -> None:
+    sections = _sections()
+    if table not in sections:
+        raise ConfigError(f"{source}: unknown section [{table}] (known: {', '.join(sections)})")
+    section = getattr(config, table)
+    fields = {f.name: f for f in dataclasses.fields(section)}
+    if key not in fields:
+        raise ConfigError(
+            f"{source}: unknown key '{table}.{key}' (known in [{table}]: {', '.join(fields)})"
+        )
+    kind = type(fields[key].default)
+    setattr(section, key, _coerce(value, kind, f"{source}: {table}.{key}"))
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} cannot be read: {e}") from None
+
+
+def _config_file(explicit: str | Path | None) -> Path | None:
+    if explicit:
+        return Path(explicit).expanduser()
+    if os.environ.get("RAPPORT_CONFIG"):
+        return Path(os.environ["RAPPORT_CONFIG"]).expanduser()
+    candidate = rapport_home() / "rapport.toml"
+    return candidate if candidate.exists() else None
+
+
+def _env_key(name: str) -> tuple[str, str]:
+    """``RAPPORT_GENERATION_TOP_P`` -> (``generation``, ``top_p``)."""
+    rest = name[len(ENV_PREFIX) :].lower()
+    table, _, key = rest.partition("_")
+    return table, key
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    environ: dict[str, str] | None = None,
+) -> Config:
+    """Build the effective config from the file, the environment and ``--set`` flags."""
+    config = Config()
+    config_file = _config_file(path)
+    if config_file is not None:
+        for table, values in _read_toml(config_file).items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"{config_file}: '{table}' must be a [section], not a value")
+            for key, value in values.items():
+                _apply(config, table, key, value, str(config_file))
+    environ = os.environ if environ is None else environ
+    for name in sorted(environ):
+        if name.startswith(ENV_PREFIX) and name not in RESERVED_ENV:
+            table, key = _env_key(name)
+            _apply(config, table, key, environ[name], f"environment variable {name}")
+    for item in overrides:
+        dotted, sep, value = item.partition("=")
+        table, dot, key = dotted.strip().partition(".")
+        if not sep or not dot:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        _apply(config, table, key, value, f"--set {dotted.strip()}")
+    config.validate()
+    return config

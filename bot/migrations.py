@@ -1,0 +1,125 @@
+"""Schema migrations of the conversation store, in the order they were written.
+
+One small function a change; an applied migration is never edited (add a new one).
+:class:`bot.store.Store` applies the pending ones every time it opens a database, and the
+number of applied migrations is the schema version shown by ``rapport db status``.
+
+Tables (DESIGN.md, "Storage"):
+
+- ``users``: a pseudonymous id (keyed hash of the platform id; the platform id itself is
+  never stored), the platform, the opt-out flag.
+- ``conversations``: who, where (keyed hash of the channel), when, which model version.
+- ``messages``: one row a turn; ``role`` is ``user`` or ``bot``; ``author`` says whether
+  a person or a model wrote it (imported corpora have human-written "bot" turns); bot turns
+  carry the model version and the generation settings (JSON).
+- ``votes``: +1/-1 by one user on one bot message; a later vote replaces the earlier.
+- ``rewards``: one value per (message, reward name) with the scorer version.
+- ``models``, ``training_runs``: model versions and the runs that made them.
+"""
+
+from __future__ import annotations
+
+from sqlite_utils import Database, Migrations
+
+migrations = Migrations("rapport")
+
+
+@migrations()
+def m001_conversations(db: Database) -> None:
+    db["users"].create(
+        {"id": str, "platform": str, "created": str, "opted_out": int},
+        pk="id",
+        not_null={"platform", "created", "opted_out"},
+        defaults={"opted_out": 0},
+    )
+    db["conversations"].create(
+        {
+            "id": int,
+            "user_id": str,
+            "platform": str,
+            "channel": str,
+            "started": str,
+            "model_version": str,
+        },
+        pk="id",
+        not_null={"user_id", "platform", "started"},
+        foreign_keys=[("user_id", "users", "id")],
+    )
+    db["conversations"].create_index(["user_id"])
+    db["messages"].create(
+        {
+            "id": int,
+            "conversation_id": int,
+            "turn_index": int,
+            "role": str,
+            "author": str,
+            "user_id": str,
+            "text": str,
+            "created": str,
+            "model_version": str,
+            "generation": str,
+        },
+        pk="id",
+        not_null={"conversation_id", "turn_index", "role", "author", "text", "created"},
+        foreign_keys=[("conversation_id", "conversations", "id"), ("user_id", "users", "id")],
+    )
+    db["messages"].create_index(["conversation_id", "turn_index"], unique=True)
+    db["messages"].create_index(["user_id"])
+
+
+@migrations()
+def m002_votes(db: Database) -> None:
+    db["votes"].create(
+        {"id": int, "message_id": int, "user_id": str, "value": int, "created": str},
+        pk="id",
+        not_null={"message_id", "user_id", "value", "created"},
+        foreign_keys=[("message_id", "messages", "id"), ("user_id", "users", "id")],
+    )
+    # One vote per user per message: a later vote replaces the earlier one.
+    db["votes"].create_index(["message_id", "user_id"], unique=True)
+    db["votes"].create_index(["user_id"])
+
+
+@migrations()
+def m003_rewards(db: Database) -> None:
+    db["rewards"].create(
+        {"message_id": int, "name": str, "value": float, "scorer_version": str, "created": str},
+        pk=("message_id", "name"),
+        not_null={"value", "scorer_version", "created"},
+        foreign_keys=[("message_id", "messages", "id")],
+    )
+    db["rewards"].create_index(["name"])
+
+
+@migrations()
+def m004_models(db: Database) -> None:
+    db["training_runs"].create(
+        {
+            "id": int,
+            "algorithm": str,
+            "config": str,
+            "data_snapshot": str,
+            "status": str,
+            "metrics": str,
+            "started": str,
+            "finished": str,
+        },
+        pk="id",
+        not_null={"algorithm", "config", "status", "started"},
+    )
+    db["models"].create(
+        {
+            "version": str,
+            "path": str,
+            "parent": str,
+            "algorithm": str,
+            "training_run_id": int,
+            "metrics": str,
+            "created": str,
+            "deployed": int,
+        },
+        pk="version",
+        not_null={"path", "algorithm", "created", "deployed"},
+        defaults={"deployed": 0},
+        foreign_keys=[("training_run_id", "training_runs", "id")],
+    )

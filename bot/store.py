@@ -1,0 +1,513 @@
+"""The conversation store: the only code that reads or writes rapport's SQLite database.
+
+Design
+------
+- One :class:`Store` a database file. Opening it applies pending migrations
+  (:mod:`bot.migrations`), turns on WAL (readers never block the writer, and the writer
+  never blocks readers), a busy timeout (a second writer waits for the lock instead of
+  failing at once) and foreign keys.
+- Every write is one transaction started with ``BEGIN IMMEDIATE``: the write lock is
+  taken up front, so a read-then-write (the next turn index, a replaced vote) can never
+  interleave with another process's write. When the method returns, the row is committed:
+  a process killed right after ``add_message`` loses nothing. ``synchronous=NORMAL`` in
+  WAL mode is durable against a killed process; only a power cut can lose the last
+  commits, and it never corrupts the file.
+- Platform ids (a Discord user or channel id) are never stored: users and channels are
+  identified by a keyed hash (HMAC-SHA256) whose key lives in a file beside the database
+  (``<db>.key``, mode 0600), so the database alone cannot be joined back to accounts.
+- The log is never truncated: a 1 MB message is stored whole (model inputs are cut
+  later); NUL and other control characters are stored as they are; text that is not
+  valid Unicode (lone surrogates from undecodable bytes) has those code points replaced
+  by U+FFFD, because SQLite text must be UTF-8.
+- One store may be shared by threads (the Discord frontend runs each write in
+  ``asyncio.to_thread``); a lock serialises use of the connection.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlite_utils import Database
+
+from bot.errors import InvalidInput, NotFound, OptedOut, StoreError
+from bot.migrations import migrations
+
+ROLES = ("user", "bot")
+AUTHORS = ("person", "model")
+TABLES = ("users", "conversations", "messages", "votes", "rewards", "models", "training_runs")
+
+
+def now() -> str:
+    """UTC timestamp with microseconds, sortable as text."""
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+def clean_text(text: object, what: str = "message") -> str:
+    """Validate text for the log: a non-blank string, stored exactly (see module doc)."""
+    if not isinstance(text, str):
+        raise InvalidInput(f"{what} must be text, got {type(text).__name__}")
+    if not text.strip():
+        raise InvalidInput(f"{what} is empty; type something to say")
+    if any(0xD800 <= ord(ch) <= 0xDFFF for ch in text):
+        # Lone surrogates (bytes that were not UTF-8) cannot be stored as SQLite text.
+        text = "".join("\ufffd" if 0xD800 <= ord(ch) <= 0xDFFF else ch for ch in text)
+    return text
+
+
+@dataclass(frozen=True)
+class Message:
+    id: int
+    conversation_id: int
+    turn_index: int
+    role: str
+    author: str
+    user_id: str | None
+    text: str
+    created: str
+    model_version: str | None
+    generation: dict[str, Any] | None
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Message:
+        generation = json.loads(row["generation"]) if row["generation"] else None
+        return cls(**{**row, "generation": generation})
+
+
+class Store:
+    """Open (creating and migrating if needed) the database at ``path``.
+
+    ``path`` may be ``":memory:"`` for tests. ``key`` is the pseudonym key; by default it
+    is read from (or created in) ``<path>.key``; an in-memory store gets a random one.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        busy_timeout_s: float = 30.0,
+        key: bytes | None = None,
+    ) -> None:
+        self.path = str(path)
+        self._lock = threading.RLock()
+        in_memory = self.path == ":memory:"
+        if not in_memory:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            conn = sqlite3.connect(self.path, timeout=busy_timeout_s, check_same_thread=False)
+            self.db = Database(conn)
+            self.db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+            if not in_memory:
+                self.db.enable_wal()
+            self.db.execute("PRAGMA synchronous = NORMAL")
+            self.db.execute("PRAGMA foreign_keys = ON")
+            self._migrate()
+        except sqlite3.DatabaseError as e:
+            raise StoreError(_explain(e, self.path)) from None
+        self._key = key or (secrets.token_bytes(32) if in_memory else _load_key(self.path))
+
+    # -- plumbing -------------------------------------------------------------------
+
+    def _migrate(self) -> None:
+        # Two processes opening a new file at once: the immediate lock makes the second
+        # wait, then find nothing pending.
+        with self._lock:
+            if migrations.pending(self.db):
+                self.db.execute("BEGIN IMMEDIATE")
+                self.db.execute("COMMIT")
+                migrations.apply(self.db)
+
+    @contextmanager
+    def _write(self) -> Iterator[Database]:
+        """One write transaction holding the write lock from its first statement."""
+        with self._lock:
+            try:
+                self.db.execute("BEGIN IMMEDIATE")
+                try:
+                    with self.db.atomic():
+                        yield self.db
+                except BaseException:
+                    self.db.rollback()
+                    raise
+                self.db.execute("COMMIT")
+            except sqlite3.DatabaseError as e:
+                self.db.rollback()
+                raise StoreError(_explain(e, self.path)) from None
+
+    def _read(self, sql: str, params: Iterable[Any] = ()) -> list[dict[str, Any]]:
+        with self._lock:
+            try:
+                cursor = self.db.execute(sql, list(params))
+                names = [d[0] for d in cursor.description]
+                return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+            except sqlite3.DatabaseError as e:
+                raise StoreError(_explain(e, self.path)) from None
+
+    def close(self) -> None:
+        with self._lock:
+            self.db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def pseudonym(self, kind: str, platform: str, platform_id: str) -> str:
+        """Keyed hash of a platform id: stable for this database, not reversible."""
+        digest = hmac.new(
+            self._key, f"{kind}\0{platform}\0{platform_id}".encode(), hashlib.sha256
+        ).hexdigest()
+        return f"{kind[0]}_{digest[:32]}"
+
+    # -- users ----------------------------------------------------------------------
+
+    def ensure_user(self, platform: str, platform_user_id: str) -> str:
+        """The pseudonymous id of a platform user, creating the row on first sight."""
+        user_id = self.pseudonym("user", platform, str(platform_user_id))
+        with self._write() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO users (id, platform, created, opted_out) "
+                "VALUES (?, ?, ?, 0)",
+                [user_id, platform, now()],
+            )
+        return user_id
+
+    def user(self, user_id: str) -> dict[str, Any]:
+        rows = self._read("SELECT * FROM users WHERE id = ?", [user_id])
+        if not rows:
+            raise NotFound(f"no user {user_id}")
+        return rows[0]
+
+    def is_opted_out(self, user_id: str) -> bool:
+        rows = self._read("SELECT opted_out FROM users WHERE id = ?", [user_id])
+        return bool(rows and rows[0]["opted_out"])
+
+    def set_opt_out(self, user_id: str, opted_out: bool) -> None:
+        """An opted-out user's turns are never written (``add_message`` refuses them)."""
+        with self._write() as db:
+            cursor = db.execute(
+                "UPDATE users SET opted_out = ? WHERE id = ?", [int(opted_out), user_id]
+            )
+            if cursor.rowcount == 0:
+                raise NotFound(f"no user {user_id}")
+
+    def forget(self, user_id: str) -> dict[str, int]:
+        """Delete everything that came from one user; return the rows deleted per table.
+
+        That is: their conversations with every turn in them (the bot's replies were
+        made from what they said), their turns and the bot's replies to them in shared
+        conversations, their votes, the votes and rewards on all those messages, and the
+        user row. If the user had opted out, a bare row with only the opt-out flag stays,
+        so that forgetting them does not silently start logging them again.
+        """
+        with self._write() as db:
+            row = db.execute("SELECT opted_out FROM users WHERE id = ?", [user_id]).fetchone()
+            opted_out = bool(row and row[0])
+            gone = (
+                "(SELECT id FROM messages WHERE user_id = :u OR conversation_id IN "
+                "(SELECT id FROM conversations WHERE user_id = :u))"
+            )
+            params = {"u": user_id}
+            counts = {
+                "rewards": db.execute(f"DELETE FROM rewards WHERE message_id IN {gone}", params),
+                "votes": db.execute(
+                    f"DELETE FROM votes WHERE user_id = :u OR message_id IN {gone}", params
+                ),
+                "messages": db.execute(f"DELETE FROM messages WHERE id IN {gone}", params),
+                "conversations": db.execute("DELETE FROM conversations WHERE user_id = :u", params),
+                "users": db.execute("DELETE FROM users WHERE id = :u", params),
+            }
+            counts = {table: cursor.rowcount for table, cursor in counts.items()}
+            if opted_out:
+                db.execute(
+                    "INSERT INTO users (id, platform, created, opted_out) "
+                    "VALUES (?, 'unknown', ?, 1)",
+                    [user_id, now()],
+                )
+        return counts
+
+    # -- conversations and messages -------------------------------------------------
+
+    def start_conversation(
+        self,
+        user_id: str,
+        platform: str,
+        channel: str = "",
+        model_version: str | None = None,
+    ) -> int:
+        """A new conversation of ``user_id``; ``channel`` is a platform id, stored hashed."""
+        channel_key = self.pseudonym("channel", platform, channel) if channel else None
+        with self._write() as db:
+            row = db.execute("SELECT opted_out FROM users WHERE id = ?", [user_id]).fetchone()
+            if row is None:
+                raise NotFound(f"no user {user_id}")
+            if row[0]:
+                raise OptedOut("you opted out of logging; nothing of yours is stored")
+            cursor = db.execute(
+                "INSERT INTO conversations (user_id, platform, channel, started, model_version)"
+                " VALUES (?, ?, ?, ?, ?)",
+                [user_id, platform, channel_key, now(), model_version],
+            )
+            return int(cursor.lastrowid)
+
+    def add_message(
+        self,
+        conversation_id: int,
+        role: str,
+        text: str,
+        *,
+        user_id: str | None = None,
+        author: str | None = None,
+        model_version: str | None = None,
+        generation: dict[str, Any] | None = None,
+    ) -> int:
+        """Append a turn to a conversation and commit it; return the message id.
+
+        ``user_id`` defaults to the conversation's user (for a bot turn: the user it
+        answers). ``author`` defaults to ``person`` for user turns and ``model`` for bot
+        turns; imported corpora pass ``person`` for their "bot" side.
+        """
+        if role not in ROLES:
+            raise InvalidInput(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+        author = author or ("person" if role == "user" else "model")
+        if author not in AUTHORS:
+            raise InvalidInput(f"author must be one of {', '.join(AUTHORS)}, got {author!r}")
+        text = clean_text(text)
+        generation_json = json.dumps(generation, sort_keys=True) if generation else None
+        with self._write() as db:
+            row = db.execute(
+                "SELECT c.user_id, u.opted_out FROM conversations c "
+                "JOIN users u ON u.id = c.user_id WHERE c.id = ?",
+                [conversation_id],
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"no conversation {conversation_id}")
+            user_id = user_id or row[0]
+            if row[1] or (user_id != row[0] and self.is_opted_out(user_id)):
+                raise OptedOut("you opted out of logging; nothing of yours is stored")
+            (turn_index,) = db.execute(
+                "SELECT COALESCE(MAX(turn_index) + 1, 0) FROM messages WHERE conversation_id = ?",
+                [conversation_id],
+            ).fetchone()
+            cursor = db.execute(
+                "INSERT INTO messages (conversation_id, turn_index, role, author, user_id, "
+                "text, created, model_version, generation) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    conversation_id,
+                    turn_index,
+                    role,
+                    author,
+                    user_id,
+                    text,
+                    now(),
+                    model_version,
+                    generation_json,
+                ],
+            )
+            return int(cursor.lastrowid)
+
+    def message(self, message_id: int) -> Message:
+        rows = self._read("SELECT * FROM messages WHERE id = ?", [message_id])
+        if not rows:
+            raise NotFound(f"no message {message_id}")
+        return Message.from_row(rows[0])
+
+    def messages(self, conversation_id: int) -> list[Message]:
+        rows = self._read(
+            "SELECT * FROM messages WHERE conversation_id = ? ORDER BY turn_index",
+            [conversation_id],
+        )
+        return [Message.from_row(r) for r in rows]
+
+    def conversation(self, conversation_id: int) -> dict[str, Any]:
+        rows = self._read("SELECT * FROM conversations WHERE id = ?", [conversation_id])
+        if not rows:
+            raise NotFound(f"no conversation {conversation_id}")
+        return rows[0]
+
+    # -- votes ----------------------------------------------------------------------
+
+    def vote(self, message_id: int, user_id: str, value: int) -> None:
+        """Record +1/-1 by ``user_id`` on a bot message; 0 withdraws their vote.
+
+        A later vote by the same user on the same message replaces the earlier one.
+        """
+        if value not in (-1, 0, 1) or isinstance(value, bool):
+            raise InvalidInput(f"a vote is +1, -1 or 0 (withdraw), got {value!r}")
+        with self._write() as db:
+            row = db.execute("SELECT role FROM messages WHERE id = ?", [message_id]).fetchone()
+            if row is None:
+                raise NotFound(f"no message {message_id} to vote on")
+            if row[0] != "bot":
+                raise InvalidInput(
+                    f"message {message_id} is a user turn; only bot replies take votes"
+                )
+            opted = db.execute("SELECT opted_out FROM users WHERE id = ?", [user_id]).fetchone()
+            if opted is None:
+                raise NotFound(f"no user {user_id}")
+            if opted[0]:
+                raise OptedOut("you opted out of logging; your votes are not stored")
+            if value == 0:
+                db.execute(
+                    "DELETE FROM votes WHERE message_id = ? AND user_id = ?", [message_id, user_id]
+                )
+                return
+            db.execute(
+                "INSERT INTO votes (message_id, user_id, value, created) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (message_id, user_id) DO UPDATE SET "
+                "value = excluded.value, created = excluded.created",
+                [message_id, user_id, value, now()],
+            )
+
+    def votes(self, message_id: int) -> dict[str, int]:
+        rows = self._read("SELECT user_id, value FROM votes WHERE message_id = ?", [message_id])
+        return {r["user_id"]: r["value"] for r in rows}
+
+    # -- rewards --------------------------------------------------------------------
+
+    def set_rewards(self, rows: Iterable[tuple[int, str, float, str]]) -> int:
+        """Upsert (message_id, reward name, value, scorer version) rows in one transaction."""
+        created = now()
+        values = [(int(m), str(n), float(v), str(s), created) for m, n, v, s in rows]
+        with self._write() as db:
+            db.conn.executemany(
+                "INSERT INTO rewards (message_id, name, value, scorer_version, created) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (message_id, name) DO UPDATE SET "
+                "value = excluded.value, scorer_version = excluded.scorer_version, "
+                "created = excluded.created",
+                values,
+            )
+        return len(values)
+
+    def rewards(self, message_id: int) -> dict[str, float]:
+        rows = self._read("SELECT name, value FROM rewards WHERE message_id = ?", [message_id])
+        return {r["name"]: r["value"] for r in rows}
+
+    # -- models and training runs ---------------------------------------------------
+
+    def add_model(
+        self,
+        version: str,
+        path: str,
+        algorithm: str,
+        *,
+        parent: str | None = None,
+        training_run_id: int | None = None,
+        metrics: dict[str, Any] | None = None,
+    ) -> None:
+        with self._write() as db:
+            if db.execute("SELECT 1 FROM models WHERE version = ?", [version]).fetchone():
+                raise InvalidInput(f"model version {version!r} already exists")
+            db["models"].insert(
+                {
+                    "version": version,
+                    "path": str(path),
+                    "parent": parent,
+                    "algorithm": algorithm,
+                    "training_run_id": training_run_id,
+                    "metrics": json.dumps(metrics or {}, sort_keys=True),
+                    "created": now(),
+                    "deployed": 0,
+                }
+            )
+
+    def models(self) -> list[dict[str, Any]]:
+        rows = self._read("SELECT * FROM models ORDER BY created")
+        return [{**r, "metrics": json.loads(r["metrics"] or "{}")} for r in rows]
+
+    def deployed_version(self) -> str | None:
+        rows = self._read("SELECT version FROM models WHERE deployed = 1")
+        return rows[0]["version"] if rows else None
+
+    def set_deployed(self, version: str) -> None:
+        """Make ``version`` the one deployed model, in one transaction."""
+        with self._write() as db:
+            if not db.execute("SELECT 1 FROM models WHERE version = ?", [version]).fetchone():
+                raise NotFound(f"no model version {version!r}")
+            db.execute("UPDATE models SET deployed = 0 WHERE deployed = 1")
+            db.execute("UPDATE models SET deployed = 1 WHERE version = ?", [version])
+
+    def start_training_run(self, algorithm: str, config: dict[str, Any]) -> int:
+        with self._write() as db:
+            cursor = db.execute(
+                "INSERT INTO training_runs (algorithm, config, status, started) "
+                "VALUES (?, ?, 'running', ?)",
+                [algorithm, json.dumps(config, sort_keys=True), now()],
+            )
+            return int(cursor.lastrowid)
+
+    def finish_training_run(
+        self, run_id: int, status: str, metrics: dict[str, Any] | None = None
+    ) -> None:
+        with self._write() as db:
+            db.execute(
+                "UPDATE training_runs SET status = ?, metrics = ?, finished = ? WHERE id = ?",
+                [status, json.dumps(metrics or {}, sort_keys=True), now(), run_id],
+            )
+
+    # -- maintenance ----------------------------------------------------------------
+
+    def schema_version(self) -> tuple[int, str | None]:
+        applied = migrations.applied(self.db)
+        return len(applied), (applied[-1].name if applied else None)
+
+    def counts(self) -> dict[str, int]:
+        return {t: self._read(f"SELECT COUNT(*) AS n FROM {t}")[0]["n"] for t in TABLES}
+
+    def backup(self, destination: str | Path) -> Path:
+        """A consistent copy of the live database (``VACUUM INTO``), safe while bots run."""
+        destination = Path(destination).expanduser()
+        if destination.exists():
+            raise StoreError(f"{destination} already exists; choose a new file name")
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            try:
+                self.db.execute("VACUUM INTO ?", [str(destination)])
+            except sqlite3.DatabaseError as e:
+                raise StoreError(_explain(e, str(destination))) from None
+        return destination
+
+
+def _load_key(db_path: str) -> bytes:
+    """The pseudonym key beside the database, created (0600) on first use."""
+    key_path = Path(db_path + ".key")
+    try:
+        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        key = key_path.read_bytes()
+        if len(key) < 32:
+            raise StoreError(
+                f"pseudonym key {key_path} is damaged; restore it from a backup"
+            ) from None
+        return key
+    with os.fdopen(fd, "wb") as f:
+        f.write(secrets.token_bytes(32))
+        f.flush()
+        os.fsync(f.fileno())
+    return key_path.read_bytes()
+
+
+def _explain(error: sqlite3.DatabaseError, path: str) -> str:
+    text = str(error)
+    if "locked" in text or "busy" in text:
+        return f"the database {path} is locked by another process; try again in a moment"
+    if "not a database" in text or "malformed" in text:
+        return (
+            f"{path} is not a readable rapport database ({text}); "
+            "move it aside or restore a backup (rapport db backup)"
+        )
+    if "readonly" in text or "unable to open" in text:
+        return f"cannot write the database {path} ({text}); check the folder's permissions"
+    return f"database error on {path}: {text}"

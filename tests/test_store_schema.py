@@ -1,0 +1,93 @@
+"""Migrations: exact columns on a fresh database, idempotent re-open, upgrade from old."""
+
+from __future__ import annotations
+
+import sqlite3
+
+from sqlite_utils import Database
+
+from bot.migrations import migrations
+from bot.store import Store
+
+EXPECTED_COLUMNS = {
+    "users": ["id", "platform", "created", "opted_out"],
+    "conversations": ["id", "user_id", "platform", "channel", "started", "model_version"],
+    "messages": [
+        "id",
+        "conversation_id",
+        "turn_index",
+        "role",
+        "author",
+        "user_id",
+        "text",
+        "created",
+        "model_version",
+        "generation",
+    ],
+    "votes": ["id", "message_id", "user_id", "value", "created"],
+    "rewards": ["message_id", "name", "value", "scorer_version", "created"],
+    "training_runs": [
+        "id",
+        "algorithm",
+        "config",
+        "data_snapshot",
+        "status",
+        "metrics",
+        "started",
+        "finished",
+    ],
+    "models": [
+        "version",
+        "path",
+        "parent",
+        "algorithm",
+        "training_run_id",
+        "metrics",
+        "created",
+        "deployed",
+    ],
+}
+
+
+def test_fresh_in_memory_database_has_exactly_the_expected_columns():
+    store = Store(":memory:")
+    tables = set(store.db.table_names()) - {"_sqlite_migrations"}
+    assert tables == set(EXPECTED_COLUMNS)
+    for table, columns in EXPECTED_COLUMNS.items():
+        assert [c.name for c in store.db[table].columns] == columns, table
+    assert store.schema_version() == (4, "m004_models")
+
+
+def test_reopening_applies_nothing_twice(tmp_path):
+    path = tmp_path / "r.db"
+    Store(path).close()
+    Store(path).close()
+    with sqlite3.connect(path) as conn:
+        names = [r[0] for r in conn.execute("SELECT name FROM _sqlite_migrations ORDER BY id")]
+    assert names == ["m001_conversations", "m002_votes", "m003_rewards", "m004_models"]
+
+
+def test_database_from_older_schema_upgrades_and_keeps_its_rows(tmp_path):
+    path = tmp_path / "old.db"
+    old = Database(path)
+    migrations.apply(old, stop_before="m002_votes")
+    old["users"].insert({"id": "u_1", "platform": "terminal", "created": "t", "opted_out": 0})
+    old["conversations"].insert({"id": 1, "user_id": "u_1", "platform": "terminal", "started": "t"})
+    old["messages"].insert(
+        {
+            "conversation_id": 1,
+            "turn_index": 0,
+            "role": "bot",
+            "author": "model",
+            "user_id": "u_1",
+            "text": "hello from an old version",
+            "created": "t",
+        }
+    )
+    old.close()
+
+    with Store(path) as store:
+        assert store.schema_version() == (4, "m004_models")
+        assert store.messages(1)[0].text == "hello from an old version"
+        store.vote(1, "u_1", 1)  # a table the old schema did not have
+        assert store.votes(1) == {"u_1": 1}
