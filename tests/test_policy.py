@@ -1,0 +1,194 @@
+"""The policy: loading, sampling, streaming, the default model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from bot.config import Config
+from bot.errors import RapportError
+from bot.policy import (
+    DEFAULT_MODEL_NAME,
+    Policy,
+    Settings,
+    clean_reply,
+    default_model_dir,
+    load_model,
+    sample_next,
+)
+from bot.prompt import Turn
+
+
+def tiny_policy(folder, seed=0, **generation) -> Policy:
+    config = Config()
+    config.model.path = str(folder)
+    for key, value in generation.items():
+        setattr(config.generation, key, value)
+    return Policy.load(config.model, config.generation, seed=seed)
+
+
+def naive_sample_distribution(logits, seen, s: Settings):
+    """Reference: HF-style penalty, temperature, then top-p by a full sort, as a loop."""
+    logits = logits.clone()
+    for t in set(seen.tolist()):
+        logits[t] = (
+            logits[t] / s.repetition_penalty
+            if logits[t] > 0
+            else (logits[t] * s.repetition_penalty)
+        )
+    probs = torch.softmax(logits / s.temperature, -1)
+    order = sorted(range(len(probs)), key=lambda i: -probs[i])
+    keep, mass = [], 0.0
+    for i in order:
+        if mass >= s.top_p:
+            break
+        keep.append(i)
+        mass += float(probs[i])
+    out = torch.zeros_like(probs)
+    out[keep] = probs[keep]
+    return out / out.sum()
+
+
+def test_sampling_matches_a_naive_loop():
+    torch.manual_seed(0)
+    logits = torch.randn(50) * 2
+    seen = torch.tensor([3, 3, 7, 11])
+    s = Settings(temperature=0.8, top_p=0.7, max_new_tokens=1, repetition_penalty=1.3)
+    expected = naive_sample_distribution(logits, seen, s)
+    g = torch.Generator().manual_seed(1)
+    counts = torch.zeros(50)
+    for _ in range(4000):
+        counts[sample_next(logits, seen, s, g)] += 1
+    assert set(torch.nonzero(counts).flatten().tolist()) <= set(
+        torch.nonzero(expected).flatten().tolist()
+    )
+    assert torch.allclose(counts / counts.sum(), expected, atol=0.03)
+
+
+def test_greedy_and_penalty():
+    logits = torch.tensor([1.0, 3.0, 2.9])
+    greedy = Settings(temperature=0, top_p=1.0, max_new_tokens=1, repetition_penalty=1.0)
+    assert sample_next(logits, torch.tensor([], dtype=torch.long), greedy) == 1
+    penalised = Settings(temperature=0, top_p=1.0, max_new_tokens=1, repetition_penalty=1.5)
+    assert sample_next(logits, torch.tensor([1]), penalised) == 2
+
+
+def test_stream_yields_pieces_of_the_reply_and_respects_the_length(tiny_model_dir):
+    policy = tiny_policy(tiny_model_dir, max_new_tokens=12)
+    turns = [Turn("user", "hello there")]
+    tokens = list(policy.stream_tokens(policy.prompt_ids(turns)))
+    assert 1 <= len(tokens) <= 12
+    assert not set(tokens) & policy.stop_ids
+    again = tiny_policy(tiny_model_dir, max_new_tokens=12)
+    pieces = list(again.stream(turns))
+    assert "".join(pieces) == policy.tokenizer.decode(tokens, skip_special_tokens=True).lstrip()
+
+
+def test_same_seed_same_reply(tiny_model_dir):
+    turns = [Turn("user", "hi")]
+    a = tiny_policy(tiny_model_dir, seed=3).reply(turns)
+    b = tiny_policy(tiny_model_dir, seed=3).reply(turns)
+    assert a == b
+
+
+@pytest.mark.parametrize("stop", ["<|im_end|>", "<|im_start|>", "<|endoftext|>"])
+def test_generation_stops_at_any_template_control_token(tiny_model_dir, stop):
+    model, tokenizer = load_model(tiny_model_dir)
+    stop_id = tokenizer.convert_tokens_to_ids(stop)
+    with torch.no_grad():  # make the stop token the certain next token
+        model.lm_head.weight.zero_()
+        model.lm_head.bias = torch.nn.Parameter(torch.zeros(model.config.vocab_size))
+        model.lm_head.bias[stop_id] = 50.0
+    config = Config()
+    policy = Policy(
+        model,
+        tokenizer,
+        version="t",
+        model_config=config.model,
+        settings=Settings.from_config(config.generation),
+        seed=0,
+    )
+    assert list(policy.stream_tokens(policy.prompt_ids([Turn("user", "hi")]))) == []
+
+
+def test_clean_reply_strips_template_debris():
+    assert clean_reply("  assistant\nSure thing!<|im_end|>junk") == "Sure thing!"
+    assert clean_reply("Hi there<|im_start|>user\nmore") == "Hi there"
+
+
+def test_loading_a_folder_that_is_not_a_model_is_one_readable_line(tmp_path):
+    with pytest.raises(RapportError, match="not a model folder"):
+        load_model(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(RapportError, match="cannot load the model"):
+        load_model(tmp_path)
+
+
+def test_int8_serving_quantises_the_linear_layers_and_still_replies(tiny_model_dir):
+    int8 = tiny_policy(tiny_model_dir)  # the default serve_precision
+    assert type(int8.model.lm_head).__module__.startswith("torch.ao")
+    assert int8.reply([Turn("user", "hello")])
+    config = Config()
+    config.model.path = str(tiny_model_dir)
+    config.model.serve_precision = "fp32"
+    plain = Policy.load(config.model, config.generation)
+    assert type(plain.model.lm_head) is torch.nn.Linear
+
+
+def test_a_killed_conversion_never_leaves_a_copy_that_gets_loaded(
+    tiny_model_dir, rapport_home, monkeypatch
+):
+    """Conversion of the default GGUF, with the tiny model standing in for speed."""
+    import transformers
+
+    real_model_load = transformers.AutoModelForCausalLM.from_pretrained
+    real_tok_load = transformers.AutoTokenizer.from_pretrained
+    monkeypatch.setattr(
+        transformers.AutoModelForCausalLM,
+        "from_pretrained",
+        lambda *a, **k: real_model_load(tiny_model_dir),
+    )
+    monkeypatch.setattr(
+        transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: real_tok_load(tiny_model_dir)
+    )
+    models = rapport_home / "models"
+    # a hard kill (SIGKILL) leaves its temporary folder: it must never be picked up
+    debris = models / f".{DEFAULT_MODEL_NAME}-killed"
+    debris.mkdir(parents=True)
+    (debris / "config.json").write_text("{}")
+
+    real_save = transformers.PreTrainedModel.save_pretrained
+
+    def dies_halfway(self, folder, *a, **k):
+        (Path(folder) / "config.json").write_text("{}")
+        raise KeyboardInterrupt  # killed while writing the weights
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        default_model_dir()
+    assert not (models / DEFAULT_MODEL_NAME).exists()
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", real_save)
+    target = default_model_dir()
+    assert target == models / DEFAULT_MODEL_NAME
+    assert (target / "model.safetensors").exists() and (target / "tokenizer.json").exists()
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", real_model_load)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", real_tok_load)
+    model, _ = load_model(target)
+    assert model.config.hidden_size == 32
+    assert default_model_dir() == target  # cached: no second conversion
+
+
+@pytest.mark.slow
+def test_the_real_default_model_replies_in_english(default_model_home, monkeypatch):
+    monkeypatch.setenv("RAPPORT_HOME", str(default_model_home))
+    config = Config()
+    policy = Policy.load(config.model, config.generation, seed=0)
+    assert policy.version == DEFAULT_MODEL_NAME
+    reply = policy.reply([Turn("user", "Hi! What do you like to do on weekends?")])
+    words = reply.split()
+    assert len(words) >= 3
+    english = {"i", "you", "the", "to", "a", "and", "my", "it", "is", "like", "do", "of", "in"}
+    assert {w.strip(".,!?").lower() for w in words} & english
