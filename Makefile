@@ -26,8 +26,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 chat: install
-	@if $(VENV)/bin/rapport chat --help >/dev/null 2>&1; then $(VENV)/bin/rapport chat; \
-	else echo "rapport chat is not built yet (issue 3); 'rapport --help' lists what exists."; fi
+	$(VENV)/bin/rapport chat
 
 test: install
 	$(PY) -m pytest -q
@@ -38,6 +37,7 @@ lint: install
 
 bench: install
 	$(PY) bench/store_bench.py
+	$(PY) bench/chat_bench.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

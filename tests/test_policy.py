@@ -11,6 +11,7 @@ from bot.config import Config
 from bot.errors import RapportError
 from bot.policy import (
     DEFAULT_MODEL_NAME,
+    Int8WeightLinear,
     Policy,
     Settings,
     clean_reply,
@@ -126,15 +127,18 @@ def test_loading_a_folder_that_is_not_a_model_is_one_readable_line(tmp_path):
         load_model(tmp_path)
 
 
-def test_int8_serving_quantises_the_linear_layers_and_still_replies(tiny_model_dir):
+def test_int8_serving_quantises_every_linear_layer_and_keeps_the_logits(tiny_model_dir):
     int8 = tiny_policy(tiny_model_dir)  # the default serve_precision
-    assert type(int8.model.lm_head).__module__.startswith("torch.ao")
+    linears = [m for m in int8.model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears == [] and isinstance(int8.model.lm_head, Int8WeightLinear)
+    fp32, _ = load_model(tiny_model_dir)
+    ids = torch.tensor([int8.prompt_ids([Turn("user", "hello, how are you?")])])
+    with torch.inference_mode():
+        exact = fp32(input_ids=ids).logits.float()
+        served = int8.model(input_ids=ids).logits.float()
+    relative = (served - exact).norm() / exact.norm()
+    assert relative < 0.05
     assert int8.reply([Turn("user", "hello")])
-    config = Config()
-    config.model.path = str(tiny_model_dir)
-    config.model.serve_precision = "fp32"
-    plain = Policy.load(config.model, config.generation)
-    assert type(plain.model.lm_head) is torch.nn.Linear
 
 
 def test_a_killed_conversion_never_leaves_a_copy_that_gets_loaded(

@@ -1,0 +1,169 @@
+"""The dialog engine: what gets logged, when, and what the user is told."""
+
+from __future__ import annotations
+
+import pytest
+
+from bot.config import Config
+from bot.errors import InvalidInput, NotFound
+from bot.policy import GenerationError, Policy
+from bot.session import OPTED_OUT_NOTICE, Session
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_model_dir) -> Policy:
+    config = Config()
+    config.model.path = str(tiny_model_dir)
+    config.model.context_tokens = 256
+    config.generation.max_new_tokens = 8
+    return Policy.load(config.model, config.generation, seed=0)
+
+
+@pytest.fixture
+def session(store, policy) -> Session:
+    return Session(store, lambda: policy, platform="terminal", platform_user_id="ann")
+
+
+def test_both_turns_are_logged_with_the_model_version_and_settings(session, store, policy):
+    streamed = []
+    reply = session.respond("hello there", on_text=streamed.append)
+    rows = store.messages(session.conversation_id)
+    assert [(m.role, m.text) for m in rows] == [("user", "hello there"), ("bot", reply.text)]
+    assert reply.text and reply.message_id == rows[1].id
+    assert "".join(streamed).strip() == reply.text
+    assert rows[1].model_version == policy.version
+    assert rows[1].generation == policy.settings.as_dict()
+    assert store.conversation(session.conversation_id)["model_version"] == policy.version
+
+
+def test_the_user_turn_is_committed_before_generation_starts(session, store, policy):
+    seen_during_generation = []
+
+    class Watching:
+        version, settings = policy.version, policy.settings
+
+        def stream(self, turns):
+            seen_during_generation.extend(m.text for m in store.messages(session.conversation_id))
+            yield "ok"
+
+    session.policy_source = lambda: Watching()
+    session.respond("remember this")
+    assert seen_during_generation == ["remember this"]
+
+
+def test_a_crash_in_the_model_keeps_the_user_turn_and_the_chat_goes_on(session, store, policy):
+    class Broken:
+        version, settings = policy.version, policy.settings
+
+        def stream(self, turns):
+            yield "half a"
+            raise RuntimeError("CUDA out of memory")
+
+    session.policy_source = lambda: Broken()
+    with pytest.raises(GenerationError) as e:
+        session.respond("are you there?")
+    message = str(e.value)
+    assert "\n" not in message and "RuntimeError: CUDA out of memory" in message
+    assert "your message was saved" in message
+    assert [m.text for m in store.messages(session.conversation_id)] == ["are you there?"]
+    session.policy_source = lambda: policy
+    reply = session.respond("hello again")
+    texts = [m.text for m in store.messages(session.conversation_id)]
+    assert texts == ["are you there?", "hello again", reply.text]
+
+
+def test_ctrl_c_while_generating_keeps_what_was_shown_marked_interrupted(session, store, policy):
+    class Interrupted:
+        version, settings = policy.version, policy.settings
+
+        def stream(self, turns):
+            yield "I was saying"
+            raise KeyboardInterrupt
+
+    session.policy_source = lambda: Interrupted()
+    with pytest.raises(KeyboardInterrupt):
+        session.respond("tell me a story")
+    bot = store.messages(session.conversation_id)[-1]
+    assert (bot.role, bot.text, bot.generation["interrupted"]) == ("bot", "I was saying", True)
+
+
+def test_long_input_is_logged_whole_and_the_model_sees_it_truncated(session, store, policy):
+    text = "START " + "x" * 100_000 + " END"
+    seen = []
+    real = policy.prompt_ids
+
+    class Recording:
+        version, settings = policy.version, policy.settings
+
+        def stream(self, turns):
+            seen.append(real(turns))
+            yield "wow"
+
+    session.policy_source = lambda: Recording()
+    session.respond(text)
+    assert store.messages(session.conversation_id)[0].text == text
+    assert len(seen[0]) <= policy.context_tokens
+
+
+@pytest.mark.parametrize("text", ["", "   \n"])
+def test_empty_input_is_refused_without_a_log_row(session, store, text):
+    with pytest.raises(InvalidInput):
+        session.respond(text)
+    assert store.counts()["messages"] == 0
+
+
+@pytest.mark.parametrize("text", ["😂😂😂", "¿Qué tal estás?", "你好，你喜欢什么？"])
+def test_emoji_only_and_non_english_get_a_reply(session, store, text):
+    reply = session.respond(text)
+    assert reply.text
+    assert [m.text for m in store.messages(session.conversation_id)] == [text, reply.text]
+
+
+def test_votes_count_back_from_the_last_reply(session, store):
+    first = session.respond("one").message_id
+    second = session.respond("two").message_id
+    assert session.vote(1) == second
+    assert session.vote(-1, back=2) == first
+    assert store.votes(first) == {session.user_id: -1}
+    assert store.votes(second) == {session.user_id: 1}
+    with pytest.raises(NotFound, match="only 2 replies"):
+        session.vote(1, back=3)
+
+
+def test_new_conversation_splits_the_log(session, store):
+    session.respond("first chat")
+    first = session.conversation_id
+    session.new_conversation()
+    with pytest.raises(NotFound, match="no reply to vote on yet"):
+        session.vote(1)
+    session.respond("second chat")
+    assert session.conversation_id != first
+    assert store.messages(session.conversation_id)[0].text == "second chat"
+
+
+def test_opted_out_users_get_replies_but_nothing_is_logged(session, store):
+    session.respond("logged")
+    session.set_opt_out(True)
+    reply = session.respond("not logged")
+    assert reply.text and reply.message_id is None
+    assert session.notice == OPTED_OUT_NOTICE
+    session.respond("still not logged")
+    assert session.notice is None  # told once per conversation
+    assert store.counts()["messages"] == 2
+    with pytest.raises(InvalidInput, match="opted out"):
+        session.vote(1)
+    session.set_opt_out(False)
+    session.respond("logged again")
+    assert store.counts()["messages"] == 4
+
+
+def test_forget_me_deletes_this_user_only(session, store, policy):
+    other = Session(store, lambda: policy, platform="terminal", platform_user_id="bob")
+    other.respond("bob here")
+    session.respond("ann here")
+    session.vote(1)
+    deleted = session.forget_me()
+    assert deleted["messages"] == 2 and deleted["votes"] == 1
+    assert store.counts()["messages"] == 2
+    session.respond("fresh start")  # the session goes on, as a new user row
+    assert store.counts()["messages"] == 4

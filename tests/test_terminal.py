@@ -1,0 +1,200 @@
+"""`rapport chat` as a person uses it: a real process, typed lines, the logged rows."""
+
+from __future__ import annotations
+
+import io
+import os
+import pty
+import select
+import sys
+import time
+
+import pytest
+
+from bot.config import Config
+from bot.policy import Policy
+from bot.session import Session
+from bot.store import Store
+from bot.terminal import Terminal
+from tests.conftest import run_rapport
+
+
+def chat_process(tiny_model_dir, lines: list[str], *extra: str):
+    return run_rapport(
+        "--set",
+        "generation.max_new_tokens=8",
+        "chat",
+        "--model",
+        str(tiny_model_dir),
+        "--seed",
+        "0",
+        "--user",
+        "tester",
+        *extra,
+        input="".join(line + "\n" for line in lines),
+    )
+
+
+def test_piped_chat_transcript_and_logged_rows(tiny_model_dir, rapport_home):
+    result = chat_process(
+        tiny_model_dir,
+        [
+            "hello bot",
+            "/up",
+            "",
+            "second message",
+            "/down 2",
+            "/new",
+            "third",
+            "/model",
+            "/quit",
+            "never sent",
+        ],
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout.splitlines()
+    assert len(out) == 8, out  # one line per non-blank input line, none after /quit
+    replies = [out[0], out[2], out[5]]
+    assert all(r.strip() for r in replies)
+    assert out[1] == "voted 👍 on the last reply"
+    assert out[3] == "voted 👎 on the reply 2 back"
+    assert out[4] == "(new conversation)"
+    assert out[6] == f"model: {tiny_model_dir}"
+    assert out[7] == "bye"
+    assert "Traceback" not in result.stderr
+
+    with Store(rapport_home / "rapport.db") as store:
+        conversations = [r["id"] for r in store.db["conversations"].rows]
+        assert len(conversations) == 2  # split at /new
+        first = store.messages(conversations[0])
+        second = store.messages(conversations[1])
+        assert [(m.role, m.turn_index) for m in first] == [
+            ("user", 0),
+            ("bot", 1),
+            ("user", 2),
+            ("bot", 3),
+        ]
+        assert [m.text for m in first if m.role == "user"] == ["hello bot", "second message"]
+        assert [" ".join(m.text.split()) for m in first if m.role == "bot"] == replies[:2]
+        assert [m.text for m in second] == ["third", second[1].text]
+        user = first[0].user_id
+        assert store.votes(first[1].id) == {user: -1}  # /up then /down 2: replaced
+        assert store.votes(first[3].id) == {}
+        assert store.counts()["votes"] == 1
+        assert store.counts()["messages"] == 6
+
+
+def test_piped_chat_reports_bad_commands_in_one_line_and_goes_on(tiny_model_dir, rapport_home):
+    result = chat_process(tiny_model_dir, ["/up", "/frobnicate", "/up x", "//slash", "/forget"])
+    out = result.stdout.splitlines()
+    assert out[0] == "rapport: no reply to vote on yet"
+    assert out[1].startswith("unknown command /frobnicate")
+    assert out[2] == "/up takes a number of replies back, e.g. /up 2"
+    assert out[3].strip()  # "//slash" was sent as "/slash" and answered
+    assert out[4] == "forgotten: 2 messages, 0 votes"
+    with Store(rapport_home / "rapport.db") as store:
+        assert store.counts()["messages"] == 0
+
+
+def test_a_model_that_fails_to_load_is_one_line(rapport_home, tmp_path):
+    result = run_rapport("chat", "--model", str(tmp_path / "nope"), input="hi\n")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("rapport: error: no model folder")
+    assert "Traceback" not in result.stderr
+
+
+def test_a_model_crash_mid_chat_is_one_line_and_the_chat_goes_on(tiny_model_dir, store):
+    config = Config()
+    config.model.path = str(tiny_model_dir)
+    config.generation.max_new_tokens = 6
+    policy = Policy.load(config.model, config.generation, seed=0)
+    real_stream = policy.stream
+
+    def stream(turns):
+        if "boom" in turns[-1].text:
+            raise RuntimeError("model exploded")
+        return real_stream(turns)
+
+    policy.stream = stream
+    session = Session(store, lambda: policy, platform="terminal", platform_user_id="t")
+    lines = iter(["boom please\n", "are you ok?\n"])
+
+    def read_line(prompt):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    out = io.StringIO()
+    Terminal(session, out, interactive=False, read_line=read_line).run()
+    shown = out.getvalue().splitlines()
+    assert shown[0].startswith("rapport: the model failed to reply (RuntimeError: model exploded)")
+    assert shown[1].strip()
+    texts = [m.text for m in store.messages(session.conversation_id)]
+    assert texts[:2] == ["boom please", "are you ok?"] and len(texts) == 3
+
+
+class PtyReader:
+    """Everything a pty child printed so far; ``expect`` waits for text after the last match."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd, self.buffer, self.position = fd, b"", 0
+
+    def expect(self, needle: str, timeout: float = 60) -> bytes:
+        wanted = needle.encode()
+        deadline = time.monotonic() + timeout
+        while wanted not in self.buffer[self.position :]:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"waited for {needle!r}, got {self.buffer[-500:]!r}")
+            ready, _, _ = select.select([self.fd], [], [], 0.5)
+            if ready:
+                try:
+                    self.buffer += os.read(self.fd, 4096)
+                except OSError:
+                    break
+        end = self.buffer.index(wanted, self.position) + len(wanted)
+        seen, self.position = self.buffer[self.position : end], end
+        return seen
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="pty test")
+def test_interactive_ctrl_c_stops_a_reply_and_the_chat_goes_on(tiny_model_dir, rapport_home):
+    pid, fd = pty.fork()
+    if pid == 0:  # child: a real terminal session
+        os.execvpe(
+            sys.executable,
+            [
+                sys.executable,
+                "-m",
+                "bot.cli",
+                "--set",
+                "generation.max_new_tokens=100000",
+                "--set",
+                "model.context_tokens=200000",
+                "chat",
+                "--model",
+                str(tiny_model_dir),
+                "--user",
+                "tty",
+            ],
+            {**os.environ, "TERM": "dumb"},
+        )
+    try:
+        tty = PtyReader(fd)
+        assert b"/up or /down" in tty.expect("you ›")
+        os.write(fd, b"tell me a very long story\r")
+        tty.expect("rapport ›")
+        time.sleep(1.0)
+        os.write(fd, b"\x03")  # Ctrl-C while the reply is being written
+        tty.expect("[stopped]")
+        tty.expect("you ›")
+        os.write(fd, b"/quit\r")
+        tty.expect("bye")
+    finally:
+        os.kill(pid, 9) if not os.waitpid(pid, os.WNOHANG)[0] else None
+        os.waitpid(pid, 0)
+    with Store(rapport_home / "rapport.db") as store:
+        (conv,) = [r["id"] for r in store.db["conversations"].rows]
+        rows = store.messages(conv)
+        assert rows[0].text == "tell me a very long story"
+        assert rows[1].role == "bot" and rows[1].generation["interrupted"] is True
