@@ -84,6 +84,111 @@ def chat(config: Config, model: str | None, seed: int | None, user: str | None) 
         run_terminal(session)
 
 
+@cli.group("import")
+def import_() -> None:
+    """Import human conversations (corpora, JSONL) into the store."""
+
+
+def _import(config: Config, platform: str, conversations, total: int | None = None) -> int:
+    from itertools import islice
+
+    def batched(items, size):  # itertools.batched is Python 3.12+
+        iterator = iter(items)
+        while chunk := list(islice(iterator, size)):
+            yield chunk
+
+    added = 0
+    with (
+        open_store(config) as store,
+        click.progressbar(
+            length=total or 0, label=f"importing {platform}", file=sys.stderr, show_pos=True
+        ) as bar,
+    ):
+        for chunk in batched(conversations, 500):
+            added += store.import_conversations(platform, chunk)
+            bar.update(len(chunk))
+    return added
+
+
+@import_.command("chitchat")
+@click.pass_obj
+def import_chitchat(config: Config) -> None:
+    """The chitchat-dataset corpus: 7,168 human conversations (re-import adds nothing)."""
+    from bot.corpora import CHITCHAT_PLATFORM, chitchat_conversations
+
+    conversations = list(chitchat_conversations())
+    added = _import(config, CHITCHAT_PLATFORM, conversations, len(conversations))
+    skipped = len(conversations) - added
+    click.echo(f"imported {added:,} conversations ({skipped:,} already there)")
+
+
+@import_.command("jsonl")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--platform", default="jsonl", show_default=True, help="Label of the source.")
+@click.pass_obj
+def import_jsonl(config: Config, path: str, platform: str) -> None:
+    """Conversations from a JSONL file, one per line (format: README, bot/corpora.py)."""
+    from pathlib import Path
+
+    from bot.corpora import BadLine, jsonl_conversations
+
+    bad: list[BadLine] = []
+    added = _import(config, platform, jsonl_conversations(Path(path), bad))
+    for line in bad:
+        click.echo(f"{path}:{line.number}: skipped: {line.reason}", err=True)
+    click.echo(f"imported {added:,} conversations; {len(bad):,} bad lines skipped")
+
+
+@cli.command()
+@click.pass_obj
+def score(config: Config) -> None:
+    """Score every unscored bot turn with each reward signal, then the combined reward."""
+    from rewards.score import score_store
+
+    with open_store(config) as store:
+        pending = len(store.conversations_to_score(_scorer_version()))
+        with click.progressbar(
+            length=pending, label="scoring conversations", file=sys.stderr, show_pos=True
+        ) as bar:
+            summary = score_store(store, config, progress=bar.update)
+    click.echo(
+        f"scored {summary.bot_turns:,} bot turns in {summary.conversations:,} conversations; "
+        f"combined reward updated for {summary.combined:,}"
+    )
+
+
+def _scorer_version() -> str:
+    from rewards.suite import SCORER_VERSION
+
+    return SCORER_VERSION
+
+
+@cli.group()
+def report() -> None:
+    """Write HTML reports with figures."""
+
+
+@report.command("rewards")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Folder for the report (default: $RAPPORT_HOME/reports/rewards).",
+)
+@click.pass_obj
+def report_rewards(config: Config, out: str | None) -> None:
+    """Distributions, correlations, agreement with votes, and examples per signal."""
+    from pathlib import Path
+
+    from bot.config import rapport_home
+    from rewards.report import write_report
+
+    folder = Path(out) if out else rapport_home() / "reports" / "rewards"
+    with open_store(config) as store:
+        index = write_report(store, folder)
+    click.echo(f"wrote {index}")
+
+
 @cli.group()
 def db() -> None:
     """Inspect and back up the conversation database."""

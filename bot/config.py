@@ -124,10 +124,51 @@ class GenerationConfig:
 
 
 @dataclass
+class WeightsConfig:
+    """Weight of each normalised reward signal in the combined reward (0 leaves it out).
+
+    Defaults: the user's reactions (sentiment, laughter) and on-topic replies
+    (embedding similarity), the signals Jaques et al. 2019 found to track human ratings,
+    weigh 1; the engagement and bot-side signals 0.5 (the paper's models learned to
+    exploit questions, so they never dominate); explicit votes 2, because a person said
+    so; repetition 1, since it is a penalty (more repetition, lower value).
+    """
+
+    user_sentiment: float = _help("Weight of user_sentiment.", 1.0)
+    user_sentiment_transition: float = _help("Weight of user_sentiment_transition.", 0.5)
+    user_laughter: float = _help("Weight of user_laughter.", 1.0)
+    user_reply_length: float = _help("Weight of user_reply_length.", 0.5)
+    conversation_length: float = _help("Weight of conversation_length.", 0.5)
+    bot_question: float = _help("Weight of bot_question.", 0.5)
+    bot_sentiment: float = _help("Weight of bot_sentiment.", 0.5)
+    bot_repetition: float = _help("Weight of bot_repetition (a penalty, <= 0).", 1.0)
+    word_similarity: float = _help("Weight of word_similarity.", 0.5)
+    embedding_similarity: float = _help("Weight of embedding_similarity.", 1.0)
+    manual_vote: float = _help("Weight of manual_vote (explicit votes).", 2.0)
+
+    def validate(self) -> None:
+        _require(any(dataclasses.astuple(self)), "[weights]: at least one weight must be non-zero")
+
+
+@dataclass
+class ScoringConfig:
+    batch_conversations: int = _help(
+        "Conversations scored (and committed) per batch by `rapport score`; a kill loses "
+        "at most one batch of work.",
+        256,
+    )
+
+    def validate(self) -> None:
+        _require(self.batch_conversations >= 1, "scoring.batch_conversations must be >= 1")
+
+
+@dataclass
 class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    weights: WeightsConfig = field(default_factory=WeightsConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
 
     def validate(self) -> None:
         for section in dataclasses.fields(self):

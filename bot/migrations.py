@@ -123,3 +123,32 @@ def m004_models(db: Database) -> None:
         defaults={"deployed": 0},
         foreign_keys=[("training_run_id", "training_runs", "id")],
     )
+
+
+@migrations()
+def m005_imports_and_scoring(db: Database) -> None:
+    # Imported conversations keep their corpus id, so a re-import skips them.
+    db["conversations"].add_column("external_id", str)
+    db["conversations"].create_index(["platform", "external_id"], unique=True)
+    # Which version of the scorer last scored a bot turn, and what the turn's
+    # surroundings looked like then (conversation length, votes): a later user reply
+    # or vote changes the fingerprint and the turn is scored again.
+    db["scoring"].create(
+        {"message_id": int, "scorer_version": str, "fingerprint": str, "scored": str},
+        pk="message_id",
+        not_null={"scorer_version", "fingerprint", "scored"},
+        foreign_keys=[("message_id", "messages", "id")],
+    )
+    # Normalisation statistics of each signal over the scored logs.
+    db["reward_stats"].create(
+        {
+            "name": str,
+            "mean": float,
+            "std": float,
+            "count": int,
+            "scorer_version": str,
+            "updated": str,
+        },
+        pk="name",
+        not_null={"mean", "std", "count", "scorer_version", "updated"},
+    )

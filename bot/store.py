@@ -43,10 +43,21 @@ from sqlite_utils import Database
 
 from bot.errors import InvalidInput, NotFound, OptedOut, StoreError
 from bot.migrations import migrations
+from bot.store_data import LearningData
 
 ROLES = ("user", "bot")
 AUTHORS = ("person", "model")
-TABLES = ("users", "conversations", "messages", "votes", "rewards", "models", "training_runs")
+TABLES = (
+    "users",
+    "conversations",
+    "messages",
+    "votes",
+    "rewards",
+    "scoring",
+    "reward_stats",
+    "models",
+    "training_runs",
+)
 
 
 def now() -> str:
@@ -85,7 +96,7 @@ class Message:
         return cls(**{**row, "generation": generation})
 
 
-class Store:
+class Store(LearningData):
     """Open (creating and migrating if needed) the database at ``path``.
 
     ``path`` may be ``":memory:"`` for tests. ``key`` is the pseudonym key; by default it
@@ -222,6 +233,7 @@ class Store:
             params = {"u": user_id}
             counts = {
                 "rewards": db.execute(f"DELETE FROM rewards WHERE message_id IN {gone}", params),
+                "scoring": db.execute(f"DELETE FROM scoring WHERE message_id IN {gone}", params),
                 "votes": db.execute(
                     f"DELETE FROM votes WHERE user_id = :u OR message_id IN {gone}", params
                 ),
@@ -374,88 +386,6 @@ class Store:
     def votes(self, message_id: int) -> dict[str, int]:
         rows = self._read("SELECT user_id, value FROM votes WHERE message_id = ?", [message_id])
         return {r["user_id"]: r["value"] for r in rows}
-
-    # -- rewards --------------------------------------------------------------------
-
-    def set_rewards(self, rows: Iterable[tuple[int, str, float, str]]) -> int:
-        """Upsert (message_id, reward name, value, scorer version) rows in one transaction."""
-        created = now()
-        values = [(int(m), str(n), float(v), str(s), created) for m, n, v, s in rows]
-        with self._write() as db:
-            db.conn.executemany(
-                "INSERT INTO rewards (message_id, name, value, scorer_version, created) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (message_id, name) DO UPDATE SET "
-                "value = excluded.value, scorer_version = excluded.scorer_version, "
-                "created = excluded.created",
-                values,
-            )
-        return len(values)
-
-    def rewards(self, message_id: int) -> dict[str, float]:
-        rows = self._read("SELECT name, value FROM rewards WHERE message_id = ?", [message_id])
-        return {r["name"]: r["value"] for r in rows}
-
-    # -- models and training runs ---------------------------------------------------
-
-    def add_model(
-        self,
-        version: str,
-        path: str,
-        algorithm: str,
-        *,
-        parent: str | None = None,
-        training_run_id: int | None = None,
-        metrics: dict[str, Any] | None = None,
-    ) -> None:
-        with self._write() as db:
-            if db.execute("SELECT 1 FROM models WHERE version = ?", [version]).fetchone():
-                raise InvalidInput(f"model version {version!r} already exists")
-            db["models"].insert(
-                {
-                    "version": version,
-                    "path": str(path),
-                    "parent": parent,
-                    "algorithm": algorithm,
-                    "training_run_id": training_run_id,
-                    "metrics": json.dumps(metrics or {}, sort_keys=True),
-                    "created": now(),
-                    "deployed": 0,
-                }
-            )
-
-    def models(self) -> list[dict[str, Any]]:
-        rows = self._read("SELECT * FROM models ORDER BY created")
-        return [{**r, "metrics": json.loads(r["metrics"] or "{}")} for r in rows]
-
-    def deployed_version(self) -> str | None:
-        rows = self._read("SELECT version FROM models WHERE deployed = 1")
-        return rows[0]["version"] if rows else None
-
-    def set_deployed(self, version: str) -> None:
-        """Make ``version`` the one deployed model, in one transaction."""
-        with self._write() as db:
-            if not db.execute("SELECT 1 FROM models WHERE version = ?", [version]).fetchone():
-                raise NotFound(f"no model version {version!r}")
-            db.execute("UPDATE models SET deployed = 0 WHERE deployed = 1")
-            db.execute("UPDATE models SET deployed = 1 WHERE version = ?", [version])
-
-    def start_training_run(self, algorithm: str, config: dict[str, Any]) -> int:
-        with self._write() as db:
-            cursor = db.execute(
-                "INSERT INTO training_runs (algorithm, config, status, started) "
-                "VALUES (?, ?, 'running', ?)",
-                [algorithm, json.dumps(config, sort_keys=True), now()],
-            )
-            return int(cursor.lastrowid)
-
-    def finish_training_run(
-        self, run_id: int, status: str, metrics: dict[str, Any] | None = None
-    ) -> None:
-        with self._write() as db:
-            db.execute(
-                "UPDATE training_runs SET status = ?, metrics = ?, finished = ? WHERE id = ?",
-                [status, json.dumps(metrics or {}, sort_keys=True), now(), run_id],
-            )
 
     # -- maintenance ----------------------------------------------------------------
 

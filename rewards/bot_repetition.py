@@ -7,7 +7,9 @@ already appeared in the bot's earlier turns of the conversation, each averaged o
 Jaques et al. 2019 penalise repetition ("repetition" reward) with word overlap; counting
 n-grams inside the turn too catches the loops small models fall into.
 
->>> from rewards.context import Context
+>>> import functools
+
+from rewards.context import Context
 >>> bot_repetition([Context("I like cats. I like cats. I like cats.")])[0] < -0.3
 True
 >>> bot_repetition([Context("Sure, tell me more about your trip!")])
@@ -15,6 +17,8 @@ True
 """
 
 from __future__ import annotations
+
+import functools
 
 from rewards.context import Context
 from rewards.text import STOP_WORDS, words
@@ -29,9 +33,14 @@ def ngrams(tokens: list[str], n: int) -> list[tuple[str, ...]]:
     return grams
 
 
+@functools.lru_cache(maxsize=65536)
+def ngram_set(text: str, n: int) -> frozenset[tuple[str, ...]]:
+    """Cached: a bot turn is an earlier turn of every later turn in its conversation."""
+    return frozenset(ngrams(words(text), n))
+
+
 def repetition(text: str, earlier: tuple[str, ...]) -> float:
     tokens = words(text)
-    earlier_tokens = [words(t) for t in earlier]
     within, across, counted = 0.0, 0.0, 0
     for n in ORDERS:
         grams = ngrams(tokens, n)
@@ -39,7 +48,7 @@ def repetition(text: str, earlier: tuple[str, ...]) -> float:
             continue
         counted += 1
         within += 1 - len(set(grams)) / len(grams)
-        before = {g for t in earlier_tokens for g in ngrams(t, n)}
+        before = frozenset().union(*(ngram_set(t, n) for t in earlier))
         across += sum(g in before for g in grams) / len(grams)
     return (within + across) / (2 * counted) if counted else 0.0
 

@@ -49,4 +49,10 @@ def sentiment(text: str | None) -> float:
     """VADER compound score in [-1, 1]; 0 for missing or empty text."""
     if not text or not text.strip():
         return 0.0
+    return _compound(text)
+
+
+@functools.lru_cache(maxsize=65536)
+def _compound(text: str) -> float:
+    # cached: a user turn is scored as one bot turn's reply and the next one's prompt
     return float(vader().polarity_scores(text)["compound"])

@@ -91,8 +91,11 @@ def test_db_status_prints_counts_and_schema_version(rapport_home):
     result = run_rapport("db", "status")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert "schema version: 4 (m004_models)" in lines
-    assert lines[lines.index("schema version: 4 (m004_models)") + 3].split() == ["messages", "2"]
+    assert "schema version: 5 (m005_imports_and_scoring)" in lines
+    assert lines[lines.index("schema version: 5 (m005_imports_and_scoring)") + 3].split() == [
+        "messages",
+        "2",
+    ]
 
 
 def test_db_backup_is_a_consistent_copy_and_never_overwrites(rapport_home, tmp_path):

@@ -151,7 +151,14 @@ def test_forget_removes_every_row_of_that_user_and_nothing_else(store):
 
     deleted = store.forget(alice)
 
-    assert deleted == {"rewards": 1, "votes": 3, "messages": 2, "conversations": 1, "users": 1}
+    assert deleted == {
+        "rewards": 1,
+        "scoring": 0,
+        "votes": 3,
+        "messages": 2,
+        "conversations": 1,
+        "users": 1,
+    }
     after = store.counts()
     assert after["users"] == before["users"] - 1
     assert [m.text for m in store.messages(b_conv)] == ["i love dogs", "dogs are great"]

@@ -11,7 +11,15 @@ from bot.store import Store
 
 EXPECTED_COLUMNS = {
     "users": ["id", "platform", "created", "opted_out"],
-    "conversations": ["id", "user_id", "platform", "channel", "started", "model_version"],
+    "conversations": [
+        "id",
+        "user_id",
+        "platform",
+        "channel",
+        "started",
+        "model_version",
+        "external_id",
+    ],
     "messages": [
         "id",
         "conversation_id",
@@ -36,6 +44,8 @@ EXPECTED_COLUMNS = {
         "started",
         "finished",
     ],
+    "scoring": ["message_id", "scorer_version", "fingerprint", "scored"],
+    "reward_stats": ["name", "mean", "std", "count", "scorer_version", "updated"],
     "models": [
         "version",
         "path",
@@ -55,7 +65,7 @@ def test_fresh_in_memory_database_has_exactly_the_expected_columns():
     assert tables == set(EXPECTED_COLUMNS)
     for table, columns in EXPECTED_COLUMNS.items():
         assert [c.name for c in store.db[table].columns] == columns, table
-    assert store.schema_version() == (4, "m004_models")
+    assert store.schema_version() == (5, "m005_imports_and_scoring")
 
 
 def test_reopening_applies_nothing_twice(tmp_path):
@@ -64,7 +74,13 @@ def test_reopening_applies_nothing_twice(tmp_path):
     Store(path).close()
     with sqlite3.connect(path) as conn:
         names = [r[0] for r in conn.execute("SELECT name FROM _sqlite_migrations ORDER BY id")]
-    assert names == ["m001_conversations", "m002_votes", "m003_rewards", "m004_models"]
+    assert names == [
+        "m001_conversations",
+        "m002_votes",
+        "m003_rewards",
+        "m004_models",
+        "m005_imports_and_scoring",
+    ]
 
 
 def test_database_from_older_schema_upgrades_and_keeps_its_rows(tmp_path):
@@ -87,7 +103,7 @@ def test_database_from_older_schema_upgrades_and_keeps_its_rows(tmp_path):
     old.close()
 
     with Store(path) as store:
-        assert store.schema_version() == (4, "m004_models")
+        assert store.schema_version() == (5, "m005_imports_and_scoring")
         assert store.messages(1)[0].text == "hello from an old version"
         store.vote(1, "u_1", 1)  # a table the old schema did not have
         assert store.votes(1) == {"u_1": 1}

@@ -1,0 +1,268 @@
+"""The store's tables for learning: rewards, scoring progress, imports, models, runs.
+
+A mixin of :class:`bot.store.Store` (split off to keep each file readable): it uses the
+store's ``_write()`` transaction and ``_read()`` query helpers, and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from bot.errors import InvalidInput, NotFound
+
+
+def _now() -> str:
+    from bot.store import now
+
+    return now()
+
+
+class LearningData:
+    # -- rewards --------------------------------------------------------------------
+
+    def set_rewards(self, rows: Iterable[tuple[int, str, float, str]]) -> int:
+        """Upsert (message_id, reward name, value, scorer version) rows in one transaction."""
+        created = _now()
+        values = [(int(m), str(n), float(v), str(s), created) for m, n, v, s in rows]
+        with self._write() as db:
+            db.conn.executemany(
+                "INSERT INTO rewards (message_id, name, value, scorer_version, created) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (message_id, name) DO UPDATE SET "
+                "value = excluded.value, scorer_version = excluded.scorer_version, "
+                "created = excluded.created",
+                values,
+            )
+        return len(values)
+
+    def rewards(self, message_id: int) -> dict[str, float]:
+        rows = self._read("SELECT name, value FROM rewards WHERE message_id = ?", [message_id])
+        return {r["name"]: r["value"] for r in rows}
+
+    # -- models and training runs ---------------------------------------------------
+
+    def add_model(
+        self,
+        version: str,
+        path: str,
+        algorithm: str,
+        *,
+        parent: str | None = None,
+        training_run_id: int | None = None,
+        metrics: dict[str, Any] | None = None,
+    ) -> None:
+        with self._write() as db:
+            if db.execute("SELECT 1 FROM models WHERE version = ?", [version]).fetchone():
+                raise InvalidInput(f"model version {version!r} already exists")
+            db["models"].insert(
+                {
+                    "version": version,
+                    "path": str(path),
+                    "parent": parent,
+                    "algorithm": algorithm,
+                    "training_run_id": training_run_id,
+                    "metrics": json.dumps(metrics or {}, sort_keys=True),
+                    "created": _now(),
+                    "deployed": 0,
+                }
+            )
+
+    def models(self) -> list[dict[str, Any]]:
+        rows = self._read("SELECT * FROM models ORDER BY created")
+        return [{**r, "metrics": json.loads(r["metrics"] or "{}")} for r in rows]
+
+    def deployed_version(self) -> str | None:
+        rows = self._read("SELECT version FROM models WHERE deployed = 1")
+        return rows[0]["version"] if rows else None
+
+    def set_deployed(self, version: str) -> None:
+        """Make ``version`` the one deployed model, in one transaction."""
+        with self._write() as db:
+            if not db.execute("SELECT 1 FROM models WHERE version = ?", [version]).fetchone():
+                raise NotFound(f"no model version {version!r}")
+            db.execute("UPDATE models SET deployed = 0 WHERE deployed = 1")
+            db.execute("UPDATE models SET deployed = 1 WHERE version = ?", [version])
+
+    def start_training_run(self, algorithm: str, config: dict[str, Any]) -> int:
+        with self._write() as db:
+            cursor = db.execute(
+                "INSERT INTO training_runs (algorithm, config, status, started) "
+                "VALUES (?, ?, 'running', ?)",
+                [algorithm, json.dumps(config, sort_keys=True), _now()],
+            )
+            return int(cursor.lastrowid)
+
+    def finish_training_run(
+        self, run_id: int, status: str, metrics: dict[str, Any] | None = None
+    ) -> None:
+        with self._write() as db:
+            db.execute(
+                "UPDATE training_runs SET status = ?, metrics = ?, finished = ? WHERE id = ?",
+                [status, json.dumps(metrics or {}, sort_keys=True), _now(), run_id],
+            )
+
+    # -- imported corpora -----------------------------------------------------------
+
+    def import_conversations(self, platform: str, conversations: Iterable[Imported]) -> int:
+        """Add whole conversations in one transaction; skip those already imported.
+
+        Returns how many were added. Conversations are keyed by (platform, external id).
+        """
+        added = 0
+        with self._write() as db:
+            for conv in conversations:
+                if db.execute(
+                    "SELECT 1 FROM conversations WHERE platform = ? AND external_id = ?",
+                    [platform, conv.external_id],
+                ).fetchone():
+                    continue
+                user_id = self.pseudonym("user", platform, conv.speaker)
+                db.execute(
+                    "INSERT OR IGNORE INTO users (id, platform, created, opted_out) "
+                    "VALUES (?, ?, ?, 0)",
+                    [user_id, platform, _now()],
+                )
+                cursor = db.execute(
+                    "INSERT INTO conversations (user_id, platform, started, external_id) "
+                    "VALUES (?, ?, ?, ?)",
+                    [user_id, platform, conv.started or _now(), conv.external_id],
+                )
+                created = _now()
+                db.conn.executemany(
+                    "INSERT INTO messages (conversation_id, turn_index, role, author, user_id,"
+                    " text, created) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        (cursor.lastrowid, i, role, author, user_id, text, created)
+                        for i, (role, author, text) in enumerate(conv.turns)
+                    ],
+                )
+                added += 1
+        return added
+
+    # -- scoring --------------------------------------------------------------------
+
+    def conversations_to_score(self, scorer_version: str) -> list[int]:
+        """Conversations with a bot turn never scored, scored by another scorer version,
+        or whose surroundings changed since (a new turn after it, a vote on it)."""
+        rows = self._read(
+            f"""
+            SELECT DISTINCT m.conversation_id AS id FROM messages m
+            LEFT JOIN scoring s ON s.message_id = m.id
+            WHERE m.role = 'bot' AND (
+                s.message_id IS NULL OR s.scorer_version != ? OR s.fingerprint != {FINGERPRINT})
+            ORDER BY m.conversation_id
+            """,
+            [scorer_version],
+        )
+        return [r["id"] for r in rows]
+
+    def conversation_turns(self, conversation_ids: list[int]) -> dict[int, list[dict]]:
+        """The messages of several conversations, in order, each with its votes and the
+        fingerprint the scorer records: {conversation id: [message dicts]}."""
+        if not conversation_ids:
+            return {}
+        marks = ",".join("?" * len(conversation_ids))
+        rows = self._read(
+            f"""
+            SELECT m.id, m.conversation_id, m.turn_index, m.role, m.author, m.text,
+                (SELECT GROUP_CONCAT(value) FROM votes v WHERE v.message_id = m.id) AS votes,
+                {FINGERPRINT} AS fingerprint
+            FROM messages m WHERE m.conversation_id IN ({marks})
+            ORDER BY m.conversation_id, m.turn_index
+            """,
+            conversation_ids,
+        )
+        turns: dict[int, list[dict]] = {cid: [] for cid in conversation_ids}
+        for row in rows:
+            row["votes"] = tuple(int(v) for v in row["votes"].split(",")) if row["votes"] else ()
+            turns[row["conversation_id"]].append(row)
+        return turns
+
+    def save_scores(
+        self,
+        values: Iterable[tuple[int, str, float]],
+        fingerprints: dict[int, str],
+        scorer_version: str,
+    ) -> None:
+        """Raw signal values and the scoring marks of their turns, in one transaction:
+        a kill between two batches leaves each batch wholly scored or not at all."""
+        created = _now()
+        with self._write() as db:
+            db.conn.executemany(
+                "INSERT INTO rewards (message_id, name, value, scorer_version, created) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (message_id, name) DO UPDATE SET "
+                "value = excluded.value, scorer_version = excluded.scorer_version, "
+                "created = excluded.created",
+                [(m, n, float(v), scorer_version, created) for m, n, v in values],
+            )
+            db.conn.executemany(
+                "INSERT INTO scoring (message_id, scorer_version, fingerprint, scored) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT (message_id) DO UPDATE SET "
+                "scorer_version = excluded.scorer_version, "
+                "fingerprint = excluded.fingerprint, scored = excluded.scored",
+                [(m, scorer_version, f, created) for m, f in fingerprints.items()],
+            )
+
+    def reward_table(self, names: Iterable[str]) -> dict[int, dict[str, float]]:
+        """{bot message id: {signal: value}} for the named signals."""
+        names = list(names)
+        marks = ",".join("?" * len(names))
+        table: dict[int, dict[str, float]] = {}
+        for row in self._read(
+            f"SELECT message_id, name, value FROM rewards WHERE name IN ({marks})", names
+        ):
+            table.setdefault(row["message_id"], {})[row["name"]] = row["value"]
+        return table
+
+    def save_reward_stats(self, stats: dict[str, tuple[float, float, int]], version: str) -> None:
+        updated = _now()
+        with self._write() as db:
+            db.conn.executemany(
+                "INSERT INTO reward_stats (name, mean, std, count, scorer_version, updated) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET mean = "
+                "excluded.mean, std = excluded.std, count = excluded.count, "
+                "scorer_version = excluded.scorer_version, updated = excluded.updated",
+                [(n, m, s, c, version, updated) for n, (m, s, c) in stats.items()],
+            )
+
+    def reward_stats(self) -> dict[str, tuple[float, float, int]]:
+        return {
+            r["name"]: (r["mean"], r["std"], r["count"])
+            for r in self._read("SELECT * FROM reward_stats")
+        }
+
+    def scored_examples(self, name: str, limit: int = 3) -> list[dict[str, Any]]:
+        """The ``limit`` lowest then the ``limit`` highest bot turns by one signal, with
+        the user turns around them (for reports)."""
+        query = """
+            SELECT r.message_id, r.value, m.text AS bot,
+                (SELECT text FROM messages p WHERE p.conversation_id = m.conversation_id
+                 AND p.turn_index = m.turn_index - 1 AND p.role = 'user') AS prev_user,
+                (SELECT text FROM messages n WHERE n.conversation_id = m.conversation_id
+                 AND n.turn_index = m.turn_index + 1 AND n.role = 'user') AS next_user
+            FROM rewards r JOIN messages m ON m.id = r.message_id
+            WHERE r.name = ? ORDER BY r.value {order}, r.message_id LIMIT ?
+        """
+        bottom = self._read(query.format(order="ASC"), [name, limit])
+        top = self._read(query.format(order="DESC"), [name, limit])
+        return bottom + top
+
+
+# A bot turn's surroundings, as SQL over ``messages m``: the conversation's length and
+# the turn's votes. Stored when the turn is scored; any change means score it again.
+FINGERPRINT = """(
+    (SELECT COUNT(*) FROM messages x WHERE x.conversation_id = m.conversation_id) || ':' ||
+    (SELECT COUNT(*) || ',' || COALESCE(SUM(value), 0) || ',' || COALESCE(MAX(created), '')
+     FROM votes v WHERE v.message_id = m.id))"""
+
+
+@dataclass(frozen=True)
+class Imported:
+    """One conversation from a corpus: ``turns`` are (role, author, text)."""
+
+    external_id: str
+    speaker: str  # the corpus's id of the person on the user side (stored hashed)
+    turns: tuple[tuple[str, str, str], ...]
+    started: str | None = None

@@ -1,0 +1,109 @@
+"""Batch scoring of the store: every bot turn that needs it, then the combined reward.
+
+Design
+------
+1. :meth:`Store.conversations_to_score` lists conversations with a bot turn that was
+   never scored, was scored by another scorer version, or whose surroundings changed
+   since (a user reply or a vote arrived: the fingerprint differs).
+2. Those conversations are read in batches; every bot turn of a batch becomes a
+   :class:`~rewards.context.Context`; every signal scores the whole batch at once (each
+   utterance is embedded once); the raw values and the scoring marks are written in one
+   transaction. A kill loses at most the batch in flight, and a re-run picks up exactly
+   the turns not yet marked: no turn is scored twice.
+3. The normalisation statistics are refitted over all scored turns and the ``combined``
+   reward of every bot turn is rewritten (idempotent, so it is safe to redo).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+from bot.config import Config
+from bot.store import Store
+from rewards.combine import combine, fit_stats
+from rewards.context import Context
+from rewards.suite import COMBINED, SCORER_VERSION, SIGNAL_NAMES, score_contexts
+
+
+@dataclass
+class ScoreSummary:
+    conversations: int
+    bot_turns: int
+    combined: int
+
+
+def contexts_of(turns: list[dict]) -> list[tuple[dict, Context]]:
+    """(bot message row, its Context) for every bot turn of one conversation."""
+    out = []
+    earlier_bot: list[str] = []
+    for i, turn in enumerate(turns):
+        if turn["role"] != "bot":
+            continue
+        prev_user = turns[i - 1]["text"] if i > 0 and turns[i - 1]["role"] == "user" else None
+        following = turns[i + 1] if i + 1 < len(turns) else None
+        next_user = following["text"] if following and following["role"] == "user" else None
+        context = Context(
+            bot=turn["text"],
+            prev_user=prev_user,
+            next_user=next_user,
+            earlier_bot=tuple(earlier_bot),
+            user_turns_after=sum(t["role"] == "user" for t in turns[i + 1 :]),
+            votes=turn["votes"],
+        )
+        out.append((turn, context))
+        earlier_bot.append(turn["text"])
+    return out
+
+
+def score_batch(store: Store, conversation_ids: list[int]) -> int:
+    """Score every bot turn of these conversations and commit; return how many."""
+    pairs = [
+        pair
+        for turns in store.conversation_turns(conversation_ids).values()
+        for pair in contexts_of(turns)
+    ]
+    if not pairs:
+        return 0
+    values = score_contexts([context for _, context in pairs])
+    rows = [
+        (turn["id"], name, values[name][i])
+        for i, (turn, _) in enumerate(pairs)
+        for name in SIGNAL_NAMES
+    ]
+    store.save_scores(rows, {turn["id"]: turn["fingerprint"] for turn, _ in pairs}, SCORER_VERSION)
+    return len(pairs)
+
+
+def refit_combined(store: Store, weights: dict[str, float]) -> int:
+    """Refit the per-signal statistics and rewrite every bot turn's combined reward."""
+    table = store.reward_table(SIGNAL_NAMES)
+    if not table:
+        return 0
+    stats = fit_stats(
+        {name: [v[name] for v in table.values() if name in v] for name in SIGNAL_NAMES}
+    )
+    store.save_reward_stats(stats, SCORER_VERSION)
+    store.set_rewards(
+        (message_id, COMBINED, combine(raw, stats, weights), SCORER_VERSION)
+        for message_id, raw in table.items()
+    )
+    return len(table)
+
+
+def score_store(
+    store: Store,
+    config: Config,
+    progress: Callable[[int], None] | None = None,
+) -> ScoreSummary:
+    """Score what needs scoring, in batches, then refit the combined reward."""
+    pending = store.conversations_to_score(SCORER_VERSION)
+    size = config.scoring.batch_conversations
+    bot_turns = 0
+    for start in range(0, len(pending), size):
+        batch = pending[start : start + size]
+        bot_turns += score_batch(store, batch)
+        if progress:
+            progress(len(batch))
+    combined = refit_combined(store, asdict(config.weights))
+    return ScoreSummary(len(pending), bot_turns, combined)
