@@ -38,6 +38,7 @@ lint: install
 bench: install
 	$(PY) bench/store_bench.py
 	$(PY) bench/chat_bench.py
+	$(PY) bench/rewards_bench.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

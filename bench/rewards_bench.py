@@ -30,9 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bot.config import Config  # noqa: E402
 from bot.corpora import CHITCHAT_PLATFORM, chitchat_conversations  # noqa: E402
 from bot.store import Store  # noqa: E402
+from rewards.bot_repetition import ngram_set  # noqa: E402
 from rewards.embedding import BATCH_SIZE, encoder  # noqa: E402
 from rewards.score import contexts_of, score_store  # noqa: E402
 from rewards.suite import SIGNALS  # noqa: E402
+from rewards.text import _compound  # noqa: E402
 
 
 def main() -> None:
@@ -62,6 +64,8 @@ def main() -> None:
 
         rows = [("rapport score (whole suite)", len(contexts), suite_s)]
         for signal in SIGNALS:
+            _compound.cache_clear()  # each row pays for its own VADER and n-gram work
+            ngram_set.cache_clear()
             start = time.perf_counter()
             signal(contexts)
             rows.append((f"  {signal.__name__}", len(contexts), time.perf_counter() - start))

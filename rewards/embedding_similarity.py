@@ -22,4 +22,8 @@ from rewards.embedding import embed_unique
 def embedding_similarity(contexts: list[Context]) -> list[float]:
     texts = [c.bot for c in contexts] + [c.prev_user for c in contexts if c.prev_user]
     vectors = embed_unique(texts)
-    return [float(vectors[c.bot] @ vectors[c.prev_user]) if c.prev_user else 0.0 for c in contexts]
+    return [
+        # clamped: float rounding can put a text's similarity to itself just above 1
+        min(max(float(vectors[c.bot] @ vectors[c.prev_user]), -1.0), 1.0) if c.prev_user else 0.0
+        for c in contexts
+    ]

@@ -1,0 +1,228 @@
+"""Import, incremental scoring, the combined reward and the report, on real data."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from bot.config import Config
+from bot.corpora import CHITCHAT_PLATFORM, chitchat_conversations, chitchat_path
+from bot.store import Store
+from rewards.combine import combine, fit_stats, z_score
+from rewards.score import contexts_of, score_store
+from rewards.suite import COMBINED, SCORER_VERSION, SIGNAL_NAMES
+from tests.conftest import run_rapport
+
+
+def test_constant_signals_do_not_divide_by_zero():
+    stats = fit_stats({"flat": [3.0, 3.0, 3.0], "empty": []})
+    assert stats == {"flat": (3.0, 0.0, 3), "empty": (0.0, 0.0, 0)}
+    assert z_score(3.0, stats["flat"]) == 0.0
+    assert combine({"flat": 3.0}, stats, {"flat": 5.0}) == 0.0
+
+
+def test_combined_is_the_weighted_sum_of_z_scores():
+    stats = fit_stats({"a": [1.0, 3.0], "b": [0.0, 10.0]})
+    assert combine({"a": 3.0, "b": 0.0}, stats, {"a": 2.0, "b": 1.0}) == pytest.approx(1.0)
+    assert combine({"a": 3.0, "b": 0.0}, stats, {"a": 2.0, "b": 0.0}) == pytest.approx(2.0)
+
+
+def chat_log(store: Store) -> dict[str, int]:
+    """A small labelled log: ids of the bot turns by what the user did next."""
+    user = store.ensure_user("terminal", "ann")
+    conv = store.start_conversation(user, "terminal")
+    ids = {}
+    store.add_message(conv, "user", "I just adopted a puppy!")
+    ids["liked"] = store.add_message(conv, "bot", "Congrats! What breed is your dog?")
+    store.add_message(conv, "user", "hahaha a corgi, I love him so much")
+    ids["disliked"] = store.add_message(conv, "bot", "The stock market fell today.")
+    store.add_message(conv, "user", "that is boring and weird, ugh")
+    ids["last"] = store.add_message(conv, "bot", "Sorry! Corgis are lovely.")
+    store.vote(ids["liked"], user, 1)
+    store.vote(ids["disliked"], user, -1)
+    return ids
+
+
+def test_contexts_link_each_bot_turn_to_the_user_turns_around_it(store):
+    ids = chat_log(store)
+    (conv,) = store.conversations_to_score(SCORER_VERSION)
+    pairs = contexts_of(store.conversation_turns([conv])[conv])
+    (liked, c1), (_, c2), (last, c3) = pairs
+    assert liked["id"] == ids["liked"] and last["id"] == ids["last"]
+    assert c1.prev_user == "I just adopted a puppy!"
+    assert c1.next_user == "hahaha a corgi, I love him so much"
+    assert c1.user_turns_after == 2 and c1.votes == (1,)
+    assert c2.earlier_bot == ("Congrats! What breed is your dog?",)
+    assert c3.next_user is None and c3.user_turns_after == 0
+
+
+def test_scoring_stores_every_signal_and_a_combined_reward_that_ranks_reactions(store):
+    ids = chat_log(store)
+    summary = score_store(store, Config())
+    assert (summary.conversations, summary.bot_turns, summary.combined) == (1, 3, 3)
+    liked, disliked = store.rewards(ids["liked"]), store.rewards(ids["disliked"])
+    assert set(liked) == {*SIGNAL_NAMES, COMBINED}
+    assert liked["user_laughter"] == 1.0 and disliked["user_laughter"] == 0.0
+    assert liked["bot_question"] == 1.0 and liked["manual_vote"] == 1.0
+    assert liked["combined"] > disliked["combined"]
+    assert all(math.isfinite(v) for v in liked.values())
+    versions = {r[0] for r in store.db.execute("SELECT DISTINCT scorer_version FROM rewards")}
+    assert versions == {SCORER_VERSION}
+    assert set(store.reward_stats()) == set(SIGNAL_NAMES)
+
+
+def test_scoring_is_incremental_and_rescoring_follows_new_replies_and_votes(store):
+    ids = chat_log(store)
+    score_store(store, Config())
+    assert score_store(store, Config()).bot_turns == 0  # nothing new
+    user = store.message(ids["last"]).user_id
+    conv = store.message(ids["last"]).conversation_id
+    store.add_message(conv, "user", "lol yes they are 😂")  # a reply to the last bot turn
+    assert store.rewards(ids["last"])["user_laughter"] == 0.0
+    assert score_store(store, Config()).bot_turns == 3
+    assert store.rewards(ids["last"])["user_laughter"] == 1.0
+    store.vote(ids["last"], user, 1)
+    score_store(store, Config())
+    assert store.rewards(ids["last"])["manual_vote"] == 1.0
+    rows = store.db.execute("SELECT COUNT(*) FROM rewards").fetchone()[0]
+    assert rows == 3 * (len(SIGNAL_NAMES) + 1)
+
+
+def corpus_counts() -> tuple[int, int]:
+    """The corpus's own counts, read straight from its file."""
+    data = json.loads(chitchat_path().read_text())
+    conversations = messages = 0
+    for conversation in data.values():
+        turns = [m for m in conversation["messages"] if m and any(u["text"].strip() for u in m)]
+        conversations += bool(turns)
+        messages += len(turns)
+    return conversations, messages
+
+
+def test_chitchat_import_matches_the_corpus_and_reimport_adds_nothing(rapport_home):
+    result = run_rapport("import", "chitchat", timeout=300)
+    assert result.returncode == 0, result.stderr
+    conversations, messages = corpus_counts()
+    assert conversations == 7168
+    with Store(rapport_home / "rapport.db") as store:
+        counts = store.counts()
+        assert (counts["conversations"], counts["messages"]) == (conversations, messages)
+        authors = {r[0] for r in store.db.execute("SELECT DISTINCT author FROM messages")}
+        assert authors == {"person"}  # human-written on both sides
+    again = run_rapport("import", "chitchat", timeout=300)
+    assert "imported 0 conversations (7,168 already there)" in again.stdout
+    with Store(rapport_home / "rapport.db") as store:
+        assert store.counts()["messages"] == messages
+
+
+def test_jsonl_import_reports_bad_lines_by_number_and_keeps_the_good(rapport_home, tmp_path):
+    good = {"id": "c1", "turns": [{"role": "user", "text": "hi"}, {"role": "bot", "text": "yo"}]}
+    lines = [
+        json.dumps(good),
+        "{not json",
+        json.dumps({"turns": []}),
+        json.dumps({"turns": [{"role": "robot", "text": "x"}]}),
+        "",
+        json.dumps({"turns": [{"role": "user", "text": "   "}]}),
+        json.dumps(
+            {
+                "turns": [
+                    {"role": "user", "text": "hola 😂"},
+                    {"role": "bot", "text": "¡hola!", "author": "model"},
+                ]
+            }
+        ),
+    ]
+    path = tmp_path / "corpus.jsonl"
+    path.write_bytes(("\n".join(lines) + "\n").encode() + b"\xff\xfe binary\n")
+    result = run_rapport("import", "jsonl", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "imported 2 conversations; 5 bad lines skipped" in result.stdout
+    for number, reason in [
+        (2, "not JSON"),
+        (3, "non-empty list"),
+        (4, "role must be"),
+        (6, "empty"),
+        (8, "not UTF-8"),
+    ]:
+        assert f"corpus.jsonl:{number}: skipped:" in result.stderr and reason in result.stderr
+    assert "Traceback" not in result.stderr
+    again = run_rapport("import", "jsonl", str(path))
+    assert "imported 0 conversations" in again.stdout
+    with Store(rapport_home / "rapport.db") as store:
+        rows = store.db.execute("SELECT role, author, text FROM messages ORDER BY id").fetchall()
+        assert rows == [
+            ("user", "person", "hi"),
+            ("bot", "person", "yo"),
+            ("user", "person", "hola 😂"),
+            ("bot", "model", "¡hola!"),
+        ]
+
+
+def test_score_killed_midway_then_rerun_scores_each_turn_exactly_once(rapport_home):
+    db = rapport_home / "rapport.db"
+    with Store(db) as store:
+        store.import_conversations(
+            CHITCHAT_PLATFORM, [c for _, c in zip(range(400), chitchat_conversations())]
+        )
+        bot_turns = store.db.execute("SELECT COUNT(*) FROM messages WHERE role='bot'").fetchone()[0]
+    env = {**os.environ, "RAPPORT_SCORING_BATCH_CONVERSATIONS": "10"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bot.cli", "score"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 120
+    with Store(db) as store:
+        while store.counts()["scoring"] == 0:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    with Store(db) as store:
+        done = store.counts()["scoring"]
+    assert 0 < done < bot_turns
+
+    result = run_rapport("score", env={"RAPPORT_SCORING_BATCH_CONVERSATIONS": "10"})
+    assert result.returncode == 0, result.stderr
+    assert f"scored {bot_turns - done:,} bot turns" in result.stdout
+    with Store(db) as store:
+        assert store.counts()["scoring"] == bot_turns
+        per_turn = store.db.execute(
+            "SELECT COUNT(*), MIN(n), MAX(n) FROM (SELECT message_id, COUNT(*) AS n "
+            "FROM rewards GROUP BY message_id)"
+        ).fetchone()
+        assert per_turn == (bot_turns, len(SIGNAL_NAMES) + 1, len(SIGNAL_NAMES) + 1)
+
+
+def test_report_writes_valid_pngs_and_an_html_page_that_shows_them(rapport_home, tmp_path):
+    with Store(rapport_home / "rapport.db") as store:
+        for _ in range(3):
+            chat_log(store)
+        score_store(store, Config())
+    out = tmp_path / "report"
+    result = run_rapport("report", "rewards", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    page = (out / "index.html").read_text()
+    for png in ("distributions.png", "correlations.png", "vote_agreement.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f'src="{png}"' in page
+    assert "Congrats! What breed is your dog?" in page  # examples are shown, escaped
+    assert "<script" not in page
+
+
+def test_report_without_scores_is_one_line(rapport_home, tmp_path):
+    result = run_rapport("report", "rewards", "--out", str(tmp_path / "r"))
+    assert result.returncode == 1
+    assert (
+        result.stderr.strip()
+        == "rapport: error: no scored bot turns yet: run `rapport score` first"
+    )
