@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from itertools import islice
 
 import pytest
 
@@ -169,9 +170,7 @@ def test_jsonl_import_reports_bad_lines_by_number_and_keeps_the_good(rapport_hom
 def test_score_killed_midway_then_rerun_scores_each_turn_exactly_once(rapport_home):
     db = rapport_home / "rapport.db"
     with Store(db) as store:
-        store.import_conversations(
-            CHITCHAT_PLATFORM, [c for _, c in zip(range(400), chitchat_conversations())]
-        )
+        store.import_conversations(CHITCHAT_PLATFORM, list(islice(chitchat_conversations(), 400)))
         bot_turns = store.db.execute("SELECT COUNT(*) FROM messages WHERE role='bot'").fetchone()[0]
     env = {**os.environ, "RAPPORT_SCORING_BATCH_CONVERSATIONS": "10"}
     proc = subprocess.Popen(
