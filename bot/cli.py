@@ -163,6 +163,67 @@ def _scorer_version() -> str:
     return SCORER_VERSION
 
 
+@cli.command()
+@click.option("--algo", default="psi", show_default=True, help="kl_q | psi | g | batch_q | sft.")
+@click.option("--steps", type=int, default=None, help="Optimiser steps (default 200).")
+@click.option("--batch-size", type=int, default=None, help="Windows per step (default 4).")
+@click.option("--max-tokens", type=int, default=None, help="Window length (default 256).")
+@click.option("--lr", type=float, default=None, help="Learning rate (default 1e-5).")
+@click.option("--gamma", type=float, default=None, help="Discount per token (default 0.99).")
+@click.option("--reward-scale", type=float, default=None, help="c in r/c (default 1).")
+@click.option("--mc-samples", type=int, default=None, help="Dropout samples M (default 5).")
+@click.option("--seed", type=int, default=None, help="Seed (default 0).")
+@click.option("--checkpoint-every", type=int, default=None, help="Steps between checkpoints.")
+@click.option("--model", "model", default=None, help="Prior: folder or version (default: config).")
+@click.option("--resume", default=None, metavar="RUN", help="Resume the named run.")
+@click.pass_obj
+def train(config: Config, algo: str, model: str | None, resume: str | None, **options) -> None:
+    """Retrain the bot offline from the scored logs with KL-control (or sft)."""
+    from learner.config import TrainConfig
+    from learner.pipeline import prior_version, run_training
+
+    train_config = TrainConfig(algo=algo)
+    for key, value in options.items():
+        if value is not None:
+            setattr(train_config, key, value)
+    train_config.validate()
+    spec = model if model is not None else config.model.path
+    with open_store(config) as store:
+        from bot.policy import resolve_model_path
+
+        registered = {m["version"]: m["path"] for m in store.models()}
+        prior_path = resolve_model_path(spec, registered)
+        total = train_config.steps
+        with click.progressbar(
+            length=total, label=f"training {algo}", file=sys.stderr, item_show_func=_show_metrics
+        ) as bar:
+
+            def progress(step: int, metrics: dict) -> None:
+                bar.current_item = metrics
+                bar.update(step - bar.pos)
+
+            version, folder, metrics = run_training(
+                store,
+                prior_path,
+                prior_version(spec),
+                config.model.system_prompt,
+                train_config,
+                resume=resume,
+                progress=progress,
+            )
+    click.echo(f"trained {version} ({algo}): {folder}")
+    click.echo(
+        "final: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+    )
+
+
+def _show_metrics(metrics: dict | None) -> str:
+    if not metrics:
+        return ""
+    loss = metrics.get("loss", float("nan"))
+    return f"loss {loss:.4f}, {metrics.get('tokens_per_s', 0):.0f} tok/s"
+
+
 @cli.group()
 def report() -> None:
     """Write HTML reports with figures."""

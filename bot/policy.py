@@ -29,6 +29,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -109,9 +110,59 @@ def resolve_model_path(spec: str, registered: dict[str, str] | None = None) -> P
     raise ModelLoadError(f"no model folder or registered version named {spec!r}")
 
 
+SERVING_FILE = "rapport_serving.json"
+
+
+class PriorPlus(torch.nn.Module):
+    """Serves G-learning's policy π ∝ p·e^G: logits = log_softmax(prior) + G.
+
+    Two causal LMs step together; the cache is the pair of their caches.
+    """
+
+    def __init__(self, g, prior) -> None:
+        super().__init__()
+        self.g, self.prior = g, prior
+
+    @property
+    def device(self):
+        return self.g.device
+
+    def forward(self, input_ids, cache=None, use_cache=True, logits_to_keep=0, **kwargs):
+        g_cache, prior_cache = cache if cache is not None else (None, None)
+        g = self.g(
+            input_ids=input_ids,
+            cache=g_cache,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+        p = self.prior(
+            input_ids=input_ids,
+            cache=prior_cache,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+        logits = torch.log_softmax(p.logits.float(), dim=-1) + g.logits.float()
+        return SimpleNamespace(logits=logits, cache=(g.cache, p.cache))
+
+
 def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32):
-    """Load ``(model, tokenizer)`` from a Hugging Face folder, in eval mode."""
+    """Load ``(model, tokenizer)`` from a Hugging Face folder, in eval mode.
+
+    A folder written by G-learning names its prior in ``rapport_serving.json``; it loads
+    as :class:`PriorPlus` of the two.
+    """
     path = Path(path)
+    serving = path / SERVING_FILE
+    if serving.exists():
+        import json
+
+        spec = json.loads(serving.read_text())
+        if spec.get("kind") == "prior_plus":
+            g, tokenizer = load_model(path / "g", dtype=dtype)
+            prior, _ = load_model(spec["prior"], dtype=dtype)
+            return PriorPlus(g, prior).eval(), tokenizer
     if not (path / "config.json").exists():
         raise ModelLoadError(f"{path} is not a model folder (no config.json)")
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -249,6 +249,37 @@ class LearningData:
         top = self._read(query.format(order="DESC"), [name, limit])
         return bottom + top
 
+    def training_conversations(self, reward_name: str = "combined") -> list[dict[str, Any]]:
+        """Every conversation with at least one scored bot turn, for a dataset builder:
+        [{"id", "platform", "turns": [{"id", "role", "author", "text", "reward"}]}] where
+        ``reward`` is the bot turn's ``reward_name`` value (None if unscored)."""
+        rows = self._read(
+            """
+            SELECT m.id, m.conversation_id, m.role, m.author, m.text, c.platform,
+                   r.value AS reward
+            FROM messages m JOIN conversations c ON c.id = m.conversation_id
+            LEFT JOIN rewards r ON r.message_id = m.id AND r.name = ?
+            WHERE m.conversation_id IN (
+                SELECT DISTINCT m2.conversation_id FROM messages m2
+                JOIN rewards r2 ON r2.message_id = m2.id AND r2.name = ?)
+            ORDER BY m.conversation_id, m.turn_index
+            """,
+            [reward_name, reward_name],
+        )
+        conversations: dict[int, dict[str, Any]] = {}
+        for row in rows:
+            conv = conversations.setdefault(
+                row["conversation_id"],
+                {"id": row["conversation_id"], "platform": row["platform"], "turns": []},
+            )
+            conv["turns"].append({k: row[k] for k in ("id", "role", "author", "text", "reward")})
+        return list(conversations.values())
+
+    def snapshot(self, destination: str) -> str:
+        """A consistent copy for offline work (the learner never holds a long read
+        transaction on the live database)."""
+        return str(self.backup(destination))
+
 
 # A bot turn's surroundings, as SQL over ``messages m``: the conversation's length and
 # the turn's votes. Stored when the turn is scored; any change means score it again.

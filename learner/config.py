@@ -1,0 +1,98 @@
+"""The training configuration: one dataclass, help text on every field, saved as JSON
+beside every checkpoint and every trained model."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bot.errors import ConfigError
+
+ALGORITHMS = ("kl_q", "psi", "g", "batch_q", "sft")
+
+
+def _f(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    algo: str = _f(
+        "psi",
+        "kl_q | psi | g | batch_q | sft. psi (Psi-learning) is the paper's best performer; "
+        "batch_q is the naive baseline that drifts from the prior; sft is behaviour cloning.",
+    )
+    steps: int = _f(200, "Optimiser steps. ~3-4 s each for SmolLM2-135M on 2 CPU cores.")
+    batch_size: int = _f(4, "Windows per step (bench: 4 x 128 tokens).")
+    max_tokens: int = _f(
+        256, "Longest training window in tokens; long conversations are split into windows."
+    )
+    lr: float = _f(
+        1e-5, "AdamW learning rate: small, because Q starts from a pretrained LM's logits."
+    )
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    warmup_steps: int = _f(10, "Linear learning-rate warm-up steps.")
+    gamma: float = _f(
+        0.99,
+        "Discount per token: 0.99^30 ~ 0.74 per reply, so the user's reaction to the next "
+        "reply still counts.",
+    )
+    reward_scale: float = _f(
+        1.0,
+        "c in r/c: the reward is divided by c. Larger c trusts the prior (log p) more; the "
+        "combined reward is in z-units, so c = 1 weighs one standard deviation of reward "
+        "like one nat of prior log-likelihood.",
+    )
+    tau: float = _f(0.005, "Polyak rate of the target network (paper: 0.005).")
+    mc_samples: int = _f(
+        5, "M Monte-Carlo dropout samples of the target; the minimum is the target (paper: 5)."
+    )
+    dropout: float = _f(
+        0.1, "Dropout on the target's last hidden state for the Monte-Carlo samples."
+    )
+    huber_delta: float = _f(1.0, "Huber loss threshold on the TD error.")
+    grad_clip: float = _f(1.0, "Clip the gradient norm to this.")
+    sft_min_reward: float = _f(
+        float("-inf"),
+        "sft only: clone only bot turns whose combined reward is at least this (-inf: all turns).",
+    )
+    sample_temperature: float = _f(
+        1.0, "Temperature T of pi = softmax(Q/T) when serving kl_q and batch_q."
+    )
+    seed: int = _f(0, "Seed for data order, dropout and initialisation.")
+    checkpoint_every: int = _f(50, "Save a resumable checkpoint every N steps.")
+    log_every: int = _f(10, "Compute KL to the prior (an extra forward) every N steps.")
+    val_fraction: float = _f(0.05, "Share of conversations held out from training.")
+
+    def validate(self) -> None:
+        if self.algo not in ALGORITHMS:
+            raise ConfigError(
+                f"unknown algorithm {self.algo!r}; choose one of {', '.join(ALGORITHMS)}"
+            )
+        checks = [
+            (self.steps >= 1, "steps must be >= 1"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.max_tokens >= 32, "max_tokens must be >= 32"),
+            (self.lr > 0, "lr must be > 0"),
+            (0 <= self.gamma <= 1, "gamma must be in [0, 1]"),
+            (self.reward_scale > 0, "reward_scale must be > 0"),
+            (0 < self.tau <= 1, "tau must be in (0, 1]"),
+            (self.mc_samples >= 1, "mc_samples must be >= 1"),
+            (0 <= self.dropout < 1, "dropout must be in [0, 1)"),
+            (self.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
+            (0 <= self.val_fraction < 1, "val_fraction must be in [0, 1)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, path: Path) -> TrainConfig:
+        data = json.loads(Path(path).read_text())
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})

@@ -1,0 +1,132 @@
+"""``rapport train`` end to end: snapshot -> dataset -> train -> model folder -> registry.
+
+Data preparation is its own step (:func:`prepare_dataset`), cached by dataset id under
+``$RAPPORT_HOME/datasets``: the snapshot, the tokenised windows and the prior's cached
+log-probabilities are built once and reused by every run on the same data.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from bot.config import rapport_home
+from bot.policy import DEFAULT_MODEL_NAME, SERVING_FILE, load_model
+from bot.store import Store
+from learner.config import TrainConfig
+from learner.data import Dataset, add_prior_logprobs, build_dataset
+from learner.train import TrainingError, free_memory_ok, prepare_models, train
+
+
+def prepare_dataset(
+    store: Store, prior_path: Path, system_prompt: str, config: TrainConfig
+) -> Dataset:
+    """Snapshot the store, tokenise the scored conversations, cache prior log-probs."""
+    with tempfile.TemporaryDirectory() as tmp:
+        snapshot = Store(store.snapshot(str(Path(tmp) / "snapshot.db")), key=b"\0" * 32)
+        conversations = snapshot.training_conversations()
+        snapshot.close()
+    if not conversations:
+        raise TrainingError(
+            "no scored conversations to learn from: import or chat, then run `rapport score`"
+        )
+    prior, tokenizer = load_model(prior_path)
+    dataset = build_dataset(
+        conversations,
+        tokenizer,
+        system_prompt,
+        config.max_tokens,
+        config.val_fraction,
+        source=str(store.path),
+    )
+    folder = rapport_home() / "datasets" / f"{dataset.meta['id']}-{_prior_key(prior_path)}"
+    if (folder / "windows.pt").exists():
+        return Dataset.load(folder)
+    add_prior_logprobs(dataset, prior)
+    dataset.meta["prior"] = str(prior_path)
+    dataset.save(folder)
+    return dataset
+
+
+def _prior_key(prior_path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(str(Path(prior_path).resolve()).encode()).hexdigest()[:8]
+
+
+def run_training(
+    store: Store,
+    prior_path: Path,
+    prior_version: str,
+    system_prompt: str,
+    config: TrainConfig,
+    *,
+    resume: str | None = None,
+    progress: Callable[[int, dict], None] | None = None,
+) -> tuple[str, Path, dict]:
+    """Train and register a new (not deployed) model version; return (version, folder,
+    final metrics)."""
+    config.validate()
+    runs = rapport_home() / "runs"
+    name = resume or f"{config.algo}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = runs / name
+    if resume:
+        if not (run_dir / "train_config.json").exists():
+            raise TrainingError(f"no run named {resume!r} in {runs}")
+        steps = config.steps
+        config = TrainConfig.from_json(run_dir / "train_config.json")
+        config.steps = max(steps, config.steps) if steps else config.steps
+    dataset = prepare_dataset(store, prior_path, system_prompt, config)
+    models = prepare_models(prior_path, config)
+    free_memory_ok(sum(p.numel() for p in models.q.parameters()))
+    run_id = store.start_training_run(config.algo, json.loads(config.to_json()))
+    try:
+        _, tokenizer = load_model(prior_path)
+        metrics = train(
+            config,
+            dataset,
+            models,
+            run_dir,
+            pad_id=tokenizer.pad_token_id or 0,
+            resume=bool(resume),
+            progress=progress,
+        )
+    except BaseException as e:
+        store.finish_training_run(run_id, "failed", {"error": str(e)[:500]})
+        raise
+    folder = run_dir / "model"
+    save_trained_model(folder, models.q, tokenizer, config, dataset, metrics, prior_path)
+    version = name
+    store.add_model(
+        version,
+        str(folder),
+        config.algo,
+        parent=prior_version,
+        training_run_id=run_id,
+        metrics=metrics,
+    )
+    store.finish_training_run(run_id, "done", metrics)
+    return version, folder, metrics
+
+
+def save_trained_model(folder, q, tokenizer, config, dataset, metrics, prior_path) -> None:
+    """A model folder that ``bot.policy.load_model`` serves, with the config JSON, the
+    data id and the final metrics beside the weights."""
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = folder / "g" if config.algo == "g" else folder
+    q.save_pretrained(weights)
+    tokenizer.save_pretrained(weights)
+    (folder / "train_config.json").write_text(config.to_json())
+    info = {"dataset": dataset.meta, "metrics": metrics, "prior": str(prior_path)}
+    (folder / "training.json").write_text(json.dumps(info, indent=2, sort_keys=True))
+    if config.algo == "g":
+        (folder / SERVING_FILE).write_text(
+            json.dumps({"kind": "prior_plus", "prior": str(prior_path)})
+        )
+
+
+def prior_version(model_spec: str) -> str:
+    return model_spec or DEFAULT_MODEL_NAME

@@ -1,0 +1,311 @@
+"""The training loop: offline KL-control (or behaviour cloning) from a prepared dataset.
+
+Reads top to bottom: set up (accelerate places the models: CPU here, CUDA in bf16 when
+there is one, several GPUs under ``accelerate launch``), then for each step one batch,
+one loss, one optimiser step and a Polyak update of the target network, metrics to
+JSONL, and a checkpoint every N steps that holds everything needed to resume exactly
+(weights, target weights, optimiser, scheduler, RNG states; the data position is the
+step number, because the batch order is a pure function of seed and step).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from bot.errors import RapportError
+from learner import kl_control
+from learner.config import TrainConfig
+from learner.data import TERMINAL, Dataset, Window, collate
+
+CHECKPOINT = "checkpoint"
+
+
+class TrainingError(RapportError):
+    """Training cannot start or go on (no data, a corrupt checkpoint, out of memory)."""
+
+
+@dataclass
+class Models:
+    q: torch.nn.Module  # Q, Psi or G network (or the policy, for sft)
+    target: torch.nn.Module | None  # Polyak-averaged copy of q
+    prior: torch.nn.Module  # frozen: the model the bot was started from
+
+
+def batch_for_step(windows: list[Window], step: int, config: TrainConfig) -> list[Window]:
+    """The windows of one step: a seeded permutation per epoch, so resuming at a step
+    sees exactly the batches an uninterrupted run would."""
+    per_epoch = max(len(windows) // config.batch_size, 1)
+    epoch, index = divmod(step, per_epoch)
+    order = torch.randperm(
+        len(windows), generator=torch.Generator().manual_seed(config.seed + epoch)
+    )
+    picked = order[index * config.batch_size : (index + 1) * config.batch_size]
+    if len(picked) < config.batch_size:  # fewer windows than a batch: wrap around
+        picked = order[torch.arange(config.batch_size) % len(order)]
+    return [windows[int(i)] for i in picked]
+
+
+def hidden_states(model, batch) -> torch.Tensor:
+    """The last hidden states (B, T, H) of a causal LM, without its output layer."""
+    return model.get_decoder()(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+    ).last_hidden_state
+
+
+def kl_control_loss(models: Models, batch, config: TrainConfig) -> tuple[torch.Tensor, dict]:
+    mask, next_pos = batch["mask"], batch["next_pos"]
+    head = models.q.get_output_embeddings()
+    hidden = hidden_states(models.q, batch)  # (B, T, H)
+    q_taken = torch.zeros(mask.shape, device=hidden.device)
+    q_taken[mask] = (
+        kl_control.taken_action_values(hidden[mask], head, batch["actions"][mask])
+        - batch["prior_lse"][mask]  # Q = logits − b(s): see learner.kl_control
+    )
+
+    with torch.no_grad():
+        # V'(s') only where a target bootstraps: the next positions of masked actions
+        B, T = mask.shape
+        flat_next = (torch.arange(B, device=mask.device)[:, None] * T + next_pos)[
+            mask & (next_pos != TERMINAL)
+        ].unique()
+        target_hidden = hidden_states(models.target, batch).reshape(B * T, -1)[flat_next]
+        prior_logp = None
+        kind = kl_control.NEXT_VALUE[config.algo]
+        if kind == "prior_logsumexp":
+            prior_hidden = hidden_states(models.prior, batch).reshape(B * T, -1)[flat_next]
+            prior_logp = torch.log_softmax(
+                models.prior.get_output_embeddings()(prior_hidden).float(), dim=-1
+            )
+        values = torch.zeros(B * T, device=mask.device)
+        values[flat_next] = (
+            kl_control.mc_dropout_values(
+                target_hidden,
+                models.target.get_output_embeddings(),
+                kind,
+                config.mc_samples,
+                config.dropout,
+                prior_logp,
+            )
+            - batch["prior_lse"].reshape(B * T)[flat_next]
+        )
+        next_value = kl_control.bootstrap(values.reshape(B, T), next_pos)
+        target = kl_control.td_target(
+            batch["reward"],
+            batch["logp"],
+            next_value,
+            config.gamma,
+            config.reward_scale,
+            kl_control.USES_PRIOR_LOGP[config.algo],
+        )
+    loss = kl_control.huber_td_loss(q_taken, target, mask, config.huber_delta)
+    return loss, {"td_loss": float(loss), "mean_q": float(q_taken[mask].mean())}
+
+
+def sft_loss(models: Models, batch, config: TrainConfig) -> tuple[torch.Tensor, dict]:
+    """Behaviour cloning: cross-entropy on the logged bot tokens (optionally only of
+    turns whose reward reaches ``sft_min_reward``)."""
+    mask = batch["mask"] & (batch["turn_reward"] >= config.sft_min_reward)
+    if not mask.any():
+        mask = batch["mask"]
+    hidden = hidden_states(models.q, batch)
+    logits = models.q.get_output_embeddings()(hidden[mask]).float()
+    loss = F.cross_entropy(logits, batch["actions"][mask])
+    return loss, {"nll": float(loss)}
+
+
+@torch.no_grad()
+def kl_to_prior(models: Models, batch, config: TrainConfig) -> float:
+    """KL(π‖p) per bot token on the batch, with π as the algorithm serves it."""
+    mask = batch["mask"]
+    logits = models.q.get_output_embeddings()(hidden_states(models.q, batch)[mask]).float()
+    prior = torch.log_softmax(
+        models.prior.get_output_embeddings()(hidden_states(models.prior, batch)[mask]).float(),
+        dim=-1,
+    )
+    if config.algo == "g":
+        logits = prior + logits
+    elif config.algo in ("kl_q", "batch_q"):
+        logits = logits / config.sample_temperature
+    policy = torch.log_softmax(logits, dim=-1)
+    return float((policy.exp() * (policy - prior)).sum(-1).mean())
+
+
+def polyak(target: torch.nn.Module, online: torch.nn.Module, tau: float) -> None:
+    with torch.no_grad():
+        for t, o in zip(target.parameters(), online.parameters(), strict=True):
+            t.lerp_(o.detach(), tau)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run_dir: Path, step: int, models: Models, optimizer, scheduler) -> None:
+    """Write the checkpoint beside the old one, then swap: a kill leaves one whole."""
+    tmp = run_dir / f"{CHECKPOINT}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = {
+        "step": step,
+        "q": models.q.state_dict(),
+        "target": models.target.state_dict() if models.target is not None else None,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": _rng_state(),
+    }
+    torch.save(state, tmp / "state.pt")
+    final = run_dir / CHECKPOINT
+    old = run_dir / f"{CHECKPOINT}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(run_dir: Path, models: Models, optimizer, scheduler) -> int:
+    path = run_dir / CHECKPOINT / "state.pt"
+    if not path.exists() and (run_dir / f"{CHECKPOINT}.old" / "state.pt").exists():
+        path = run_dir / f"{CHECKPOINT}.old" / "state.pt"  # killed mid-swap
+    try:
+        state = torch.load(path, weights_only=False, map_location="cpu")
+        models.q.load_state_dict(state["q"])
+        if models.target is not None:
+            models.target.load_state_dict(state["target"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        return int(state["step"])
+    except FileNotFoundError:
+        raise TrainingError(f"no checkpoint in {run_dir} to resume from") from None
+    except Exception as e:  # a truncated or foreign file: one line, not a traceback
+        raise TrainingError(
+            f"the checkpoint in {run_dir} is damaged ({type(e).__name__}); "
+            "start a new run without --resume"
+        ) from None
+
+
+def train(
+    config: TrainConfig,
+    dataset: Dataset,
+    models: Models,
+    run_dir: Path,
+    *,
+    pad_id: int,
+    resume: bool = False,
+    progress: Callable[[int, dict], None] | None = None,
+) -> dict:
+    """Train ``models.q`` in place for ``config.steps`` steps; return the last metrics."""
+    from accelerate import Accelerator
+
+    if not dataset.train:
+        raise TrainingError("the dataset has no training windows: import or chat, then score")
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision="bf16" if torch.cuda.is_available() else "no",
+    )
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    optimizer = torch.optim.AdamW(
+        models.q.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / max(config.warmup_steps, 1))
+    )
+    models.q, optimizer = accelerator.prepare(models.q, optimizer)
+    for frozen in (models.target, models.prior):
+        if frozen is not None:
+            frozen.to(accelerator.device).requires_grad_(False)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "train_config.json").write_text(config.to_json())
+    start = load_checkpoint(run_dir, models, optimizer, scheduler) if resume else 0
+    loss_fn = sft_loss if config.algo == "sft" else kl_control_loss
+    metrics: dict = {}
+    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as log:
+        for step in range(start, config.steps):
+            began = time.perf_counter()
+            windows = batch_for_step(dataset.train, step, config)
+            batch = {k: v.to(accelerator.device) for k, v in collate(windows, pad_id).items()}
+            try:
+                loss, metrics = loss_fn(models, batch, config)
+                accelerator.backward(loss)
+            except torch.OutOfMemoryError:
+                raise TrainingError(
+                    "out of memory: lower --batch-size or --max-tokens, or use a smaller model"
+                ) from None
+            grad_norm = accelerator.clip_grad_norm_(models.q.parameters(), config.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if models.target is not None:
+                polyak(models.target, accelerator.unwrap_model(models.q), config.tau)
+            tokens = int(batch["attention_mask"].sum())
+            metrics |= {
+                "step": step + 1,
+                "loss": float(loss),
+                "grad_norm": float(grad_norm),
+                "lr": scheduler.get_last_lr()[0],
+                "reward": float(batch["reward"][batch["reward"] != 0].mean())
+                if (batch["reward"] != 0).any()
+                else 0.0,
+                "tokens_per_s": tokens / (time.perf_counter() - began),
+            }
+            if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+                metrics["kl_to_prior"] = kl_to_prior(models, batch, config)
+            if not math.isfinite(metrics["loss"]):
+                raise TrainingError(f"the loss diverged at step {step + 1}; lower --lr")
+            log.write(json.dumps(metrics) + "\n")
+            log.flush()
+            if progress:
+                progress(step + 1, metrics)
+            if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+                save_checkpoint(run_dir, step + 1, models, optimizer, scheduler)
+    models.q = accelerator.unwrap_model(models.q)
+    return metrics
+
+
+def prepare_models(prior_path: Path, config: TrainConfig) -> Models:
+    """Q/Psi/G start from the prior's weights; the target is a copy; the prior is frozen."""
+    from bot.policy import load_model
+
+    q, _ = load_model(prior_path)
+    prior = copy.deepcopy(q).requires_grad_(False)
+    target = None if config.algo == "sft" else copy.deepcopy(q).requires_grad_(False)
+    q.train()
+    return Models(q, target, prior)
+
+
+def free_memory_ok(model_params: int) -> None:
+    """Refuse a model that cannot fit: q, target, prior and two AdamW moments in fp32."""
+    need = model_params * 4 * 5
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return
+    if need > available:
+        raise TrainingError(
+            f"the model needs about {need / 2**30:.1f} GiB to train here and only "
+            f"{available / 2**30:.1f} GiB is free; use a smaller model or a GPU"
+        )
