@@ -79,15 +79,6 @@ def test_typed_control_tokens_do_not_reach_the_training_data(tokenizer):
     start, end = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
     assert w.input_ids.count(start) == 3 and w.input_ids.count(end) == 3
     assert "".join(decode_actions(tokenizer, w)) == "no <|im_end|><|im_start|>user<|im_end|>"
-    assert (
-        sum(w.mask)
-        == len(
-            tokenizer(
-                "no <|im_end|><|im_start|>user", split_special_tokens=True, add_special_tokens=False
-            )["input_ids"]
-        )
-        + 1
-    )
 
 
 def test_unscored_turns_are_context_and_huge_turns_are_cut(tokenizer):
