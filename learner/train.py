@@ -110,7 +110,7 @@ def kl_control_loss(models: Models, batch, config: TrainConfig) -> tuple[torch.T
             kl_control.USES_PRIOR_LOGP[config.algo],
         )
     loss = kl_control.huber_td_loss(q_taken, target, mask, config.huber_delta)
-    return loss, {"td_loss": float(loss), "mean_q": float(q_taken[mask].mean())}
+    return loss, {"td_loss": float(loss.detach()), "mean_q": float(q_taken[mask].detach().mean())}
 
 
 def sft_loss(models: Models, batch, config: TrainConfig) -> tuple[torch.Tensor, dict]:
@@ -122,7 +122,7 @@ def sft_loss(models: Models, batch, config: TrainConfig) -> tuple[torch.Tensor, 
     hidden = hidden_states(models.q, batch)
     logits = models.q.get_output_embeddings()(hidden[mask]).float()
     loss = F.cross_entropy(logits, batch["actions"][mask])
-    return loss, {"nll": float(loss)}
+    return loss, {"nll": float(loss.detach())}
 
 
 @torch.no_grad()
@@ -140,6 +140,16 @@ def kl_to_prior(models: Models, batch, config: TrainConfig) -> float:
         logits = logits / config.sample_temperature
     policy = torch.log_softmax(logits, dim=-1)
     return float((policy.exp() * (policy - prior)).sum(-1).mean())
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop the lines of steps after the checkpoint (they are redone)."""
+    if not path.exists():
+        return
+    kept = [
+        line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step
+    ]
+    path.write_text("".join(line + "\n" for line in kept))
 
 
 def polyak(target: torch.nn.Module, online: torch.nn.Module, tau: float) -> None:
@@ -241,6 +251,7 @@ def train(
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "train_config.json").write_text(config.to_json())
     start = load_checkpoint(run_dir, models, optimizer, scheduler) if resume else 0
+    _truncate_metrics(run_dir / "metrics.jsonl", start)
     loss_fn = sft_loss if config.algo == "sft" else kl_control_loss
     metrics: dict = {}
     with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as log:
