@@ -165,6 +165,7 @@ def _scorer_version() -> str:
 
 @cli.command()
 @click.option("--algo", default="psi", show_default=True, help="kl_q | psi | g | batch_q | sft.")
+@click.option("--reward", default=None, help="Stored reward to learn from (default combined).")
 @click.option("--steps", type=int, default=None, help="Optimiser steps (default 200).")
 @click.option("--batch-size", type=int, default=None, help="Windows per step (default 4).")
 @click.option("--max-tokens", type=int, default=None, help="Window length (default 256).")

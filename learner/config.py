@@ -24,6 +24,11 @@ class TrainConfig:
         "kl_q | psi | g | batch_q | sft. psi (Psi-learning) is the paper's best performer; "
         "batch_q is the naive baseline that drifts from the prior; sft is behaviour cloning.",
     )
+    reward: str = _f(
+        "combined",
+        "Which stored reward to learn from: combined (the weighted sum) or one signal's "
+        "name, e.g. bot_question to study the paper's exploit case.",
+    )
     steps: int = _f(200, "Optimiser steps. ~3-4 s each for SmolLM2-135M on 2 CPU cores.")
     batch_size: int = _f(4, "Windows per step (bench: 4 x 128 tokens).")
     max_tokens: int = _f(

@@ -27,11 +27,12 @@ def prepare_dataset(
     """Snapshot the store, tokenise the scored conversations, cache prior log-probs."""
     with tempfile.TemporaryDirectory() as tmp:
         snapshot = Store(store.snapshot(str(Path(tmp) / "snapshot.db")), key=b"\0" * 32)
-        conversations = snapshot.training_conversations()
+        conversations = snapshot.training_conversations(config.reward)
         snapshot.close()
     if not conversations:
         raise TrainingError(
-            "no scored conversations to learn from: import or chat, then run `rapport score`"
+            f"no conversations scored with {config.reward!r} to learn from: import or chat, "
+            "then run `rapport score`"
         )
     prior, tokenizer = load_model(prior_path)
     dataset = build_dataset(
@@ -47,6 +48,7 @@ def prepare_dataset(
         return Dataset.load(folder)
     add_prior_logprobs(dataset, prior)
     dataset.meta["prior"] = str(prior_path)
+    dataset.meta["reward"] = config.reward
     dataset.save(folder)
     return dataset
 

