@@ -84,6 +84,25 @@ def chat(config: Config, model: str | None, seed: int | None, user: str | None) 
         run_terminal(session)
 
 
+@cli.command("discord")
+@click.option("--model", "model", help="Model folder or registered version (default: config).")
+@click.pass_obj
+def discord_command(config: Config, model: str | None) -> None:
+    """Run the bot on Discord (token from DISCORD_TOKEN or discord.token_file)."""
+    from bot.discord_bot import read_token, run_discord
+
+    if model is not None:
+        config.model.path = model
+    read_token(config.discord)  # fail fast, before loading the model
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    with open_store(config) as store:
+        policy = load_policy(config, store)
+        click.echo(f"serving {policy.version} on Discord; Ctrl-C stops", err=True)
+        run_discord(store, lambda: policy, config.discord)
+
+
 @cli.group("import")
 def import_() -> None:
     """Import human conversations (corpora, JSONL) into the store."""

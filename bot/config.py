@@ -163,12 +163,51 @@ class ScoringConfig:
 
 
 @dataclass
+class DiscordConfig:
+    """``rapport discord``. The token is never a config value: it comes from the
+    DISCORD_TOKEN environment variable or from the file named here."""
+
+    token_file: str = _help("File holding the bot token (used when DISCORD_TOKEN is not set).", "")
+    allowed_channels: str = _help(
+        "Comma-separated channel ids where the bot answers mentions and replies; empty "
+        "means every channel it can see. DMs are always answered.",
+        "",
+    )
+    message_content_intent: bool = _help(
+        "Use the privileged message-content intent (enable it in the developer portal "
+        "too). Off: the bot still sees DMs, mentions and replies to it.",
+        False,
+    )
+    idle_minutes: int = _help(
+        "A conversation ends after this many idle minutes; the next message starts anew.",
+        30,
+    )
+    rate_limit_per_minute: int = _help(
+        "Messages a user may send the bot per minute before being asked to slow down.", 6
+    )
+    sharded: bool = _help("Use AutoShardedClient (for bots in many servers).", False)
+
+    def validate(self) -> None:
+        _require(self.idle_minutes >= 1, "discord.idle_minutes must be >= 1")
+        _require(self.rate_limit_per_minute >= 1, "discord.rate_limit_per_minute must be >= 1")
+        for part in self.allowed_channels.split(","):
+            _require(
+                not part.strip() or part.strip().isdigit(),
+                f"discord.allowed_channels must be channel ids, got {part.strip()!r}",
+            )
+
+    def channel_ids(self) -> set[int]:
+        return {int(p) for p in self.allowed_channels.split(",") if p.strip()}
+
+
+@dataclass
 class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     weights: WeightsConfig = field(default_factory=WeightsConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    discord: DiscordConfig = field(default_factory=DiscordConfig)
 
     def validate(self) -> None:
         for section in dataclasses.fields(self):

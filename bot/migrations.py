@@ -152,3 +152,15 @@ def m005_imports_and_scoring(db: Database) -> None:
         pk="name",
         not_null={"mean", "std", "count", "scorer_version", "updated"},
     )
+
+
+@migrations()
+def m006_platform_messages(db: Database) -> None:
+    # The platform's ids of the messages that carried a bot turn (a long reply is split
+    # into several Discord messages), so a reaction on any of them is a vote on the turn.
+    db["platform_messages"].create(
+        {"platform": str, "platform_message_id": str, "message_id": int},
+        pk=("platform", "platform_message_id"),
+        foreign_keys=[("message_id", "messages", "id")],
+    )
+    db["platform_messages"].create_index(["message_id"])

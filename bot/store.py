@@ -55,6 +55,7 @@ TABLES = (
     "rewards",
     "scoring",
     "reward_stats",
+    "platform_messages",
     "models",
     "training_runs",
 )
@@ -234,6 +235,9 @@ class Store(LearningData):
             counts = {
                 "rewards": db.execute(f"DELETE FROM rewards WHERE message_id IN {gone}", params),
                 "scoring": db.execute(f"DELETE FROM scoring WHERE message_id IN {gone}", params),
+                "platform_messages": db.execute(
+                    f"DELETE FROM platform_messages WHERE message_id IN {gone}", params
+                ),
                 "votes": db.execute(
                     f"DELETE FROM votes WHERE user_id = :u OR message_id IN {gone}", params
                 ),
@@ -382,6 +386,23 @@ class Store(LearningData):
                 "value = excluded.value, created = excluded.created",
                 [message_id, user_id, value, now()],
             )
+
+    def link_platform_message(self, platform: str, platform_ids: list[str], message_id: int):
+        """Record the platform messages that carried a bot turn."""
+        with self._write() as db:
+            db.conn.executemany(
+                "INSERT OR REPLACE INTO platform_messages (platform, platform_message_id, "
+                "message_id) VALUES (?, ?, ?)",
+                [(platform, str(pid), message_id) for pid in platform_ids],
+            )
+
+    def message_for_platform(self, platform: str, platform_id: str) -> int | None:
+        rows = self._read(
+            "SELECT message_id FROM platform_messages WHERE platform = ? "
+            "AND platform_message_id = ?",
+            [platform, str(platform_id)],
+        )
+        return rows[0]["message_id"] if rows else None
 
     def votes(self, message_id: int) -> dict[str, int]:
         rows = self._read("SELECT user_id, value FROM votes WHERE message_id = ?", [message_id])

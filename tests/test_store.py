@@ -154,6 +154,7 @@ def test_forget_removes_every_row_of_that_user_and_nothing_else(store):
     assert deleted == {
         "rewards": 1,
         "scoring": 0,
+        "platform_messages": 0,
         "votes": 3,
         "messages": 2,
         "conversations": 1,

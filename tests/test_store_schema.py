@@ -46,6 +46,7 @@ EXPECTED_COLUMNS = {
     ],
     "scoring": ["message_id", "scorer_version", "fingerprint", "scored"],
     "reward_stats": ["name", "mean", "std", "count", "scorer_version", "updated"],
+    "platform_messages": ["platform", "platform_message_id", "message_id"],
     "models": [
         "version",
         "path",
@@ -65,7 +66,7 @@ def test_fresh_in_memory_database_has_exactly_the_expected_columns():
     assert tables == set(EXPECTED_COLUMNS)
     for table, columns in EXPECTED_COLUMNS.items():
         assert [c.name for c in store.db[table].columns] == columns, table
-    assert store.schema_version() == (5, "m005_imports_and_scoring")
+    assert store.schema_version() == (6, "m006_platform_messages")
 
 
 def test_reopening_applies_nothing_twice(tmp_path):
@@ -80,6 +81,7 @@ def test_reopening_applies_nothing_twice(tmp_path):
         "m003_rewards",
         "m004_models",
         "m005_imports_and_scoring",
+        "m006_platform_messages",
     ]
 
 
@@ -103,7 +105,7 @@ def test_database_from_older_schema_upgrades_and_keeps_its_rows(tmp_path):
     old.close()
 
     with Store(path) as store:
-        assert store.schema_version() == (5, "m005_imports_and_scoring")
+        assert store.schema_version() == (6, "m006_platform_messages")
         assert store.messages(1)[0].text == "hello from an old version"
         store.vote(1, "u_1", 1)  # a table the old schema did not have
         assert store.votes(1) == {"u_1": 1}

@@ -1,0 +1,258 @@
+"""The Discord frontend with spec'd fakes of discord.py classes; no network."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from bot.config import Config, DiscordConfig
+from bot.discord_bot import make_client, read_token, split_message
+from bot.policy import Settings
+from bot.store import Store
+from tests.conftest import run_rapport
+from tests.discord_fakes import (
+    fake_channel,
+    fake_client_user,
+    fake_interaction,
+    fake_message,
+    fake_reaction,
+    fake_user,
+)
+
+
+class ScriptedPolicy:
+    """A policy that answers with a fixed text (optionally slowly)."""
+
+    version = "scripted-v1"
+    settings = Settings(temperature=0.7, top_p=0.9, max_new_tokens=10, repetition_penalty=1.1)
+
+    def __init__(self, text="Hello there! How are you?", delay=0.0):
+        self.text, self.delay = text, delay
+
+    def stream(self, turns):
+        if self.delay:
+            time.sleep(self.delay)
+        yield self.text
+
+
+def client_for(store, policy, **settings):
+    config = DiscordConfig(**settings)
+    client = make_client(store, lambda: policy, config)
+    client._connection.user = fake_client_user()
+    return client
+
+
+def rows(store):
+    return store.db.execute("SELECT role, text FROM messages ORDER BY id").fetchall()
+
+
+@pytest.fixture
+def store(rapport_home):
+    with Store(rapport_home / "rapport.db") as s:
+        yield s
+
+
+def test_a_dm_gets_a_reply_with_vote_buttons_and_both_turns_are_logged(store):
+    client = client_for(store, ScriptedPolicy())
+    channel = fake_channel(dm=True)
+    asyncio.run(client.on_message(fake_message("hi bot", fake_user(), channel)))
+    assert [m.content for m in channel.sent] == ["Hello there! How are you?"]
+    assert channel.typing_entered
+    assert channel.sent[-1].reactions_added == ["👍", "👎"]
+    assert rows(store) == [("user", "hi bot"), ("bot", "Hello there! How are you?")]
+    (platform,) = {r[0] for r in store.db.execute("SELECT platform FROM conversations")}
+    assert platform == "discord"
+
+
+def test_mentions_in_allowed_channels_only(store):
+    allowed, other = fake_channel(), fake_channel()
+    client = client_for(store, ScriptedPolicy(), allowed_channels=str(allowed.id))
+    user = fake_user()
+    me = client.user
+    asyncio.run(client.on_message(fake_message(f"<@{me.id}> hello", user, allowed, [me])))
+    asyncio.run(client.on_message(fake_message(f"<@{me.id}> hello", user, other, [me])))
+    asyncio.run(client.on_message(fake_message("no mention here", user, allowed)))
+    assert len(allowed.sent) == 1 and other.sent == []
+    assert rows(store)[0] == ("user", "hello")  # the mention itself is not logged
+
+
+def test_messages_from_bots_are_ignored(store):
+    client = client_for(store, ScriptedPolicy())
+    channel = fake_channel(dm=True)
+    asyncio.run(client.on_message(fake_message("beep", fake_user(bot=True), channel)))
+    own = client.user
+    asyncio.run(client.on_message(fake_message("my own words", own, channel)))
+    assert channel.sent == [] and rows(store) == []
+
+
+def test_a_5000_character_reply_arrives_as_3_messages_logged_as_one_turn(store):
+    long_reply = ("This is a sentence of a long answer. " * 140)[:5000]
+    client = client_for(store, ScriptedPolicy(long_reply))
+    channel = fake_channel(dm=True)
+    asyncio.run(client.on_message(fake_message("tell me everything", fake_user(), channel)))
+    assert len(channel.sent) == 3
+    assert all(len(m.content) <= 2000 for m in channel.sent)
+    assert " ".join(m.content for m in channel.sent) == long_reply.strip()
+    assert rows(store) == [("user", "tell me everything"), ("bot", long_reply.strip())]
+    (bot_id,) = [r[0] for r in store.db.execute("SELECT id FROM messages WHERE role='bot'")]
+    for part in channel.sent:  # a reaction on any part votes on the turn
+        assert store.message_for_platform("discord", str(part.id)) == bot_id
+
+
+def test_reactions_vote_and_withdraw_but_not_on_user_messages_or_by_the_bot(store):
+    client = client_for(store, ScriptedPolicy())
+    channel, user = fake_channel(dm=True), fake_user()
+    said = fake_message("hi", user, channel)
+    asyncio.run(client.on_message(said))
+    reply = channel.sent[-1]
+    (bot_id,) = [r[0] for r in store.db.execute("SELECT id FROM messages WHERE role='bot'")]
+    pseudonym = store.ensure_user("discord", str(user.id))
+
+    asyncio.run(client.on_raw_reaction_add(fake_reaction(reply.id, user.id, "👍")))
+    assert store.votes(bot_id) == {pseudonym: 1}
+    asyncio.run(client.on_raw_reaction_add(fake_reaction(reply.id, user.id, "👎")))
+    assert store.votes(bot_id) == {pseudonym: -1}
+    asyncio.run(client.on_raw_reaction_remove(fake_reaction(reply.id, user.id, "👍")))
+    assert store.votes(bot_id) == {pseudonym: -1}  # not the current vote: kept
+    asyncio.run(client.on_raw_reaction_remove(fake_reaction(reply.id, user.id, "👎")))
+    assert store.votes(bot_id) == {}
+
+    asyncio.run(client.on_raw_reaction_add(fake_reaction(reply.id, client.user.id, "👍")))
+    asyncio.run(client.on_raw_reaction_add(fake_reaction(said.id, user.id, "👍")))
+    asyncio.run(client.on_raw_reaction_add(fake_reaction(reply.id, user.id, "🎉")))
+    assert store.counts()["votes"] == 0
+
+
+def test_slash_forget_removes_the_users_rows_and_confirms(store):
+    client = client_for(store, ScriptedPolicy())
+    channel, alice, bob = fake_channel(), fake_user(), fake_user()
+    me = client.user
+    for user in (alice, bob):
+        asyncio.run(client.on_message(fake_message(f"<@{me.id}> hi", user, channel, [me])))
+    assert store.counts()["messages"] == 4
+    interaction = fake_interaction(alice, channel)
+    asyncio.run(client.commands_by_name["forget"].callback(interaction))
+    interaction.response.defer.assert_awaited_once()
+    assert "deleted 2 messages" in interaction.followup.send.await_args.args[0]
+    assert store.counts()["messages"] == 2
+    assert rows(store) == [("user", "hi"), ("bot", "Hello there! How are you?")]
+
+
+def test_opted_out_users_get_replies_but_are_not_logged(store):
+    client = client_for(store, ScriptedPolicy())
+    channel, user = fake_channel(dm=True), fake_user()
+    asyncio.run(client.commands_by_name["optout"].callback(fake_interaction(user, channel)))
+    asyncio.run(client.on_message(fake_message("secret stuff", user, channel)))
+    assert channel.sent[0].content == "Hello there! How are you?"
+    assert "not saved" in channel.sent[-1].content  # told once
+    assert channel.sent[0].reactions_added == []  # nothing to vote on
+    assert store.counts()["messages"] == 0
+
+
+def test_about_and_new_answer_ephemerally(store):
+    client = client_for(store, ScriptedPolicy())
+    channel, user = fake_channel(dm=True), fake_user()
+    interaction = fake_interaction(user, channel)
+    asyncio.run(client.commands_by_name["about"].callback(interaction))
+    text = interaction.response.send_message.await_args.args[0]
+    assert "scripted-v1" in text and "/optout" in text
+    asyncio.run(client.on_message(fake_message("one", user, channel)))
+    asyncio.run(client.commands_by_name["new"].callback(fake_interaction(user, channel)))
+    asyncio.run(client.on_message(fake_message("two", user, channel)))
+    assert store.counts()["conversations"] == 2
+
+
+def test_the_event_loop_keeps_handling_events_while_a_reply_is_generated(store):
+    slow = ScriptedPolicy(delay=1.0)
+    client = client_for(store, slow)
+    slow_channel = fake_channel(dm=True)
+    finished = {}
+
+    async def scenario():
+        async def timed(name, coroutine):
+            await coroutine
+            finished[name] = time.monotonic()
+
+        slow_task = asyncio.create_task(
+            timed("slow", client.on_message(fake_message("slow one", fake_user(), slow_channel)))
+        )
+        await asyncio.sleep(0.2)  # the slow generation is running in its thread
+        loop_started = time.monotonic()
+        await timed("tick", asyncio.sleep(0.01))
+        await slow_task
+        return loop_started
+
+    started = asyncio.run(scenario())
+    assert finished["tick"] - started < 0.5  # the loop was free
+    assert finished["tick"] < finished["slow"]
+    assert threading.active_count() >= 1
+
+
+def test_a_failing_generation_answers_one_readable_line(store):
+    class Broken(ScriptedPolicy):
+        def stream(self, turns):
+            raise RuntimeError("model on fire")
+            yield  # pragma: no cover
+
+    client = client_for(store, Broken())
+    channel = fake_channel(dm=True)
+    asyncio.run(client.on_message(fake_message("hello?", fake_user(), channel)))
+    (answer,) = [m.content for m in channel.sent]
+    assert answer.startswith("Sorry, I couldn't answer that: the model failed to reply")
+    assert "\n" not in answer
+    assert rows(store) == [("user", "hello?")]
+
+
+def test_rate_limit_is_polite(store):
+    client = client_for(store, ScriptedPolicy(), rate_limit_per_minute=2)
+    channel, user = fake_channel(dm=True), fake_user()
+    for text in ("a", "b", "c"):
+        asyncio.run(client.on_message(fake_message(text, user, channel)))
+    assert channel.sent[-1].content.startswith("You're writing faster than I can think")
+    assert store.counts()["messages"] == 4
+
+
+def test_split_message_cuts_at_boundaries():
+    first = "a" * 1500 + ".\n\n"
+    parts = split_message(first + "b " * 600)
+    assert parts[0] == "a" * 1500 + "." and all(len(p) <= 2000 for p in parts)
+    assert [len(p) for p in split_message("x" * 4500)] == [2000, 2000, 500]  # no boundary
+    assert split_message("short") == ["short"]
+
+
+def test_token_comes_only_from_the_environment_or_a_file(tmp_path):
+    with pytest.raises(Exception, match="no Discord token"):
+        read_token(DiscordConfig(), environ={})
+    token_file = tmp_path / "token"
+    token_file.write_text("FILE.TOKEN\n")
+    assert read_token(DiscordConfig(token_file=str(token_file)), environ={}) == "FILE.TOKEN"
+    assert read_token(DiscordConfig(), environ={"DISCORD_TOKEN": "ENV.TOKEN"}) == "ENV.TOKEN"
+
+
+def test_the_token_never_appears_in_logs_or_errors(tiny_model_dir, rapport_home):
+    secret = "MTIzNDU2Nzg5.FAKE.very-secret-token-value"
+    result = run_rapport(
+        "discord", "--model", str(tiny_model_dir), env={"DISCORD_TOKEN": secret}, timeout=120
+    )
+    assert result.returncode == 1
+    assert secret not in result.stdout and secret not in result.stderr
+    assert "very-secret" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("rapport: error: ")
+    assert "Traceback" not in result.stderr
+    missing = run_rapport("discord", env={"DISCORD_TOKEN": ""})
+    assert missing.stderr.strip() == (
+        "rapport: error: no Discord token: set DISCORD_TOKEN or name a file in discord.token_file"
+    )
+
+
+def test_config_rejects_bad_channel_ids():
+    from bot.errors import ConfigError
+
+    config = Config()
+    config.discord.allowed_channels = "123, general"
+    with pytest.raises(ConfigError, match="channel ids"):
+        config.validate()
