@@ -203,6 +203,7 @@ def train(config: Config, algo: str, model: str | None, resume: str | None, **op
     from learner.pipeline import prior_version, run_training
 
     train_config = TrainConfig(algo=algo)
+    resume_steps = options["steps"]
     for key, value in options.items():
         if value is not None:
             setattr(train_config, key, value)
@@ -213,7 +214,7 @@ def train(config: Config, algo: str, model: str | None, resume: str | None, **op
 
         registered = {m["version"]: m["path"] for m in store.models()}
         prior_path = resolve_model_path(spec, registered)
-        total = train_config.steps
+        total = (resume_steps or train_config.steps) if resume else train_config.steps
         with click.progressbar(
             length=total, label=f"training {algo}", file=sys.stderr, item_show_func=_show_metrics
         ) as bar:
@@ -229,9 +230,10 @@ def train(config: Config, algo: str, model: str | None, resume: str | None, **op
                 config.model.system_prompt,
                 train_config,
                 resume=resume,
+                resume_steps=resume_steps,
                 progress=progress,
             )
-    click.echo(f"trained {version} ({algo}): {folder}")
+    click.echo(f"trained {version}: {folder}")
     click.echo(
         "final: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
     )

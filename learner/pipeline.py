@@ -48,6 +48,7 @@ def prepare_dataset(
         return Dataset.load(folder)
     add_prior_logprobs(dataset, prior)
     dataset.meta["prior"] = str(prior_path)
+    dataset.meta["folder"] = str(folder)
     dataset.meta["reward"] = config.reward
     dataset.save(folder)
     return dataset
@@ -67,10 +68,12 @@ def run_training(
     config: TrainConfig,
     *,
     resume: str | None = None,
+    resume_steps: int | None = None,
     progress: Callable[[int, dict], None] | None = None,
 ) -> tuple[str, Path, dict]:
     """Train and register a new (not deployed) model version; return (version, folder,
-    final metrics)."""
+    final metrics). Resuming uses the run's own config and prepared data (the logs may
+    have grown since); ``resume_steps`` extends it."""
     config.validate()
     runs = rapport_home() / "runs"
     name = resume or f"{config.algo}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -78,10 +81,20 @@ def run_training(
     if resume:
         if not (run_dir / "train_config.json").exists():
             raise TrainingError(f"no run named {resume!r} in {runs}")
-        steps = config.steps
         config = TrainConfig.from_json(run_dir / "train_config.json")
-        config.steps = max(steps, config.steps) if steps else config.steps
-    dataset = prepare_dataset(store, prior_path, system_prompt, config)
+        config.steps = resume_steps or config.steps
+        try:
+            dataset = Dataset.load(Path((run_dir / "dataset.txt").read_text().strip()))
+        except (OSError, ValueError, RuntimeError) as e:
+            raise TrainingError(
+                f"the prepared data of run {resume!r} is missing or damaged "
+                f"({type(e).__name__}); start a new run"
+            ) from None
+        prior_path = Path(dataset.meta["prior"])  # the run's own prior, whatever --model says
+    else:
+        dataset = prepare_dataset(store, prior_path, system_prompt, config)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "dataset.txt").write_text(dataset.meta["folder"])
     models = prepare_models(prior_path, config)
     free_memory_ok(sum(p.numel() for p in models.q.parameters()))
     run_id = store.start_training_run(config.algo, json.loads(config.to_json()))

@@ -275,7 +275,7 @@ def train(
             tokens = int(batch["attention_mask"].sum())
             metrics |= {
                 "step": step + 1,
-                "loss": float(loss),
+                "loss": float(loss.detach()),
                 "grad_norm": float(grad_norm),
                 "lr": scheduler.get_last_lr()[0],
                 "reward": float(batch["reward"][batch["reward"] != 0].mean())

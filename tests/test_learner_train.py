@@ -227,11 +227,22 @@ def test_train_errors_are_one_line(rapport_home, tiny_model_dir):
     )
     assert "Traceback" not in result.stderr
     scored_store(rapport_home, tiny_model_dir)
-    run = rapport_home / "runs" / "broken"
-    (run / "checkpoint").mkdir(parents=True)
-    (run / "train_config.json").write_text(TrainConfig(steps=2).to_json())
+    first = run_rapport(
+        "train",
+        "--steps",
+        "2",
+        "--max-tokens",
+        "96",
+        "--checkpoint-every",
+        "1",
+        "--model",
+        str(tiny_model_dir),
+        timeout=300,
+    )
+    assert first.returncode == 0, first.stderr
+    (run,) = list((rapport_home / "runs").iterdir())
     (run / "checkpoint" / "state.pt").write_bytes(b"not a checkpoint")
-    result = run_rapport("train", "--resume", "broken", "--model", str(tiny_model_dir), timeout=300)
+    result = run_rapport("train", "--resume", run.name, "--steps", "4", timeout=300)
     assert result.returncode == 1
     assert "the checkpoint in" in result.stderr and "is damaged" in result.stderr
     assert "Traceback" not in result.stderr
