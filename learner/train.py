@@ -43,18 +43,21 @@ class Models:
     prior: torch.nn.Module  # frozen: the model the bot was started from
 
 
-def batch_for_step(windows: list[Window], step: int, config: TrainConfig) -> list[Window]:
+def batch_for_step(
+    windows: list[Window], step: int, config: TrainConfig, rank: int = 0, world: int = 1
+) -> list[Window]:
     """The windows of one step: a seeded permutation per epoch, so resuming at a step
-    sees exactly the batches an uninterrupted run would."""
-    per_epoch = max(len(windows) // config.batch_size, 1)
+    sees exactly the batches an uninterrupted run would. Under ``accelerate launch`` the
+    global batch is ``batch_size`` x processes and each process takes its own slice."""
+    size = config.batch_size * world
+    per_epoch = max(len(windows) // size, 1)
     epoch, index = divmod(step, per_epoch)
-    order = torch.randperm(
-        len(windows), generator=torch.Generator().manual_seed(config.seed + epoch)
-    )
-    picked = order[index * config.batch_size : (index + 1) * config.batch_size]
-    if len(picked) < config.batch_size:  # fewer windows than a batch: wrap around
-        picked = order[torch.arange(config.batch_size) % len(order)]
-    return [windows[int(i)] for i in picked]
+    generator = torch.Generator().manual_seed(config.seed + epoch)
+    order = torch.randperm(len(windows), generator=generator)
+    picked = order[index * size : (index + 1) * size]
+    if len(picked) < size:  # fewer windows than a batch: wrap around
+        picked = order[torch.arange(size) % len(order)]
+    return [windows[int(i)] for i in picked[rank::world]]
 
 
 def hidden_states(model, batch) -> torch.Tensor:
@@ -172,14 +175,16 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: Path, step: int, models: Models, optimizer, scheduler) -> None:
+def save_checkpoint(
+    run_dir: Path, step: int, models: Models, optimizer, scheduler, accelerator=None
+) -> None:
     """Write the checkpoint beside the old one, then swap: a kill leaves one whole."""
     tmp = run_dir / f"{CHECKPOINT}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     state = {
         "step": step,
-        "q": models.q.state_dict(),
+        "q": (accelerator.unwrap_model(models.q) if accelerator else models.q).state_dict(),
         "target": models.target.state_dict() if models.target is not None else None,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
@@ -250,14 +255,17 @@ def train(
             frozen.to(accelerator.device).requires_grad_(False)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "train_config.json").write_text(config.to_json())
-    start = load_checkpoint(run_dir, models, optimizer, scheduler) if resume else 0
+    unwrapped = Models(accelerator.unwrap_model(models.q), models.target, models.prior)
+    start = load_checkpoint(run_dir, unwrapped, optimizer, scheduler) if resume else 0
     _truncate_metrics(run_dir / "metrics.jsonl", start)
     loss_fn = sft_loss if config.algo == "sft" else kl_control_loss
     metrics: dict = {}
     with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as log:
         for step in range(start, config.steps):
             began = time.perf_counter()
-            windows = batch_for_step(dataset.train, step, config)
+            windows = batch_for_step(
+                dataset.train, step, config, accelerator.process_index, accelerator.num_processes
+            )
             batch = {k: v.to(accelerator.device) for k, v in collate(windows, pad_id).items()}
             try:
                 loss, metrics = loss_fn(models, batch, config)
@@ -287,12 +295,14 @@ def train(
                 metrics["kl_to_prior"] = kl_to_prior(models, batch, config)
             if not math.isfinite(metrics["loss"]):
                 raise TrainingError(f"the loss diverged at step {step + 1}; lower --lr")
+            if not accelerator.is_main_process:
+                continue  # one process logs and checkpoints
             log.write(json.dumps(metrics) + "\n")
             log.flush()
             if progress:
                 progress(step + 1, metrics)
             if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
-                save_checkpoint(run_dir, step + 1, models, optimizer, scheduler)
+                save_checkpoint(run_dir, step + 1, models, optimizer, scheduler, accelerator)
     models.q = accelerator.unwrap_model(models.q)
     return metrics
 

@@ -256,3 +256,17 @@ def test_config_rejects_bad_channel_ids():
     config.discord.allowed_channels = "123, general"
     with pytest.raises(ConfigError, match="channel ids"):
         config.validate()
+
+
+def test_sharded_config_uses_the_auto_sharded_client(store):
+    import discord
+
+    sharded = make_client(store, lambda: ScriptedPolicy(), DiscordConfig(sharded=True))
+    plain = make_client(store, lambda: ScriptedPolicy(), DiscordConfig())
+    assert isinstance(sharded, discord.AutoShardedClient)
+    assert not isinstance(plain, discord.AutoShardedClient)
+    assert not plain.intents.message_content  # privileged intent only when configured
+    with_content = make_client(
+        store, lambda: ScriptedPolicy(), DiscordConfig(message_content_intent=True)
+    )
+    assert with_content.intents.message_content

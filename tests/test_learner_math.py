@@ -102,3 +102,23 @@ def test_mc_dropout_target_is_the_minimum_over_samples_in_one_batched_pass():
     torch.manual_seed(3)
     chunked = kl_control.mc_dropout_values(hidden, head, "logsumexp", 5, 0.3, max_elements=1)
     assert chunked.shape == (5,) and torch.isfinite(chunked).all()
+
+
+def test_batches_are_a_pure_function_of_seed_and_step_and_split_across_processes():
+    from learner.config import TrainConfig
+    from learner.data import Window
+    from learner.train import batch_for_step
+
+    windows = [Window([i], [False], [0.0], [TERMINAL], [0.0], i) for i in range(10)]
+    config = TrainConfig(batch_size=2, seed=3)
+    ids = [[w.conversation_id for w in batch_for_step(windows, s, config)] for s in range(10)]
+    assert ids == [
+        [w.conversation_id for w in batch_for_step(windows, s, config)] for s in range(10)
+    ]
+    assert sorted(i for batch in ids[:5] for i in batch) == list(range(10))  # an epoch
+    whole = [w.conversation_id for w in batch_for_step(windows, 0, config, 0, 1)]
+    assert len(whole) == 2
+    parts = [
+        [w.conversation_id for w in batch_for_step(windows, 0, config, r, 2)] for r in range(2)
+    ]
+    assert len(parts[0]) == len(parts[1]) == 2 and not set(parts[0]) & set(parts[1])
