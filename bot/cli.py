@@ -8,6 +8,7 @@ anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import getpass
 import logging
 import sys
@@ -244,6 +245,95 @@ def _show_metrics(metrics: dict | None) -> str:
         return ""
     loss = metrics.get("loss", float("nan"))
     return f"loss {loss:.4f}, {metrics.get('tokens_per_s', 0):.0f} tok/s"
+
+
+def _served(config: Config, store: Store, spec: str):
+    """(model, tokenizer, version) of a model spec, prepared as the bot serves it."""
+    from bot.policy import load_model, prepare_for_serving, resolve_model_path
+
+    registered = {m["version"]: m["path"] for m in store.models()}
+    model, tokenizer = load_model(resolve_model_path(spec, registered))
+    return prepare_for_serving(model, config.model.serve_precision), tokenizer, spec or "prior"
+
+
+@cli.command("eval")
+@click.argument("version", required=False, default="")
+@click.option("--vs", "others", multiple=True, help="Another version to compare; repeatable.")
+@click.option("--n", "n", type=int, default=20, show_default=True, help="Conversations.")
+@click.option("--turns", type=int, default=6, show_default=True, help="Bot turns each.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--user-model", default="", help="Simulated user's model (default: the prior).")
+@click.option("--out", type=click.Path(dir_okay=False), help="Write the results as JSON.")
+@click.pass_obj
+def eval_command(config: Config, version: str, others, n, turns, seed, user_model, out) -> None:
+    """Compare model versions on the same seeded simulated users (default: the prior)."""
+    from bot.policy import Settings, load_model, resolve_model_path
+    from learner.evaluation import evaluate, format_table, write_json
+
+    with open_store(config) as store:
+        models = {}
+        for spec in (version, *others):
+            model, tokenizer, name = _served(config, store, spec)
+            models[name] = (model, tokenizer)
+        registered = {m["version"]: m["path"] for m in store.models()}
+        prior, _ = load_model(resolve_model_path(config.model.path, registered))
+        user, _, _ = _served(config, store, user_model or config.model.path)
+        settings = Settings.from_config(config.generation)
+        results = evaluate(
+            models,
+            prior,
+            user,
+            tokenizer,
+            n=n,
+            turns=turns,
+            seed=seed,
+            system_prompt=config.model.system_prompt,
+            settings=settings,
+            weights=dataclasses.asdict(config.weights),
+        )
+    click.echo(format_table(results))
+    if out:
+        write_json(results, out)
+        click.echo(f"wrote {out}")
+
+
+@cli.command()
+@click.option("--model", "model", default="", help="Version or folder playing the bot.")
+@click.option("--n", "n", type=int, default=100, show_default=True, help="Conversations.")
+@click.option("--turns", type=int, default=6, show_default=True, help="Bot turns each.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.pass_obj
+def simulate(config: Config, model: str, n: int, turns: int, seed: int) -> None:
+    """Self-play with simulated users, written to the store as platform "simulated"."""
+    from bot.policy import Settings
+    from bot.store_data import Imported
+    from learner.simulate import self_play
+
+    with open_store(config) as store:
+        policy, tokenizer, name = _served(config, store, model)
+        user, _, _ = _served(config, store, config.model.path)
+        games = self_play(
+            policy,
+            user,
+            tokenizer,
+            n=n,
+            turns=turns,
+            seed=seed,
+            system_prompt=config.model.system_prompt,
+            settings=Settings.from_config(config.generation),
+        )
+        added = store.import_conversations(
+            "simulated",
+            [
+                Imported(
+                    f"{name}:{seed}:{i}",
+                    f"simulated:{g.persona}",
+                    tuple((t.role, "model", t.text) for t in g.turns),
+                )
+                for i, g in enumerate(games)
+            ],
+        )
+    click.echo(f"simulated {added} conversations with {name}; run `rapport score` next")
 
 
 @cli.group()

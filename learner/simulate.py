@@ -1,0 +1,146 @@
+"""Self-play with simulated users: how a policy does with people, without people.
+
+Design
+------
+- A simulated user is a language model (the default prior unless another is given)
+  prompted to play a person with a short persona; it opens with a real first line of a
+  held-out chitchat conversation (conversations the learner never trains on: the last
+  ones of the corpus).
+- Self-play runs a batch of conversations in lock-step: all bots reply (one batched
+  ``generate``), then all users (another), for ``turns`` bot turns. A simulated user
+  ends its conversation by saying goodbye (or an empty line); finished conversations
+  drop out of later batches.
+- Seeded: the same seed gives the same personas, openers and samples.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from bot.policy import Settings, clean_reply
+from bot.prompt import Turn, build_prompt
+
+PERSONAS = [
+    "a college student who loves video games and pizza",
+    "a nurse who just finished a night shift",
+    "a retired teacher who gardens and bakes bread",
+    "a software developer who plays guitar in a band",
+    "a high-school senior nervous about exams",
+    "a parent of two small kids who loves hiking",
+    "a chef who travels a lot for work",
+    "a bored office worker on a lunch break",
+]
+USER_SYSTEM = (
+    "You are {persona}, chatting casually with someone online. Write one short, natural "
+    "message at a time, like a real person texting. Say 'bye' when you want to stop."
+)
+GOODBYES = ("bye", "goodbye", "see you", "see ya", "gotta go", "good night")
+
+
+@dataclass
+class SelfPlay:
+    opener: str
+    persona: str
+    turns: list[Turn] = field(default_factory=list)  # user first, alternating
+    ended_by_user: bool = False
+
+    @property
+    def bot_turns(self) -> list[str]:
+        return [t.text for t in self.turns if t.role == "bot"]
+
+
+def held_out_openers(n: int, seed: int) -> list[str]:
+    """First user lines of the last chitchat conversations (never trained on)."""
+    from bot.corpora import chitchat_conversations
+
+    pool = [c.turns[0][2] for c in list(chitchat_conversations())[-500:] if c.turns]
+    rng = random.Random(seed)
+    return [rng.choice(pool) for _ in range(n)]
+
+
+@torch.no_grad()
+def generate_batch(model, tokenizer, prompts: list[list[int]], settings: Settings) -> list[str]:
+    """One sampled reply per prompt, in one left-padded batched ``generate`` (one at a
+    time for a composite G-learning model, which has no ``generate``)."""
+    if not hasattr(model, "generate"):
+        from bot.config import ModelConfig
+        from bot.policy import Policy
+
+        policy = Policy(model, tokenizer, version="", model_config=ModelConfig(), settings=settings)
+        return [
+            clean_reply(tokenizer.decode(list(policy.stream_tokens(p)), skip_special_tokens=True))
+            or "…"
+            for p in prompts
+        ]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=model.device)
+    mask = torch.tensor(
+        [[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device
+    )
+    sampling = settings.temperature > 0
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=settings.max_new_tokens,
+        do_sample=sampling,
+        temperature=settings.temperature if sampling else None,
+        top_p=settings.top_p if sampling else None,
+        repetition_penalty=settings.repetition_penalty,
+        eos_token_id=list(tokenizer.all_special_ids),
+        pad_token_id=pad,
+    )
+    return [
+        clean_reply(tokenizer.decode(row[width:], skip_special_tokens=True)) or "…" for row in out
+    ]
+
+
+def self_play(
+    policy_model,
+    user_model,
+    tokenizer,
+    *,
+    n: int,
+    turns: int,
+    seed: int,
+    system_prompt: str,
+    settings: Settings,
+    context_tokens: int = 1024,
+) -> list[SelfPlay]:
+    """``n`` conversations of up to ``turns`` bot turns each, batched across them."""
+    rng = random.Random(seed)
+    games = [SelfPlay(opener, rng.choice(PERSONAS)) for opener in held_out_openers(n, seed)]
+    for game in games:
+        game.turns.append(Turn("user", game.opener))
+    torch.manual_seed(seed)
+    for _ in range(turns):
+        live = [g for g in games if not g.ended_by_user]
+        if not live:
+            break
+        bot_prompts = [
+            build_prompt(tokenizer, system_prompt, g.turns, context_tokens) for g in live
+        ]
+        for game, reply in zip(
+            live, generate_batch(policy_model, tokenizer, bot_prompts, settings), strict=True
+        ):
+            game.turns.append(Turn("bot", reply))
+        # the simulated user sees the conversation from its side: roles swapped
+        user_prompts = [
+            build_prompt(
+                tokenizer,
+                USER_SYSTEM.format(persona=g.persona),
+                [Turn("user" if t.role == "bot" else "bot", t.text) for t in g.turns],
+                context_tokens,
+            )
+            for g in live
+        ]
+        for game, said in zip(
+            live, generate_batch(user_model, tokenizer, user_prompts, settings), strict=True
+        ):
+            game.turns.append(Turn("user", said))
+            if said == "…" or any(word in said.lower() for word in GOODBYES):
+                game.ended_by_user = True
+    return games

@@ -1,0 +1,161 @@
+"""Evaluation: metrics on hand-made inputs, self-play into the store, `rapport eval`."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+
+from bot.config import Config
+from bot.policy import Policy, load_model
+from bot.prompt import Turn
+from bot.store import Store
+from learner.evaluate import distinct_n, kl_per_token, perplexity
+from learner.evaluation import COLUMNS, columns_of, signals_per_game
+from learner.simulate import SelfPlay
+from tests.conftest import run_rapport
+
+
+def test_distinct_n_is_exact_on_a_small_example():
+    replies = [["i", "like", "cats"], ["i", "like", "dogs"]]
+    assert distinct_n(replies, 1) == 4 / 6
+    assert distinct_n(replies, 2) == 3 / 4
+    assert distinct_n([], 2) == 0.0
+
+
+def test_kl_of_the_prior_against_itself_is_zero(tiny_model_dir):
+    model, tokenizer = load_model(tiny_model_dir)
+    prompt = tokenizer("hello there", add_special_tokens=False)["input_ids"]
+    reply = tokenizer("how are you", add_special_tokens=False)["input_ids"]
+    assert kl_per_token(model, model, prompt, reply) == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_the_priors_own_samples_are_more_fluent_than_shuffled_words(
+    default_model_home, monkeypatch
+):
+    monkeypatch.setenv("RAPPORT_HOME", str(default_model_home))
+    config = Config()
+    config.model.serve_precision = "fp32"
+    policy = Policy.load(config.model, config.generation, seed=0)
+    prior = policy.model
+    rng = random.Random(0)
+    wins = 0
+    for text in ("Hi! How was your day?", "What do you do for fun?", "I just got a new puppy!"):
+        prompt = policy.prompt_ids([Turn("user", text)])
+        reply = list(policy.stream_tokens(prompt))
+        words = policy.tokenizer.decode(reply, skip_special_tokens=True).split()
+        rng.shuffle(words)
+        shuffled = policy.tokenizer(" ".join(words), add_special_tokens=False)["input_ids"]
+        wins += perplexity(prior, prompt, reply) < perplexity(prior, prompt, shuffled)
+    assert wins == 3
+
+
+def game(replies: list[str], users: list[str]) -> SelfPlay:
+    g = SelfPlay(users[0], "tester")
+    for i, reply in enumerate(replies):
+        g.turns += [Turn("user", users[i]), Turn("bot", reply)]
+    g.turns.append(Turn("user", users[len(replies)]))
+    return g
+
+
+def test_a_degenerate_policy_that_always_asks_the_same_question_is_caught():
+    users = [
+        "I went hiking today",
+        "it was great, the view was amazing",
+        "yes a lot",
+        "the mountains near my town",
+        "ok",
+    ]
+    varied = game(
+        [
+            "Nice! Where did you go?",
+            "I love mountain views.",
+            "Sounds like a wonderful day out.",
+            "That area is beautiful in autumn.",
+        ],
+        users,
+    )
+    stuck = game(["What do you like?"] * 4, users)
+    measures = []
+    for g in (varied, stuck):
+        (signals,) = signals_per_game([g])
+        measures.append(
+            {
+                "replies": g.bot_turns,
+                "signals": signals,
+                "combined": [0.0] * 4,
+                "perplexity": [1.0],
+                "kl_to_prior": 0.0,
+                "conversation_turns": 4,
+            }
+        )
+    good, bad = (columns_of([m]) for m in measures)
+    assert bad["bot_question"] == 1.0 > good["bot_question"]
+    assert bad["distinct_2"] < good["distinct_2"] / 2
+    assert bad["repeated_replies"] == 0.75 and good["repeated_replies"] == 0.0
+    assert bad["bot_repetition"] < good["bot_repetition"]
+
+
+def test_eval_of_two_versions_gives_every_column_with_intervals_and_is_seeded(
+    tiny_model_dir, rapport_home, tmp_path
+):
+    args = [
+        "--set",
+        "generation.max_new_tokens=6",
+        "--set",
+        f"model.path={tiny_model_dir}",
+        "eval",
+        str(tiny_model_dir),
+        "--vs",
+        str(tiny_model_dir) + "/",
+        "--n",
+        "3",
+        "--turns",
+        "2",
+        "--seed",
+        "7",
+    ]
+    first = run_rapport(*args, "--out", str(tmp_path / "a.json"), timeout=300)
+    assert first.returncode == 0, first.stderr
+    second = run_rapport(*args, "--out", str(tmp_path / "b.json"), timeout=300)
+    assert second.returncode == 0, second.stderr
+    a = json.loads((tmp_path / "a.json").read_text())
+    b = json.loads((tmp_path / "b.json").read_text())
+    models = [k for k in a if k != "samples"]
+    assert len(models) == 2
+    for name in models:
+        assert set(a[name]) == set(COLUMNS)
+        for column, cell in a[name].items():
+            assert all(math.isfinite(cell[k]) for k in ("value", "low", "high")), column
+            assert cell["low"] <= cell["high"]
+    assert a == b  # same seed, same numbers
+    header = first.stdout.splitlines()[0]
+    assert all(column in header for column in COLUMNS)
+
+
+def test_simulated_conversations_land_in_the_store_and_get_scored(tiny_model_dir, rapport_home):
+    result = run_rapport(
+        "--set",
+        "generation.max_new_tokens=6",
+        "--set",
+        f"model.path={tiny_model_dir}",
+        "simulate",
+        "--n",
+        "3",
+        "--turns",
+        "2",
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "simulated 3 conversations" in result.stdout
+    with Store(rapport_home / "rapport.db") as store:
+        platforms = {r[0] for r in store.db.execute("SELECT platform FROM conversations")}
+        assert platforms == {"simulated"}
+        assert store.db.execute("SELECT COUNT(*) FROM messages WHERE role='bot'").fetchone()[0] >= 3
+    scored = run_rapport("score", timeout=300)
+    assert scored.returncode == 0, scored.stderr
+    with Store(rapport_home / "rapport.db") as store:
+        assert store.counts()["scoring"] >= 3
