@@ -341,6 +341,34 @@ def report() -> None:
     """Write HTML reports with figures."""
 
 
+@report.command("eval")
+@click.argument("results", type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Folder (default: $RAPPORT_HOME/reports/eval).",
+)
+@click.pass_obj
+def report_eval(config: Config, results: str, out: str | None) -> None:
+    """The JSON of `rapport eval --out` as bar charts with intervals and training curves."""
+    import json
+    from pathlib import Path
+
+    from bot.config import rapport_home
+    from learner.report import write_eval_report
+
+    try:
+        data = json.loads(Path(results).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RapportError(f"{results} is not the JSON of `rapport eval --out`: {e}") from None
+    with open_store(config) as store:
+        paths = {m["version"]: Path(m["path"]) for m in store.models()}
+    runs = {name: paths[name].parent / "metrics.jsonl" for name in data if name in paths}
+    folder = Path(out) if out else rapport_home() / "reports" / "eval"
+    click.echo(f"wrote {write_eval_report(data, runs, folder)}")
+
+
 @report.command("rewards")
 @click.option(
     "--out",

@@ -135,6 +135,14 @@ def test_eval_of_two_versions_gives_every_column_with_intervals_and_is_seeded(
     header = first.stdout.splitlines()[0]
     assert all(column in header for column in COLUMNS)
 
+    report = run_rapport(
+        "report", "eval", str(tmp_path / "a.json"), "--out", str(tmp_path / "report")
+    )
+    assert report.returncode == 0, report.stderr
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert (tmp_path / "report" / "eval_bars.png").read_bytes()[:4] == b"\x89PNG"
+    assert 'src="eval_bars.png"' in page and "Sample conversations" in page
+
 
 def test_simulated_conversations_land_in_the_store_and_get_scored(tiny_model_dir, rapport_home):
     result = run_rapport(
