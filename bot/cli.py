@@ -292,6 +292,10 @@ def eval_command(config: Config, version: str, others, n, turns, seed, user_mode
             weights=dataclasses.asdict(config.weights),
         )
     click.echo(format_table(results))
+    for name, conversations in results["samples"].items():
+        click.echo(f"\n[{name}] sample conversation:")
+        for turn in conversations[0] if conversations else []:
+            click.echo(f"  {turn['role']:>4}: {' '.join(turn['text'].split())[:200]}")
     if out:
         write_json(results, out)
         click.echo(f"wrote {out}")
