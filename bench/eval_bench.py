@@ -27,7 +27,7 @@ def run(n: int, turns: int) -> float:
     config = Config()
     prior, tokenizer = load_model(default_model_dir())
     served, _ = load_model(default_model_dir())
-    served = prepare_for_serving(served, config.model.serve_precision)
+    served = prepare_for_serving(served, "bf16")  # as `rapport eval` serves for batches
     start = time.perf_counter()
     evaluate(
         {"prior": (served, tokenizer)},
@@ -52,7 +52,7 @@ def main() -> None:
     args = parser.parse_args()
     small = run(args.small, args.turns)
     large = run(args.large, args.turns)
-    print(f"default model (int8 serving) as bot and simulated user, {args.turns} bot turns")
+    print(f"default model (bf16) as bot and simulated user, {args.turns} bot turns")
     print(f"{'conversations':>14} {'seconds':>9} {'s/conversation':>15}")
     for n, seconds in ((args.small, small), (args.large, large)):
         print(f"{n:>14} {seconds:>9.1f} {seconds / n:>15.2f}")
