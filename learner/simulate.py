@@ -16,7 +16,7 @@ Design
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -38,6 +38,9 @@ USER_SYSTEM = (
     "message at a time, like a real person texting. Say 'bye' when you want to stop."
 )
 GOODBYES = ("bye", "goodbye", "see you", "see ya", "gotta go", "good night")
+# People text in short messages; capping the simulated user's turn also keeps self-play
+# cheap (a batch runs until its longest reply ends).
+USER_MAX_TOKENS = 40
 
 
 @dataclass
@@ -137,9 +140,11 @@ def self_play(
             )
             for g in live
         ]
-        for game, said in zip(
-            live, generate_batch(user_model, tokenizer, user_prompts, settings), strict=True
-        ):
+        user_settings = replace(
+            settings, max_new_tokens=min(settings.max_new_tokens, USER_MAX_TOKENS)
+        )
+        said_all = generate_batch(user_model, tokenizer, user_prompts, user_settings)
+        for game, said in zip(live, said_all, strict=True):
             game.turns.append(Turn("user", said))
             if said == "…" or any(word in said.lower() for word in GOODBYES):
                 game.ended_by_user = True
