@@ -14,6 +14,15 @@ from typing import Any
 from bot.errors import InvalidInput, NotFound
 
 
+# One reward value per (message, name); a rescore replaces it.
+UPSERT_REWARD = (
+    "INSERT INTO rewards (message_id, name, value, scorer_version, created) "
+    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (message_id, name) DO UPDATE SET "
+    "value = excluded.value, scorer_version = excluded.scorer_version, "
+    "created = excluded.created"
+)
+
+
 def _now() -> str:
     from bot.store import now
 
@@ -29,10 +38,7 @@ class LearningData:
         values = [(int(m), str(n), float(v), str(s), created) for m, n, v, s in rows]
         with self._write() as db:
             db.conn.executemany(
-                "INSERT INTO rewards (message_id, name, value, scorer_version, created) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (message_id, name) DO UPDATE SET "
-                "value = excluded.value, scorer_version = excluded.scorer_version, "
-                "created = excluded.created",
+                UPSERT_REWARD,
                 values,
             )
         return len(values)
@@ -191,10 +197,7 @@ class LearningData:
         created = _now()
         with self._write() as db:
             db.conn.executemany(
-                "INSERT INTO rewards (message_id, name, value, scorer_version, created) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (message_id, name) DO UPDATE SET "
-                "value = excluded.value, scorer_version = excluded.scorer_version, "
-                "created = excluded.created",
+                UPSERT_REWARD,
                 [(m, n, float(v), scorer_version, created) for m, n, v in values],
             )
             db.conn.executemany(
