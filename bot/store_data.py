@@ -13,7 +13,6 @@ from typing import Any
 
 from bot.errors import InvalidInput, NotFound
 
-
 # One reward value per (message, name); a rescore replaces it.
 UPSERT_REWARD = (
     "INSERT INTO rewards (message_id, name, value, scorer_version, created) "
