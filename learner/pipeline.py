@@ -99,7 +99,9 @@ def run_training(
     free_memory_ok(sum(p.numel() for p in models.q.parameters()))
     run_id = store.start_training_run(config.algo, json.loads(config.to_json()))
     try:
-        _, tokenizer = load_model(prior_path)
+        from transformers import AutoTokenizer  # the weights are loaded once, above
+
+        tokenizer = AutoTokenizer.from_pretrained(prior_path)
         metrics = train(
             config,
             dataset,

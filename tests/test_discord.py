@@ -268,3 +268,15 @@ def test_sharded_config_uses_the_auto_sharded_client(store):
         store, lambda: ScriptedPolicy(), DiscordConfig(message_content_intent=True)
     )
     assert with_content.intents.message_content
+
+
+def test_an_idle_conversation_ends_and_the_next_message_starts_a_new_one(store):
+    client = client_for(store, ScriptedPolicy(), idle_minutes=1)
+    channel, user = fake_channel(dm=True), fake_user()
+    asyncio.run(client.on_message(fake_message("first", user, channel)))
+    asyncio.run(client.on_message(fake_message("still here", user, channel)))
+    assert store.counts()["conversations"] == 1
+    (conversation,) = client.conversations.values()
+    conversation.last_used -= 61  # a minute and a second of silence
+    asyncio.run(client.on_message(fake_message("back again", user, channel)))
+    assert store.counts()["conversations"] == 2
