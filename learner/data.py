@@ -74,7 +74,7 @@ class Dataset:
         return cls([Window(**w) for w in data["train"]], [Window(**w) for w in data["val"]], meta)
 
 
-def _turn_spans(tokenizer, system_prompt: str, turns: list[Turn], next_bot: bool):
+def turn_spans(tokenizer, system_prompt: str, turns: list[Turn], next_bot: bool):
     """Token ids of ``turns`` (+ the next bot header if ``next_bot``), and for each bot
     turn the [start, end) span of its action tokens (its text and end-of-turn token)."""
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -98,7 +98,7 @@ def _window(tokenizer, system_prompt, turns, rewards, start, end, next_bot):
     """One window over turns[start:end] (trained: scored bot turns from the first bot
     turn not used as context), bootstrapping into the next bot turn if ``next_bot``."""
     local = turns[start:end]
-    ids, spans = _turn_spans(tokenizer, system_prompt, local, next_bot)
+    ids, spans = turn_spans(tokenizer, system_prompt, local, next_bot)
     n = len(ids)
     window = Window(ids, [False] * n, [0.0] * n, [TERMINAL] * n, [0.0] * n)
     bot_ks = sorted(spans)

@@ -1,13 +1,21 @@
 """Offline evaluation metrics of sampled replies (the paper's tables are the model).
 
-Small pure functions shared by the experiment benchmark and ``rapport eval``:
-distinct-n (diversity), perplexity of replies under the prior (fluency), and the
-per-token KL(π‖prior) along replies (how far the policy moved from the prior).
+Small functions shared by the experiment benchmark and ``rapport eval``: distinct-n
+(diversity), perplexity of replies under the prior (fluency), and the per-token
+KL(π‖prior) along replies (how far the policy moved from the prior).
+
+The model-based ones score many sequences in right-padded batches, sorted by length and
+capped at ``BATCH_TOKENS`` tokens per forward, and read the log-probabilities only at
+the positions that predict the scored tokens. One-sequence helpers are thin wrappers.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+
 import torch
+
+BATCH_TOKENS = 4096  # tokens per forward: the (tokens x vocabulary) logits stay ~0.8 GB
 
 
 def distinct_n(replies: list[list[str]], n: int) -> float:
@@ -20,27 +28,91 @@ def distinct_n(replies: list[list[str]], n: int) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
+def _batches(sequences: Sequence[list[int]], budget: int) -> Iterator[list[int]]:
+    """Indices of ``sequences`` grouped shortest first, each group <= ``budget`` tokens
+    once padded (a longer sequence goes alone)."""
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    group: list[int] = []
+    for i in order:
+        if group and len(sequences[i]) * (len(group) + 1) > budget:
+            yield group
+            group = []
+        group.append(i)
+    if group:
+        yield group
+
+
 @torch.no_grad()
-def reply_logprobs(model, prompt_ids: list[int], reply_ids: list[int]) -> torch.Tensor:
-    """log-softmax over the vocabulary at each reply position: (len(reply), V)."""
-    ids = torch.tensor([prompt_ids + reply_ids], device=model.device)
-    logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1].float()
-    return torch.log_softmax(logits, dim=-1)
+def position_logprobs(
+    model,
+    sequences: Sequence[list[int]],
+    positions: Sequence[list[int]],
+    budget: int = BATCH_TOKENS,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """For each sequence ``i``, the float32 log-softmax over the vocabulary at
+    ``positions[i]`` (position ``t`` predicts token ``t + 1``): yields ``(i, (P, V))``
+    in batch order, not input order."""
+    for group in _batches(sequences, budget):
+        width = max(len(sequences[i]) for i in group)
+        ids = torch.zeros(len(group), width, dtype=torch.long)
+        mask = torch.zeros(len(group), width, dtype=torch.long)
+        for row, i in enumerate(group):
+            ids[row, : len(sequences[i])] = torch.tensor(sequences[i])
+            mask[row, : len(sequences[i])] = 1
+        device = getattr(model, "device", torch.device("cpu"))
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        for row, i in enumerate(group):
+            at = torch.tensor(positions[i], dtype=torch.long, device=logits.device)
+            yield i, torch.log_softmax(logits[row, at].float(), dim=-1)
+
+
+def reply_positions(prompt_ids: list[int], reply_ids: list[int]) -> list[int]:
+    """The positions that predict the reply's tokens in ``prompt_ids + reply_ids``."""
+    return list(range(len(prompt_ids) - 1, len(prompt_ids) + len(reply_ids) - 1))
+
+
+def perplexities(
+    prior, sequences: Sequence[list[int]], positions: Sequence[list[int]]
+) -> list[float]:
+    """exp of the mean negative log-likelihood under ``prior`` of the tokens predicted at
+    ``positions`` of each sequence (nan where there are none)."""
+    out = [float("nan")] * len(sequences)
+    todo = [i for i, p in enumerate(positions) if p]
+    sub_seqs = [sequences[i] for i in todo]
+    sub_pos = [positions[i] for i in todo]
+    for j, logp in position_logprobs(prior, sub_seqs, sub_pos):
+        targets = torch.tensor([sub_seqs[j][t + 1] for t in sub_pos[j]])
+        out[todo[j]] = float(torch.exp(-logp.gather(1, targets[:, None]).mean()))
+    return out
+
+
+def kl_per_tokens(
+    policy, prior, sequences: Sequence[list[int]], positions: Sequence[list[int]]
+) -> list[float]:
+    """For each sequence, the mean over ``positions`` of KL(π(·|s) ‖ p(·|s)), exact over
+    the vocabulary (0 where there are no positions)."""
+    out = [0.0] * len(sequences)
+    todo = [i for i, p in enumerate(positions) if p]
+    sub_seqs = [sequences[i] for i in todo]
+    sub_pos = [positions[i] for i in todo]
+    pairs = zip(
+        position_logprobs(policy, sub_seqs, sub_pos),
+        position_logprobs(prior, sub_seqs, sub_pos),
+        strict=True,
+    )
+    for (j, pi), (_, p) in pairs:  # same batching, so the same order
+        out[todo[j]] = float((pi.exp() * (pi - p)).sum(-1).mean())
+    return out
 
 
 def perplexity(prior, prompt_ids: list[int], reply_ids: list[int]) -> float:
     """exp of the mean negative log-likelihood of the reply under ``prior``."""
-    if not reply_ids:
-        return float("nan")
-    logp = reply_logprobs(prior, prompt_ids, reply_ids)
-    nll = -logp.gather(1, torch.tensor(reply_ids, device=logp.device)[:, None]).mean()
-    return float(torch.exp(nll))
+    return perplexities(prior, [prompt_ids + reply_ids], [reply_positions(prompt_ids, reply_ids)])[
+        0
+    ]
 
 
 def kl_per_token(policy, prior, prompt_ids: list[int], reply_ids: list[int]) -> float:
     """Mean over the reply's positions of KL(π(·|s) ‖ p(·|s)), exact over the vocabulary."""
-    if not reply_ids:
-        return 0.0
-    pi = reply_logprobs(policy, prompt_ids, reply_ids)
-    p = reply_logprobs(prior, prompt_ids, reply_ids)
-    return float((pi.exp() * (pi - p)).sum(-1).mean())
+    positions = [reply_positions(prompt_ids, reply_ids)]
+    return kl_per_tokens(policy, prior, [prompt_ids + reply_ids], positions)[0]

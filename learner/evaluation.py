@@ -5,14 +5,21 @@ seeds; see :mod:`learner.simulate`). Per model, over its bot turns:
 
 - elicited reward: every implicit signal, and the combined reward with statistics fitted
   on the pooled self-play of all the models compared (so the numbers are comparable);
-- fluency: perplexity of its replies under the prior;
+- fluency: perplexity of each reply under the prior given the system prompt and the user
+  turn it answers. Not the whole conversation: a policy stuck on one reply makes its own
+  repeats likely (a language model copies what the context already says: a repeated
+  question's perplexity falls from ~20 to ~2 by its fourth time), so whole-conversation
+  perplexity would rate the collapse as fluent. Given the user's turn alone, a reply
+  must fit what it answers;
 - diversity: distinct-1 and distinct-2 over all its replies, and the share of replies
   that repeat another reply;
 - relatedness (embedding similarity), question rate, repetition;
-- KL(π‖prior) per token along its first reply to each held-out opener;
+- KL(π‖prior) per token along every one of its replies, in the full conversation the
+  policy acted in (one forward per conversation and model, reading every bot token);
 - reply length in words, and conversation length (bot turns before the user left).
 
-Each number comes with a 95% bootstrap interval over conversations (seeded).
+Each number comes with a 95% bootstrap interval over conversations (seeded). The model
+forwards are batched across conversations (:mod:`learner.evaluate`).
 """
 
 from __future__ import annotations
@@ -23,8 +30,9 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 
-from bot.prompt import build_prompt
-from learner.evaluate import distinct_n, kl_per_token, perplexity
+from bot.prompt import Turn, build_prompt
+from learner.data import turn_spans
+from learner.evaluate import distinct_n, kl_per_tokens, perplexities, reply_positions
 from learner.simulate import SelfPlay
 from rewards.combine import combine, fit_stats
 from rewards.score import contexts_of
@@ -79,26 +87,53 @@ def _mean(xs) -> float:
     return sum(xs) / len(xs) if xs else 0.0
 
 
-def per_game_measures(game, signals, stats, weights, prior, policy, tokenizer, system_prompt):
+def fluency_inputs(games, tokenizer, system_prompt) -> list[tuple[list[int], list[int]]]:
+    """(ids, scored positions) of every bot reply given only the user turn it answers."""
+    out = []
+    for game in games:
+        for k, turn in enumerate(game.turns):
+            if turn.role == "bot":
+                prompt = build_prompt(tokenizer, system_prompt, [game.turns[k - 1]], 1024)
+                reply = tokenizer(turn.text, add_special_tokens=False)["input_ids"]
+                out.append((prompt + reply, reply_positions(prompt, reply)))
+    return out
+
+
+def kl_inputs(games, tokenizer, system_prompt) -> list[tuple[list[int], list[int]]]:
+    """(ids, positions predicting the bot's tokens) of each conversation up to its last
+    bot turn, as the policy saw it."""
+    out = []
+    for game in games:
+        last = max((k for k, t in enumerate(game.turns) if t.role == "bot"), default=-1)
+        turns = [Turn(t.role, t.text) for t in game.turns[: last + 1]]
+        ids, spans = turn_spans(tokenizer, system_prompt, turns, next_bot=False)
+        out.append((ids, [p for s, e in spans.values() for p in range(s - 1, e - 1)]))
+    return out
+
+
+def measures_of(games, signals, stats, weights, prior, policy, tokenizer, system_prompt):
     """The per-conversation quantities every column is computed from."""
-    replies = game.bot_turns
-    prompts = [
-        build_prompt(tokenizer, system_prompt, game.turns[: 2 * i + 1], 1024)
-        for i in range(len(replies))
-    ]
-    ids = [tokenizer(r, add_special_tokens=False)["input_ids"] for r in replies]
-    combined = [
-        combine({n: signals[n][i] for n in SIGNAL_NAMES}, stats, weights)
-        for i in range(len(replies))
-    ]
-    return {
-        "replies": replies,
-        "signals": signals,
-        "combined": combined,
-        "perplexity": [perplexity(prior, p, r) for p, r in zip(prompts, ids, strict=True) if r],
-        "kl_to_prior": kl_per_token(policy, prior, prompts[0], ids[0]) if replies else 0.0,
-        "conversation_turns": len(replies),
-    }
+    fluency = fluency_inputs(games, tokenizer, system_prompt)
+    ppl = iter(perplexities(prior, *zip(*fluency, strict=True)) if fluency else [])
+    kl_seqs, kl_pos = zip(*kl_inputs(games, tokenizer, system_prompt), strict=True)
+    kls = kl_per_tokens(policy, prior, kl_seqs, kl_pos)
+    measures = []
+    for game, sig, kl in zip(games, signals, kls, strict=True):
+        replies = game.bot_turns
+        measures.append(
+            {
+                "replies": replies,
+                "signals": sig,
+                "combined": [
+                    combine({n: sig[n][i] for n in SIGNAL_NAMES}, stats, weights)
+                    for i in range(len(replies))
+                ],
+                "perplexity": [p for p in (next(ppl) for _ in replies) if math.isfinite(p)],
+                "kl_to_prior": kl,
+                "conversation_turns": len(replies),
+            }
+        )
+    return measures
 
 
 def columns_of(measures: Sequence[dict]) -> dict[str, float]:
@@ -157,10 +192,9 @@ def evaluate(
     stats = fit_stats(pooled)
     results: dict = {"samples": {}}
     for name, (model, _) in models.items():
-        measures = [
-            per_game_measures(g, sig, stats, weights, prior, model, tokenizer, system_prompt)
-            for g, sig in zip(games[name], signals[name], strict=True)
-        ]
+        measures = measures_of(
+            games[name], signals[name], stats, weights, prior, model, tokenizer, system_prompt
+        )
         values = columns_of(measures)
         table = {}
         for column in COLUMNS:

@@ -7,14 +7,22 @@ import math
 import random
 
 import pytest
+import torch
 
 from bot.config import Config
-from bot.policy import Policy, load_model
+from bot.policy import Policy, Settings, default_model_dir, load_model
 from bot.prompt import Turn
 from bot.store import Store
-from learner.evaluate import distinct_n, kl_per_token, perplexity
-from learner.evaluation import COLUMNS, columns_of, signals_per_game
-from learner.simulate import SelfPlay
+from learner.evaluate import (
+    distinct_n,
+    kl_per_token,
+    kl_per_tokens,
+    perplexities,
+    perplexity,
+    reply_positions,
+)
+from learner.evaluation import COLUMNS, columns_of, measures_of, signals_per_game
+from learner.simulate import SelfPlay, self_play
 from tests.conftest import run_rapport
 
 
@@ -53,50 +61,76 @@ def test_the_priors_own_samples_are_more_fluent_than_shuffled_words(
     assert wins == 3
 
 
-def game(replies: list[str], users: list[str]) -> SelfPlay:
-    g = SelfPlay(users[0], "tester")
-    for i, reply in enumerate(replies):
-        g.turns += [Turn("user", users[i]), Turn("bot", reply)]
-    g.turns.append(Turn("user", users[len(replies)]))
-    return g
-
-
-def test_a_degenerate_policy_that_always_asks_the_same_question_is_caught():
-    users = [
-        "I went hiking today",
-        "it was great, the view was amazing",
-        "yes a lot",
-        "the mountains near my town",
-        "ok",
+def test_batched_scores_equal_one_sequence_at_a_time(tiny_model_dir):
+    prior, tokenizer = load_model(tiny_model_dir)
+    policy, _ = load_model(tiny_model_dir)
+    with torch.no_grad():  # a policy that differs from the prior
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    texts = [("hi", "hello how are you"), ("tell me a long story " * 9, "once"), ("a", "")]
+    pairs = [
+        (tokenizer(u, add_special_tokens=False)["input_ids"], tokenizer(r)["input_ids"])
+        for u, r in texts
     ]
-    varied = game(
-        [
-            "Nice! Where did you go?",
-            "I love mountain views.",
-            "Sounds like a wonderful day out.",
-            "That area is beautiful in autumn.",
-        ],
-        users,
+    sequences = [p + r for p, r in pairs]
+    positions = [reply_positions(p, r) for p, r in pairs]
+    ppl = perplexities(prior, sequences, positions)
+    kl = kl_per_tokens(policy, prior, sequences, positions)
+    for (prompt, reply), p, k in zip(pairs, ppl, kl, strict=True):
+        if reply:
+            assert p == pytest.approx(perplexity(prior, prompt, reply), rel=1e-4)
+            assert k == pytest.approx(kl_per_token(policy, prior, prompt, reply), rel=1e-4)
+            assert k > 0
+    assert math.isnan(ppl[2]) and kl[2] == 0.0  # an empty reply has no tokens to score
+    assert kl_per_tokens(prior, prior, sequences, positions) == pytest.approx([0, 0, 0], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_a_degenerate_policy_that_always_asks_the_same_question_is_caught(
+    default_model_home, monkeypatch
+):
+    """The prior's own self-play against the same conversations with every bot turn
+    replaced by one question: higher question rate, lower diversity, more repeats, and
+    less fluent (higher perplexity given the user turn answered)."""
+    monkeypatch.setenv("RAPPORT_HOME", str(default_model_home))
+    config = Config()
+    prior, tokenizer = load_model(default_model_dir())
+    games = self_play(
+        prior,
+        prior,
+        tokenizer,
+        n=3,
+        turns=4,
+        seed=0,
+        system_prompt=config.model.system_prompt,
+        settings=Settings.from_config(config.generation),
     )
-    stuck = game(["What do you like?"] * 4, users)
-    measures = []
-    for g in (varied, stuck):
-        (signals,) = signals_per_game([g])
-        measures.append(
-            {
-                "replies": g.bot_turns,
-                "signals": signals,
-                "combined": [0.0] * 4,
-                "perplexity": [1.0],
-                "kl_to_prior": 0.0,
-                "conversation_turns": 4,
-            }
+    stuck = [SelfPlay(g.opener, g.persona) for g in games]
+    for g, s in zip(games, stuck, strict=True):
+        s.turns = [
+            Turn(t.role, "What do you like to do for fun?" if t.role == "bot" else t.text)
+            for t in g.turns
+        ]
+    good, bad = (
+        columns_of(
+            measures_of(
+                gs,
+                signals_per_game(gs),
+                {},
+                {},
+                prior,
+                prior,
+                tokenizer,
+                config.model.system_prompt,
+            )
         )
-    good, bad = (columns_of([m]) for m in measures)
+        for gs in (games, stuck)
+    )
     assert bad["bot_question"] == 1.0 > good["bot_question"]
     assert bad["distinct_2"] < good["distinct_2"] / 2
-    assert bad["repeated_replies"] == 0.75 and good["repeated_replies"] == 0.0
+    assert bad["repeated_replies"] > 0.5 > good["repeated_replies"]
     assert bad["bot_repetition"] < good["bot_repetition"]
+    assert bad["perplexity"] > 2 * good["perplexity"]
 
 
 def test_eval_of_two_versions_gives_every_column_with_intervals_and_is_seeded(
