@@ -58,8 +58,21 @@ def load_policy(config: Config, store: Store, seed: int | None = None) -> Policy
     return Policy.load(config.model, config.generation, registered=registered, seed=seed)
 
 
+def policy_source(config: Config, store: Store, *, pinned: bool, seed: int | None = None):
+    """What a running bot serves: a pinned ``--model``, else the deployed version,
+    followed between replies (hot reload; see :mod:`bot.registry`)."""
+    from bot.registry import DeployedPolicy
+
+    if pinned:
+        policy = load_policy(config, store, seed)
+        return lambda: policy
+    return DeployedPolicy(store, config, seed=seed, report=lambda m: click.echo(m, err=True))
+
+
 @cli.command()
-@click.option("--model", "model", help="Model folder or registered version (default: config).")
+@click.option(
+    "--model", "model", help="Serve this folder or version (default: the deployed version)."
+)
 @click.option("--seed", type=int, help="Seed the sampler, for reproducible replies.")
 @click.option("--user", default=None, help="Your name in the log (stored only as a keyed hash).")
 @click.pass_obj
@@ -74,10 +87,9 @@ def chat(config: Config, model: str | None, seed: int | None, user: str | None) 
     with open_store(config) as store:
         if sys.stdin.isatty():
             click.echo("loading the model...", err=True)
-        policy = load_policy(config, store, seed)
         session = Session(
             store,
-            lambda: policy,
+            policy_source(config, store, pinned=model is not None, seed=seed),
             platform="terminal",
             platform_user_id=user or getpass.getuser(),
             channel="terminal",
@@ -86,7 +98,9 @@ def chat(config: Config, model: str | None, seed: int | None, user: str | None) 
 
 
 @cli.command("discord")
-@click.option("--model", "model", help="Model folder or registered version (default: config).")
+@click.option(
+    "--model", "model", help="Serve this folder or version (default: the deployed version)."
+)
 @click.pass_obj
 def discord_command(config: Config, model: str | None) -> None:
     """Run the bot on Discord (token from DISCORD_TOKEN or discord.token_file)."""
@@ -99,9 +113,9 @@ def discord_command(config: Config, model: str | None) -> None:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     with open_store(config) as store:
-        policy = load_policy(config, store)
-        click.echo(f"serving {policy.version} on Discord; Ctrl-C stops", err=True)
-        run_discord(store, lambda: policy, config.discord)
+        source = policy_source(config, store, pinned=model is not None)
+        click.echo(f"serving {source().version} on Discord; Ctrl-C stops", err=True)
+        run_discord(store, source, config.discord)
 
 
 @cli.group("import")
@@ -341,6 +355,141 @@ def simulate(config: Config, model: str, n: int, turns: int, seed: int) -> None:
             ],
         )
     click.echo(f"simulated {added} conversations with {name}; run `rapport score` next")
+
+
+@cli.group(invoke_without_command=True)
+@click.pass_context
+def models(ctx: click.Context) -> None:
+    """List model versions with their key eval numbers (* = deployed)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    with open_store(ctx.obj) as store:
+        rows = store.models()
+        checks = {c["version"]: c for c in store.gate_checks()}  # the latest per version
+    if not rows:
+        click.echo("no model versions yet: `rapport train` registers one")
+        return
+    click.echo(
+        f"  {'version':<28} {'algorithm':<9} {'parent':<22} {'created':<20} {'gate':<7} "
+        f"{'reward':>7} {'kl':>6} {'dist-2':>6} {'q-rate':>6}"
+    )
+    for m in rows:
+        check = checks.get(m["version"])
+        gate, numbers = "-", "      -" + "      -" * 3
+        if check:
+            gate = "forced" if check["forced"] else ("passed" if check["passed"] else "refused")
+            e = check["verdict"]["eval"][m["version"]]
+            numbers = (
+                f"{e['combined']['value']:>7.3f} {e['kl_to_prior']['value']:>6.3f} "
+                f"{e['distinct_2']['value']:>6.3f} {e['bot_question']['value']:>6.2f}"
+            )
+        mark = "*" if m["deployed"] else " "
+        click.echo(
+            f"{mark} {m['version']:<28} {m['algorithm']:<9} {m['parent'] or '-':<22} "
+            f"{m['created'][:19]:<20} {gate:<7} {numbers}"
+        )
+
+
+@models.command("add")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.option("--version", "version", required=True, help="Name of the new version.")
+@click.option("--algorithm", default="external", show_default=True)
+@click.option("--parent", default=None, help="The version it was trained from.")
+@click.pass_obj
+def models_add(config: Config, folder: str, version: str, algorithm: str, parent) -> None:
+    """Register a model folder trained elsewhere (its checksum is taken now)."""
+    from pathlib import Path
+
+    from bot.registry import verify_folder
+
+    with open_store(config) as store:
+        store.add_model(version, str(Path(folder).resolve()), algorithm, parent=parent)
+        verify_folder(store, version)
+    click.echo(f"registered {version}; `rapport deploy {version}` gates and serves it")
+
+
+def _who(who: str | None) -> str:
+    return who or getpass.getuser()
+
+
+@cli.command()
+@click.argument("version")
+@click.option("--why", default="", help="Why, for the deployment log.")
+@click.option("--who", default=None, help="Who (default: your login name).")
+@click.option("--force", is_flag=True, help="Deploy even if the eval checks fail (logged).")
+@click.pass_obj
+def deploy(config: Config, version: str, why: str, who: str | None, force: bool) -> None:
+    """Gate VERSION against the deployed one and switch running bots to it."""
+    from bot.registry import deploy as deploy_version
+
+    with open_store(config) as store:
+        verdict = deploy_version(
+            store, config, version, who=_who(who), why=why, force=force, echo=click.echo
+        )
+    forced = " (FORCED past a failed gate)" if not verdict["passed"] else ""
+    click.echo(f"deployed {version}{forced}; running bots switch before their next reply")
+
+
+@cli.command()
+@click.option("--why", default="", help="Why, for the deployment log.")
+@click.option("--who", default=None, help="Who (default: your login name).")
+@click.pass_obj
+def rollback(config: Config, why: str, who: str | None) -> None:
+    """Serve the previously deployed version again."""
+    from bot.registry import rollback as roll_back
+
+    with open_store(config) as store:
+        current, target = roll_back(store, config, who=_who(who), why=why)
+    click.echo(f"rolled back from {current} to {target}")
+
+
+@cli.command()
+@click.option("--algo", default="psi", show_default=True, help="Learner (see `rapport train`).")
+@click.option("--steps", type=int, default=None, help="Optimiser steps (default 200).")
+@click.option("--reward", default=None, help="Stored reward to learn from (default combined).")
+@click.option("--why", default="", help="Why, for the deployment log.")
+@click.option("--no-deploy", is_flag=True, help="Stop after the gate, whatever it says.")
+@click.pass_obj
+def retrain(config: Config, algo: str, steps, reward, why: str, no_deploy: bool) -> None:
+    """The whole loop: score, snapshot + train, eval + gate, deploy if it passes."""
+    from bot.registry import deploy as deploy_version
+    from learner.config import TrainConfig
+    from learner.pipeline import prior_version, run_training
+    from rewards.score import score_store
+
+    train_config = TrainConfig(algo=algo)
+    for key, value in (("steps", steps), ("reward", reward)):
+        if value is not None:
+            setattr(train_config, key, value)
+    train_config.validate()
+    with open_store(config) as store:
+        summary = score_store(store, config)
+        click.echo(f"1/3 scored {summary.bot_turns:,} new bot turns")
+        from bot.policy import resolve_model_path
+
+        registered = {m["version"]: m["path"] for m in store.models()}
+        version, folder, metrics = run_training(
+            store,
+            resolve_model_path(config.model.path, registered),
+            prior_version(config.model.path),
+            config.model.system_prompt,
+            train_config,
+        )
+        click.echo(f"2/3 trained {version} ({_show_metrics(metrics)})")
+        verdict = deploy_version(
+            store,
+            config,
+            version,
+            who=getpass.getuser(),
+            why=why or f"rapport retrain --algo {algo}",
+            dry_run=no_deploy,
+            echo=click.echo,
+        )
+    if no_deploy:
+        outcome = "passed" if verdict["passed"] else "failed"
+        click.echo(f"3/3 {version} {outcome} the gate; not deployed (--no-deploy)")
+    else:
+        click.echo(f"3/3 deployed {version}; running bots switch before their next reply")
 
 
 @cli.group()

@@ -37,7 +37,7 @@ from bot.errors import ConfigError
 
 ENV_PREFIX = "RAPPORT_"
 # Environment variables in our namespace that are not config keys.
-RESERVED_ENV = {"RAPPORT_HOME", "RAPPORT_CONFIG"}
+RESERVED_ENV = {"RAPPORT_HOME", "RAPPORT_CONFIG", "RAPPORT_FAULT_POINT"}
 DEFAULT_CONFIG_FILE = Path(__file__).resolve().parent.parent / "data" / "rapport.toml"
 
 
@@ -163,6 +163,50 @@ class ScoringConfig:
 
 
 @dataclass
+class GateConfig:
+    """``rapport deploy``: what a candidate must show before it replaces the served model.
+
+    The candidate and the deployed version play the same seeded simulated users
+    (``rapport eval``); the candidate passes when every check holds.
+    """
+
+    conversations: int = _help("Simulated conversations per model in the gate's eval.", 16)
+    turns: int = _help("Bot turns per simulated conversation.", 4)
+    seed: int = _help("Seed of the simulated users and of the sanity prompts.", 0)
+    reward_margin: float = _help(
+        "Elicited combined reward may fall at most this far (z-units) below the deployed "
+        "version's, beyond the noise: refused if candidate upper bound + margin < deployed.",
+        0.0,
+    )
+    max_kl_to_prior: float = _help(
+        "Largest KL(candidate || prior) per token, in nats, on the simulated conversations.",
+        1.0,
+    )
+    min_diversity_ratio: float = _help(
+        "distinct-2 must be at least this share of the deployed version's.", 0.75
+    )
+    max_question_rate: float = _help(
+        "Largest share of bot turns that ask a question (the paper's exploit collapse).", 0.9
+    )
+    max_repeated_replies: float = _help(
+        "Largest share of replies that repeat another reply word for word.", 0.25
+    )
+    min_sane_replies: float = _help(
+        "Share of the fixed sanity prompts that must get a sane reply (non-empty, mostly "
+        "words, no chat-template markup).",
+        0.8,
+    )
+
+    def validate(self) -> None:
+        _require(self.conversations >= 1, "gate.conversations must be >= 1")
+        _require(self.turns >= 1, "gate.turns must be >= 1")
+        for name in ("min_diversity_ratio", "max_question_rate", "max_repeated_replies"):
+            _require(0 <= getattr(self, name) <= 1, f"gate.{name} must be between 0 and 1")
+        _require(0 <= self.min_sane_replies <= 1, "gate.min_sane_replies must be in [0, 1]")
+        _require(self.max_kl_to_prior >= 0, "gate.max_kl_to_prior must be >= 0")
+
+
+@dataclass
 class DiscordConfig:
     """``rapport discord``. The token is never a config value: it comes from the
     DISCORD_TOKEN environment variable or from the file named here."""
@@ -207,6 +251,7 @@ class Config:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     weights: WeightsConfig = field(default_factory=WeightsConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
     discord: DiscordConfig = field(default_factory=DiscordConfig)
 
     def validate(self) -> None:

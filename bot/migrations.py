@@ -164,3 +164,45 @@ def m006_platform_messages(db: Database) -> None:
         foreign_keys=[("message_id", "messages", "id")],
     )
     db["platform_messages"].create_index(["message_id"])
+
+
+@migrations()
+def m007_deployments(db: Database) -> None:
+    # What the gate checks a model folder against, and where its data came from.
+    db["models"].add_column("checksum", str)
+    db["models"].add_column("data_snapshot", str)
+    # At most one deployed version, enforced by SQLite itself.
+    db.execute("CREATE UNIQUE INDEX idx_models_one_deployed ON models(deployed) WHERE deployed = 1")
+    # Every gate verdict, passed or not, with its numbers.
+    db["gate_checks"].create(
+        {
+            "id": int,
+            "version": str,
+            "against": str,
+            "passed": int,
+            "forced": int,
+            "verdict": str,
+            "who": str,
+            "checked": str,
+        },
+        pk="id",
+        not_null={"version", "passed", "forced", "verdict", "checked"},
+        foreign_keys=[("version", "models", "version")],
+    )
+    # Every switch of the deployed version: who, when, why, and from which version.
+    db["deployments"].create(
+        {
+            "id": int,
+            "version": str,
+            "previous": str,
+            "action": str,
+            "who": str,
+            "why": str,
+            "forced": int,
+            "gate_check_id": int,
+            "at": str,
+        },
+        pk="id",
+        not_null={"version", "action", "who", "forced", "at"},
+        foreign_keys=[("version", "models", "version"), ("gate_check_id", "gate_checks", "id")],
+    )

@@ -7,8 +7,9 @@ store's ``_write()`` transaction and ``_read()`` query helpers, and nothing else
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from bot.errors import InvalidInput, NotFound
@@ -57,7 +58,14 @@ class LearningData:
         parent: str | None = None,
         training_run_id: int | None = None,
         metrics: dict[str, Any] | None = None,
+        checksum: str | None = None,
+        data_snapshot: str | None = None,
     ) -> None:
+        """Register a model folder; its checksum (of every file) is taken now unless given,
+        so the deploy gate can tell when the folder changed since."""
+        from bot.registry import folder_checksum
+
+        checksum = checksum or folder_checksum(Path(path))
         with self._write() as db:
             if db.execute("SELECT 1 FROM models WHERE version = ?", [version]).fetchone():
                 raise InvalidInput(f"model version {version!r} already exists")
@@ -71,24 +79,74 @@ class LearningData:
                     "metrics": json.dumps(metrics or {}, sort_keys=True),
                     "created": _now(),
                     "deployed": 0,
+                    "checksum": checksum,
+                    "data_snapshot": data_snapshot,
                 }
             )
 
     def models(self) -> list[dict[str, Any]]:
-        rows = self._read("SELECT * FROM models ORDER BY created")
+        rows = self._read("SELECT * FROM models ORDER BY created, rowid")
         return [{**r, "metrics": json.loads(r["metrics"] or "{}")} for r in rows]
+
+    def model(self, version: str) -> dict[str, Any]:
+        rows = self._read("SELECT * FROM models WHERE version = ?", [version])
+        if not rows:
+            raise NotFound(f"no model version {version!r}; `rapport models` lists them")
+        return {**rows[0], "metrics": json.loads(rows[0]["metrics"] or "{}")}
 
     def deployed_version(self) -> str | None:
         rows = self._read("SELECT version FROM models WHERE deployed = 1")
         return rows[0]["version"] if rows else None
 
-    def set_deployed(self, version: str) -> None:
-        """Make ``version`` the one deployed model, in one transaction."""
+    def record_gate_check(
+        self, version: str, against: str | None, passed: bool, forced: bool, verdict: dict, who: str
+    ) -> int:
+        with self._write() as db:
+            cursor = db.execute(
+                "INSERT INTO gate_checks (version, against, passed, forced, verdict, who, checked)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [version, against, int(passed), int(forced), json.dumps(verdict), who, _now()],
+            )
+            return cursor.lastrowid
+
+    def gate_checks(self, version: str | None = None) -> list[dict[str, Any]]:
+        where, params = ("WHERE version = ?", [version]) if version else ("", [])
+        rows = self._read(f"SELECT * FROM gate_checks {where} ORDER BY id", params)
+        return [{**r, "verdict": json.loads(r["verdict"])} for r in rows]
+
+    def switch_deployed(
+        self,
+        version: str,
+        *,
+        action: str,
+        who: str,
+        why: str = "",
+        forced: bool = False,
+        gate_check_id: int | None = None,
+        fault: Callable[[str], None] = lambda point: None,
+    ) -> str | None:
+        """Make ``version`` the one deployed model and log who/when/why, in one
+        transaction: a reader (or a kill at any point) sees the old state or the new one,
+        never neither or both. Returns the previously deployed version. ``fault`` is
+        called at named points inside the transaction (fault-injection tests)."""
         with self._write() as db:
             if not db.execute("SELECT 1 FROM models WHERE version = ?", [version]).fetchone():
-                raise NotFound(f"no model version {version!r}")
+                raise NotFound(f"no model version {version!r}; `rapport models` lists them")
+            row = db.execute("SELECT version FROM models WHERE deployed = 1").fetchone()
+            previous = row[0] if row else None
             db.execute("UPDATE models SET deployed = 0 WHERE deployed = 1")
+            fault("switch-cleared")
             db.execute("UPDATE models SET deployed = 1 WHERE version = ?", [version])
+            fault("switch-set")
+            db.execute(
+                "INSERT INTO deployments (version, previous, action, who, why, forced, "
+                "gate_check_id, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [version, previous, action, who, why, int(forced), gate_check_id, _now()],
+            )
+        return previous
+
+    def deployments(self) -> list[dict[str, Any]]:
+        return self._read("SELECT * FROM deployments ORDER BY id")
 
     def start_training_run(self, algorithm: str, config: dict[str, Any]) -> int:
         with self._write() as db:

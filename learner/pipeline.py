@@ -124,6 +124,7 @@ def run_training(
         parent=prior_version,
         training_run_id=run_id,
         metrics=metrics,
+        data_snapshot=dataset.meta.get("folder"),
     )
     store.finish_training_run(run_id, "done", metrics)
     return version, folder, metrics

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+
 import pytest
 
 from bot.errors import InvalidInput, NotFound, OptedOut
@@ -200,16 +202,20 @@ def test_rewards_upsert_with_the_scorer_version(store):
 
 def test_exactly_one_model_is_deployed(store):
     run = store.start_training_run("psi", {"gamma": 0.99})
-    store.add_model("v1", "/models/v1", "prior")
-    store.add_model("v2", "/models/v2", "psi", parent="v1", training_run_id=run)
-    store.set_deployed("v1")
-    store.set_deployed("v2")
+    store.add_model("v1", "/models/v1", "prior", checksum="c1")
+    store.add_model("v2", "/models/v2", "psi", parent="v1", training_run_id=run, checksum="c2")
+    assert store.switch_deployed("v1", action="deploy", who="ann") is None
+    assert store.switch_deployed("v2", action="deploy", who="bob", why="better") == "v1"
     assert store.deployed_version() == "v2"
     assert [m["deployed"] for m in store.models()] == [0, 1]
     with pytest.raises(NotFound):
-        store.set_deployed("v3")
+        store.switch_deployed("v3", action="deploy", who="bob")
     assert store.deployed_version() == "v2"
+    log = [(d["version"], d["previous"], d["who"], d["why"]) for d in store.deployments()]
+    assert log == [("v1", None, "ann", ""), ("v2", "v1", "bob", "better")]
+    with pytest.raises(sqlite3.IntegrityError):  # SQLite itself refuses a second one
+        store.db.execute("UPDATE models SET deployed = 1 WHERE version = 'v1'")
     with pytest.raises(InvalidInput, match="already exists"):
-        store.add_model("v1", "/elsewhere", "prior")
+        store.add_model("v1", "/elsewhere", "prior", checksum="c")
     store.finish_training_run(run, "done", {"loss": 0.1})
     assert store.db["training_runs"].get(run)["status"] == "done"

@@ -56,6 +56,20 @@ EXPECTED_COLUMNS = {
         "metrics",
         "created",
         "deployed",
+        "checksum",
+        "data_snapshot",
+    ],
+    "gate_checks": ["id", "version", "against", "passed", "forced", "verdict", "who", "checked"],
+    "deployments": [
+        "id",
+        "version",
+        "previous",
+        "action",
+        "who",
+        "why",
+        "forced",
+        "gate_check_id",
+        "at",
     ],
 }
 
@@ -66,7 +80,7 @@ def test_fresh_in_memory_database_has_exactly_the_expected_columns():
     assert tables == set(EXPECTED_COLUMNS)
     for table, columns in EXPECTED_COLUMNS.items():
         assert [c.name for c in store.db[table].columns] == columns, table
-    assert store.schema_version() == (6, "m006_platform_messages")
+    assert store.schema_version() == (7, "m007_deployments")
 
 
 def test_reopening_applies_nothing_twice(tmp_path):
@@ -82,6 +96,7 @@ def test_reopening_applies_nothing_twice(tmp_path):
         "m004_models",
         "m005_imports_and_scoring",
         "m006_platform_messages",
+        "m007_deployments",
     ]
 
 
@@ -105,7 +120,7 @@ def test_database_from_older_schema_upgrades_and_keeps_its_rows(tmp_path):
     old.close()
 
     with Store(path) as store:
-        assert store.schema_version() == (6, "m006_platform_messages")
+        assert store.schema_version() == (7, "m007_deployments")
         assert store.messages(1)[0].text == "hello from an old version"
         store.vote(1, "u_1", 1)  # a table the old schema did not have
         assert store.votes(1) == {"u_1": 1}

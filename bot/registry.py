@@ -1,0 +1,262 @@
+"""Model versions, the deployed one, and switching it: deploy, rollback, hot reload.
+
+Design
+------
+- A version is a row of the ``models`` table: folder, parent, algorithm, training run,
+  data snapshot, and a checksum of every file in the folder taken when it was
+  registered, so a folder that changed since (a corrupt copy, a half-written file) is
+  refused before it is served.
+- Exactly one version is deployed: SQLite enforces it (a unique partial index on
+  ``models.deployed``), and a switch is one transaction that moves the flag and logs who,
+  when, why and from which version (:meth:`bot.store_data.LearningData.switch_deployed`).
+  A process killed at any point leaves the old or the new version deployed.
+- Before any deploy, bots serve the base model (the config's ``model.path``). The first
+  deploy first records that base model (the config's ``model.path``; the
+  default SmolLM2 when empty) as deployed, under the name its bot turns were logged
+  with, so there is always something to roll back to.
+- Rollback walks the deployment log as a stack: a deploy pushes, a rollback pops, and
+  the version below the top is served again, through the same switch.
+- Running bots follow the deployed version through :class:`DeployedPolicy`, the
+  session's policy source: asked once per reply, it checks the deployed version (one
+  indexed read) and loads a new one between replies; a reply being generated finishes on
+  the model it started with. A version that fails to load is reported once and the old
+  one keeps serving.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from bot.config import Config
+from bot.errors import InvalidInput, RapportError
+from bot.policy import DEFAULT_MODEL_NAME, SERVING_FILE, Policy, default_model_dir
+from bot.store import Store
+
+log = logging.getLogger(__name__)
+
+FAULT_ENV = "RAPPORT_FAULT_POINT"  # fault injection for the kill-during-deploy tests
+
+
+class ModelRejected(RapportError):
+    """A model folder that must not be served (missing files, changed, fails the gate)."""
+
+
+def fault_point(name: str) -> None:
+    """SIGKILL this process at ``name`` when ``$RAPPORT_FAULT_POINT`` names it (tests)."""
+    if os.environ.get(FAULT_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def folder_checksum(folder: Path) -> str:
+    """sha256 over every file's relative path and bytes, in sorted order."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InvalidInput(f"model folder {folder} does not exist")
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode() + b"\0")
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _missing_files(folder: Path) -> list[str]:
+    weights_dir = folder / "g" if (folder / SERVING_FILE).exists() else folder
+    missing = [
+        str(p.relative_to(folder))
+        for p in (weights_dir / "config.json", weights_dir / "tokenizer_config.json")
+        if not p.exists()
+    ]
+    if not any(weights_dir.glob("*.safetensors")) and not any(weights_dir.glob("*.bin")):
+        missing.append(str((weights_dir / "*.safetensors").relative_to(folder)))
+    return missing
+
+
+def verify_folder(store: Store, version: str) -> Path:
+    """The version's folder, after checking its files are there and unchanged."""
+    row = store.model(version)
+    folder = Path(row["path"])
+    if not folder.is_dir():
+        raise ModelRejected(f"refused {version}: its folder {folder} does not exist")
+    missing = _missing_files(folder)
+    if missing:
+        raise ModelRejected(f"refused {version}: {folder} is missing {', '.join(missing)}")
+    if row["checksum"] and folder_checksum(folder) != row["checksum"]:
+        raise ModelRejected(
+            f"refused {version}: the files in {folder} changed since it was registered "
+            "(checksum mismatch)"
+        )
+    return folder
+
+
+def base_version(store: Store, config: Config) -> str:
+    """The registered name of the config's base model, registering it if needed."""
+    spec = config.model.path
+    registered = {m["version"]: m for m in store.models()}
+    if spec in registered:
+        return spec
+    folder = Path(spec).expanduser().resolve() if spec else default_model_dir()
+    for version, row in registered.items():
+        if Path(row["path"]).resolve() == folder:
+            return version
+    name = spec or DEFAULT_MODEL_NAME  # the name bot turns were logged under before
+    store.add_model(name, str(folder), "prior")
+    return name
+
+
+def deployment_stack(store: Store) -> list[str]:
+    """Versions deployed, oldest first, with rolled-back ones popped off."""
+    stack: list[str] = []
+    for row in store.deployments():
+        if row["action"] == "rollback":
+            stack.pop()
+        else:
+            stack.append(row["version"])
+    return stack
+
+
+def switch(
+    store: Store,
+    version: str,
+    *,
+    base: str,
+    action: str,
+    who: str,
+    why: str,
+    forced: bool = False,
+    gate_check_id: int | None = None,
+) -> str | None:
+    """The one switch of the deployed version (deploy and rollback both use it); returns
+    the version it replaced. Before the first deploy the base model is recorded as
+    deployed, so the log starts with what was being served."""
+    if store.deployed_version() is None:
+        store.switch_deployed(base, action="initial", who=who, why="served before any deploy")
+    fault_point("before-switch")
+    previous = store.switch_deployed(
+        version,
+        action=action,
+        who=who,
+        why=why,
+        forced=forced,
+        gate_check_id=gate_check_id,
+        fault=fault_point,
+    )
+    fault_point("after-switch")
+    return previous
+
+
+def rollback(store: Store, config: Config, *, who: str, why: str) -> tuple[str, str]:
+    """Serve the previously deployed version again; returns (from, to)."""
+    stack = deployment_stack(store)
+    if len(stack) < 2:
+        raise InvalidInput("nothing to roll back to: no earlier deployed version")
+    current, target = stack[-1], stack[-2]
+    verify_folder(store, target)
+    switch(store, target, base=base_version(store, config), action="rollback", who=who, why=why)
+    return current, target
+
+
+def deploy(
+    store: Store,
+    config: Config,
+    version: str,
+    *,
+    who: str,
+    why: str,
+    force: bool = False,
+    dry_run: bool = False,
+    echo: Callable[[str], None] = print,
+) -> dict:
+    """Gate ``version`` against the served one and switch to it if it passes (or is
+    forced past the eval checks; integrity is never forced). Returns the verdict;
+    ``dry_run`` stops after the gate (its verdict is stored either way)."""
+    from bot.gate import run_gate
+
+    row = store.model(version)
+    if row["deployed"]:
+        raise InvalidInput(f"{version} is already deployed")
+    verify_folder(store, version)
+    base = base_version(store, config)
+    against = store.deployed_version() or base
+    verdict = run_gate(store, config, version, against, echo=echo)
+    check = store.record_gate_check(version, against, verdict["passed"], force, verdict, who)
+    if dry_run:
+        return verdict
+    if not verdict["passed"] and not force:
+        failed = [c["name"] for c in verdict["checks"] if not c["passed"]]
+        raise ModelRejected(
+            f"refused {version}: failed {', '.join(failed)} (gate check {check}); "
+            f"{against} stays deployed"
+        )
+    switch(
+        store,
+        version,
+        base=base,
+        action="deploy",
+        who=who,
+        why=why,
+        forced=force and not verdict["passed"],
+        gate_check_id=check,
+    )
+    return verdict
+
+
+class DeployedPolicy:
+    """A session's policy source that follows the deployed version (hot reload)."""
+
+    def __init__(
+        self,
+        store: Store,
+        config: Config,
+        *,
+        seed: int | None = None,
+        report: Callable[[str], None] = log.warning,
+    ) -> None:
+        self.store, self.config, self.seed, self.report = store, config, seed, report
+        self._lock = threading.Lock()
+        self.failed: str | None = None
+        deployed = store.deployed_version()
+        self.policy = (
+            self._load(deployed)
+            if deployed
+            else Policy.load(
+                config.model,
+                config.generation,
+                registered={m["version"]: m["path"] for m in store.models()},
+                seed=seed,
+            )
+        )
+
+    def _load(self, version: str) -> Policy:
+        folder = verify_folder(self.store, version)
+        model_config = dataclasses.replace(self.config.model, path=str(folder))
+        policy = Policy.load(model_config, self.config.generation, seed=self.seed)
+        policy.version = version
+        return policy
+
+    def __call__(self) -> Policy:
+        with self._lock:
+            try:
+                wanted = self.store.deployed_version()
+            except RapportError as e:  # a locked or busy database: keep serving
+                log.warning("cannot read the deployed version: %s", e)
+                return self.policy
+            if wanted and wanted != self.policy.version and wanted != self.failed:
+                try:
+                    self.policy = self._load(wanted)
+                    self.failed = None
+                    self.report(f"now serving {wanted}")
+                except (RapportError, OSError) as e:
+                    self.failed = wanted
+                    self.report(
+                        f"could not load {wanted} ({e}); still serving {self.policy.version}"
+                    )
+            return self.policy
