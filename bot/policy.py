@@ -165,6 +165,7 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32):
             return PriorPlus(g, prior).eval(), tokenizer
     if not (path / "config.json").exists():
         raise ModelLoadError(f"{path} is not a model folder (no config.json)")
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -173,7 +174,7 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"cannot load the model in {path}: {first_line}") from None
     model.eval()
