@@ -25,9 +25,9 @@ def run(n: int, turns: int) -> float:
     from learner.evaluation import evaluate
 
     config = Config()
-    prior, tokenizer = load_model(default_model_dir())
-    served, _ = load_model(default_model_dir())
+    served, tokenizer = load_model(default_model_dir())
     served = prepare_for_serving(served, "bf16")  # as `rapport eval` serves for batches
+    prior = served  # and scores fluency and KL with the prior in the same precision
     start = time.perf_counter()
     evaluate(
         {"prior": (served, tokenizer)},

@@ -284,7 +284,7 @@ def _served(config: Config, store: Store, spec: str):
 @click.pass_obj
 def eval_command(config: Config, version: str, others, n, turns, seed, user_model, out) -> None:
     """Compare model versions on the same seeded simulated users (default: the prior)."""
-    from bot.policy import Settings, load_model, resolve_model_path
+    from bot.policy import Settings
     from learner.evaluation import evaluate, format_table, write_json
 
     with open_store(config) as store:
@@ -292,9 +292,9 @@ def eval_command(config: Config, version: str, others, n, turns, seed, user_mode
         for spec in (version, *others):
             model, tokenizer, name = _served(config, store, spec)
             models[name] = (model, tokenizer)
-        registered = {m["version"]: m["path"] for m in store.models()}
-        prior, _ = load_model(resolve_model_path(config.model.path, registered))
-        user, _, _ = _served(config, store, user_model or config.model.path)
+        # the prior scores fluency and KL in the policies' precision (see learner.evaluation)
+        prior, _, _ = _served(config, store, config.model.path)
+        user = _served(config, store, user_model)[0] if user_model else prior
         settings = Settings.from_config(config.generation)
         results = evaluate(
             models,

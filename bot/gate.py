@@ -121,7 +121,7 @@ def run_gate(
     registered = {m["version"]: m["path"] for m in store.models()}
     prior, _ = load_model(resolve_model_path(config.model.path, registered))
     precision = "bf16" if config.model.serve_precision == "int8" else config.model.serve_precision
-    model, served = prepare_for_serving(model, precision), prepare_for_serving(served, precision)
+    model, served, prior = (prepare_for_serving(m, precision) for m in (model, served, prior))
     settings = Settings.from_config(config.generation)
     system = config.model.system_prompt
 

@@ -13,7 +13,14 @@ import torch
 
 from bot.config import load_config
 from bot.gate import sane, threshold_checks
-from bot.registry import ModelRejected, deploy, deployment_stack, rollback
+from bot.registry import (
+    ModelRejected,
+    base_version,
+    deploy,
+    deployment_stack,
+    rollback,
+    switch,
+)
 from bot.store import Store
 from bot.store_data import Imported
 from tests.conftest import run_rapport
@@ -59,6 +66,13 @@ def add_version(store: Store, tiny_model_dir, tmp_path, name: str, noise: float 
         shutil.copytree(tiny_model_dir, folder)
     store.add_model(name, str(folder), "psi", parent="tiny")
     return name
+
+
+def serve(store: Store, version: str) -> None:
+    """Deploy without the gate (setup for tests of what comes after a deploy)."""
+    switch(
+        store, version, base=base_version(store, load_config()), action="deploy", who="t", why=""
+    )
 
 
 def deployed_rows(db) -> list[str]:
@@ -143,7 +157,7 @@ def test_bad_folders_and_failed_thresholds_are_refused_in_one_line(
     db = rapport_home / "rapport.db"
     with Store(db) as store:
         add_version(store, tiny_model_dir, tmp_path, "v1")
-        deploy(store, load_config(), "v1", who="t", why="")
+        serve(store, "v1")
         add_version(store, tiny_model_dir, tmp_path, "missing")
         add_version(store, tiny_model_dir, tmp_path, "corrupt")
         add_version(store, tiny_model_dir, tmp_path, "drifted", noise=0.5)
@@ -221,7 +235,7 @@ def test_sigkill_during_deploy_leaves_exactly_one_deployed_version(
     with Store(db) as store:
         add_version(store, tiny_model_dir, tmp_path, "v1")
         add_version(store, tiny_model_dir, tmp_path, "v2")
-        deploy(store, load_config(), "v1", who="t", why="")
+        serve(store, "v1")
     result = run_rapport("deploy", "v2", env={"RAPPORT_FAULT_POINT": point}, timeout=300)
     assert result.returncode == -signal.SIGKILL
     assert deployed_rows(db) == [survivor]
@@ -239,7 +253,7 @@ def test_sigkill_during_rollback_leaves_exactly_one_deployed_version(
     with Store(db) as store:
         for name in ("v1", "v2"):
             add_version(store, tiny_model_dir, tmp_path, name)
-            deploy(store, load_config(), name, who="t", why="")
+            serve(store, name)
     killed = run_rapport("rollback", env={"RAPPORT_FAULT_POINT": "switch-set"})
     assert killed.returncode == -signal.SIGKILL
     assert deployed_rows(db) == ["v2"]
@@ -254,7 +268,7 @@ def test_rollback_walks_back_through_the_deploys(env, tiny_model_dir, tmp_path, 
         config = load_config()
         for name in ("v1", "v2", "v3"):
             add_version(store, tiny_model_dir, tmp_path, name)
-            deploy(store, config, name, who="t", why="")
+            serve(store, name)
         assert rollback(store, config, who="t", why="") == ("v3", "v2")
         assert rollback(store, config, who="t", why="") == ("v2", "v1")
         assert rollback(store, config, who="t", why="") == ("v1", str(tiny_model_dir))
@@ -293,7 +307,7 @@ def test_a_running_chat_follows_deploys_and_rollbacks(env, tiny_model_dir, tmp_p
         config = load_config()
         for name in ("v1", "v2", "broken"):
             add_version(store, tiny_model_dir, tmp_path, name)
-        deploy(store, config, "v1", who="t", why="")
+        serve(store, "v1")
         chat = Chat(env)
         try:
             assert chat.say("hello")
@@ -301,7 +315,7 @@ def test_a_running_chat_follows_deploys_and_rollbacks(env, tiny_model_dir, tmp_p
             assert chat.say("still there?")
             rollback(store, config, who="t", why="")
             assert chat.say("and now?")
-            deploy(store, config, "broken", who="t", why="")
+            serve(store, "broken")
             (tmp_path / "broken" / "model.safetensors").write_bytes(b"corrupted after deploy")
             assert chat.say("are you ok?")
         finally:
