@@ -267,8 +267,10 @@ def register_commands(client) -> None:
 
     @client.tree.command(name="about", description="What I am, what I log and why.")
     async def about(interaction: discord.Interaction) -> None:
-        version = client.policy_source().version
-        await interaction.response.send_message(ABOUT.format(version=version), ephemeral=True)
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        # the source may read the store or load a newly deployed model: off the loop
+        version = (await asyncio.to_thread(client.policy_source)).version
+        await interaction.followup.send(ABOUT.format(version=version), ephemeral=True)
 
     client.commands_by_name = {c.name: c for c in (new, forget, optout, optin, about)}
 

@@ -156,8 +156,9 @@ def test_about_and_new_answer_ephemerally(store):
     channel, user = fake_channel(dm=True), fake_user()
     interaction = fake_interaction(user, channel)
     asyncio.run(client.commands_by_name["about"].callback(interaction))
-    text = interaction.response.send_message.await_args.args[0]
+    text = interaction.followup.send.await_args.args[0]
     assert "scripted-v1" in text and "/optout" in text
+    assert interaction.followup.send.await_args.kwargs["ephemeral"] is True
     asyncio.run(client.on_message(fake_message("one", user, channel)))
     asyncio.run(client.commands_by_name["new"].callback(fake_interaction(user, channel)))
     asyncio.run(client.on_message(fake_message("two", user, channel)))
