@@ -390,6 +390,22 @@ def models(ctx: click.Context) -> None:
         )
 
 
+@models.command("log")
+@click.pass_obj
+def models_log(config: Config) -> None:
+    """Every switch of the deployed version: when, what, from which, who, why."""
+    with open_store(config) as store:
+        rows = store.deployments()
+    if not rows:
+        click.echo("nothing deployed yet: `rapport deploy VERSION`")
+    for d in rows:
+        forced = " FORCED" if d["forced"] else ""
+        click.echo(
+            f"{d['at'][:19]}  {d['action']:<8} {d['version']} (was {d['previous'] or '-'}) "
+            f"by {d['who']}{forced}{': ' + d['why'] if d['why'] else ''}"
+        )
+
+
 @models.command("add")
 @click.argument("folder", type=click.Path(exists=True, file_okay=False))
 @click.option("--version", "version", required=True, help="Name of the new version.")

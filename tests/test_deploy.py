@@ -217,6 +217,8 @@ def test_force_deploys_past_a_failed_gate_and_is_logged_as_forced(
         assert store.deployments()[-1]["forced"] == 1
         assert store.gate_checks("drifted")[0]["forced"] == 1
     assert "forced" in run_rapport("models").stdout
+    log = run_rapport("models", "log").stdout.splitlines()
+    assert "deploy   drifted (was " in log[-1] and log[-1].endswith("FORCED")
 
 
 @pytest.mark.parametrize(
