@@ -363,3 +363,35 @@ def test_retrain_runs_the_whole_loop_on_a_tiny_model(env, tiny_model_dir, rappor
         assert row["deployed"] == 1 and row["parent"] == str(tiny_model_dir)
         assert row["data_snapshot"] and row["checksum"]
         assert store.gate_checks(version)[0]["passed"] == 1
+
+
+def test_a_reply_being_written_finishes_on_the_model_it_started_with(
+    env, tiny_model_dir, tmp_path, rapport_home
+):
+    from bot.registry import DeployedPolicy
+    from bot.session import Session
+
+    with Store(rapport_home / "rapport.db") as store:
+        for name in ("v1", "v2"):
+            add_version(store, tiny_model_dir, tmp_path, name)
+        serve(store, "v1")
+        source = DeployedPolicy(store, load_config(), seed=0)
+        session = Session(store, source, platform="terminal", platform_user_id="u", channel="t")
+        deployed_mid_reply = []
+
+        def on_text(piece: str) -> None:
+            if not deployed_mid_reply:  # a deploy lands while the reply is streaming
+                serve(store, "v2")
+                deployed_mid_reply.append(piece)
+
+        first = session.respond("tell me something", on_text=on_text)
+        second = session.respond("and again")
+        assert deployed_mid_reply
+        assert (first.model_version, second.model_version) == ("v1", "v2")
+        logged = [
+            r[0]
+            for r in store.db.execute(
+                "SELECT model_version FROM messages WHERE role = 'bot' ORDER BY id"
+            )
+        ]
+        assert logged == ["v1", "v2"]
