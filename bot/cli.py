@@ -184,7 +184,12 @@ def _scorer_version() -> str:
 
 
 @cli.command()
-@click.option("--algo", default="psi", show_default=True, help="kl_q | psi | g | batch_q | sft.")
+@click.option(
+    "--algo",
+    default="psi",
+    show_default=True,
+    help="kl_q | psi | g | batch_q | bc (ours) | kto | dpo | sft (trl).",
+)
 @click.option("--reward", default=None, help="Stored reward to learn from (default combined).")
 @click.option("--steps", type=int, default=None, help="Optimiser steps (default 200).")
 @click.option("--batch-size", type=int, default=None, help="Windows per step (default 4).")
@@ -194,12 +199,16 @@ def _scorer_version() -> str:
 @click.option("--reward-scale", type=float, default=None, help="c in r/c (default 1).")
 @click.option("--mc-samples", type=int, default=None, help="Dropout samples M (default 5).")
 @click.option("--seed", type=int, default=None, help="Seed (default 0).")
+@click.option("--beta", type=float, default=None, help="kto/dpo: KL strength (default 0.1).")
+@click.option("--pairs-from", default=None, help="dpo: rank replies by votes | combined.")
+@click.option("--platform", default=None, help="kto/dpo/sft: only this platform's logs.")
+@click.option("--min-reward", type=float, default=None, help="bc/sft: only turns this good.")
 @click.option("--checkpoint-every", type=int, default=None, help="Steps between checkpoints.")
 @click.option("--model", "model", default=None, help="Prior: folder or version (default: config).")
 @click.option("--resume", default=None, metavar="RUN", help="Resume the named run.")
 @click.pass_obj
 def train(config: Config, algo: str, model: str | None, resume: str | None, **options) -> None:
-    """Retrain the bot offline from the scored logs with KL-control (or sft)."""
+    """Retrain the bot offline from the logs: KL-control, or trl's kto/dpo/sft as peers."""
     from learner.config import TrainConfig
     from learner.pipeline import prior_version, run_training
 
