@@ -352,6 +352,36 @@ def simulate(config: Config, model: str, n: int, turns: int, seed: int) -> None:
     click.echo(f"simulated {added} conversations with {name}; run `rapport score` next")
 
 
+@cli.command()
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["kto", "dpo", "sft", "jsonl", "parquet"]),
+    required=True,
+    help="kto/dpo/sft: trl's datasets; jsonl/parquet: the whole log with votes and rewards.",
+)
+@click.option("--pairs-from", type=click.Choice(["votes", "combined"]), default="votes")
+@click.option("--platform", default="", help="Only this platform's conversations.")
+@click.pass_obj
+def export(config: Config, out: str, fmt: str, pairs_from: str, platform: str) -> None:
+    """Write the logs to OUT in a format trl and other tools read (README: export)."""
+    from pathlib import Path
+
+    from learner.export import export as write_export
+
+    with open_store(config) as store:
+        count = write_export(
+            store,
+            fmt,
+            Path(out),
+            config.model.system_prompt,
+            pairs_from=pairs_from,
+            platform=platform,
+        )
+    click.echo(f"wrote {count:,} {fmt} rows to {out}")
+
+
 @cli.group()
 def report() -> None:
     """Write HTML reports with figures."""

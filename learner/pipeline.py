@@ -80,7 +80,9 @@ def run_training(
     run_dir = runs / name
     if config.algo in TRL:
         if resume:
-            raise TrainingError(f"--resume continues token-level runs; start a new {config.algo} run")
+            raise TrainingError(
+                f"--resume continues token-level runs; start a new {config.algo} run"
+            )
         return _run_trl(store, prior_path, prior_version, system_prompt, config, run_dir, progress)
     if resume:
         if not (run_dir / "train_config.json").exists():
