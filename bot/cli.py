@@ -160,27 +160,30 @@ def import_jsonl(config: Config, path: str, platform: str) -> None:
 
 
 @cli.command()
+@click.option(
+    "--reward-model",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="Reward model folder for learned_reward (default: the newest trained, if any).",
+)
 @click.pass_obj
-def score(config: Config) -> None:
+def score(config: Config, reward_model: str | None) -> None:
     """Score every unscored bot turn with each reward signal, then the combined reward."""
-    from rewards.score import score_store
+    from pathlib import Path
 
+    from rewards.score import learned_signal, score_store, scorer_version
+
+    learned = learned_signal(Path(reward_model) if reward_model else None)
     with open_store(config) as store:
-        pending = len(store.conversations_to_score(_scorer_version()))
+        pending = len(store.conversations_to_score(scorer_version(learned)))
         with click.progressbar(
             length=pending, label="scoring conversations", file=sys.stderr, show_pos=True
         ) as bar:
-            summary = score_store(store, config, progress=bar.update)
+            summary = score_store(store, config, progress=bar.update, learned=learned)
     click.echo(
         f"scored {summary.bot_turns:,} bot turns in {summary.conversations:,} conversations; "
         f"combined reward updated for {summary.combined:,}"
     )
-
-
-def _scorer_version() -> str:
-    from rewards.suite import SCORER_VERSION
-
-    return SCORER_VERSION
 
 
 @cli.command()
@@ -350,6 +353,44 @@ def simulate(config: Config, model: str, n: int, turns: int, seed: int) -> None:
             ],
         )
     click.echo(f"simulated {added} conversations with {name}; run `rapport score` next")
+
+
+@cli.group("reward-model")
+def reward_model() -> None:
+    """A reward model learned from the votes (learned_reward in `rapport score`)."""
+
+
+@reward_model.command("train")
+@click.option("--members", type=int, default=None, help="Ensemble size N (default 3).")
+@click.option("--steps", type=int, default=None, help="Steps per member (default 100).")
+@click.option("--batch-size", type=int, default=None, help="Pairs per step (default 8).")
+@click.option("--lr", type=float, default=None, help="Learning rate (default 5e-5).")
+@click.option("--misclick", type=float, default=None, help="Random-vote rate (default 0.1).")
+@click.option("--seed", type=int, default=None, help="Seed (default 0).")
+@click.option("--model", "model", default=None, help="Base: folder or version (default: config).")
+@click.pass_obj
+def reward_model_train(config: Config, model: str | None, **options) -> None:
+    """Train an ensemble of Bradley-Terry reward models on pairs from the votes."""
+    from bot.policy import resolve_model_path
+    from learner.reward_model import RewardModelConfig, train_reward_model
+
+    rm_config = RewardModelConfig()
+    for key, value in options.items():
+        if value is not None:
+            setattr(rm_config, key, value)
+    with open_store(config) as store:
+        registered = {m["version"]: m["path"] for m in store.models()}
+        base = resolve_model_path(model if model is not None else config.model.path, registered)
+        folder, info = train_reward_model(
+            store, base, rm_config, progress=lambda line: click.echo(line, err=True)
+        )
+    members = ", ".join(f"{a:.2f}" for a in info["member_accuracy"])
+    click.echo(f"trained reward model {folder}")
+    click.echo(
+        f"held-out pairs: {info['held_out_pairs']}; ranking accuracy {info['accuracy']:.2f} "
+        f"(members: {members}); ensemble spread {info['spread']:.3f}"
+    )
+    click.echo("`rapport score` now scores learned_reward with it")
 
 
 @cli.command()

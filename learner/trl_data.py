@@ -17,17 +17,14 @@ Design
   out. DPO: pairs need the *same* prompt (DPO compares two replies to one context); the
   replies to one prompt are ranked by their votes or by the combined implicit reward,
   and every two with different scores form a pair (chosen = the higher).
-- Reward model pairs (:func:`vote_pairs`): the same-context pairs from votes first; in
-  logs where each context has one reply, a 👍 reply and a 👎 reply from different
-  contexts are also paired (each with its own prompt), the usual way to fit a
-  Bradley-Terry reward to unpaired binary feedback. See :mod:`learner.reward_model`.
+- The reward model's pairs are built in :mod:`learner.reward_model` (its own view of a
+  turn, the same at training and scoring time).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import random
 from collections.abc import Iterator
 
 from bot.prompt import ROLE_TO_TEMPLATE
@@ -122,36 +119,5 @@ def dpo_rows(
                         "rejected": rejected,
                         "chat_template_kwargs": SAFE_TEMPLATE,
                     }
-                )
-    return rows
-
-
-def vote_pairs(
-    conversations: list[dict], system_prompt: str, context_turns: int, seed: int = 0
-) -> list[dict]:
-    """Reward-model pairs (trl's implicit-prompt preference format: whole
-    conversations as ``chosen``/``rejected``) from votes: same-context pairs, and each
-    👍 turn matched with a random 👎 turn of another context (see module doc)."""
-    same = dpo_rows(conversations, system_prompt, context_turns, "votes")
-    rows = [
-        {
-            "chosen": r["prompt"] + r["chosen"],
-            "rejected": r["prompt"] + r["rejected"],
-            "chat_template_kwargs": SAFE_TEMPLATE,
-        }
-        for r in same
-    ]
-    liked, disliked = [], []
-    for turn, prompt, completion in bot_turns(conversations, system_prompt, context_turns):
-        score = vote_score(turn)
-        if score is not None and score != 0:
-            (liked if score > 0 else disliked).append(prompt + completion)
-    if liked and disliked:
-        rng = random.Random(seed)
-        for chosen in liked:
-            rejected = rng.choice(disliked)
-            if chosen[:-1] != rejected[:-1]:  # same context: already paired above
-                rows.append(
-                    {"chosen": chosen, "rejected": rejected, "chat_template_kwargs": SAFE_TEMPLATE}
                 )
     return rows

@@ -15,7 +15,7 @@ from bot.policy import Policy, load_model
 from bot.prompt import Turn, encode_chat
 from learner.config import TRL, TrainConfig
 from learner.pipeline import run_training
-from learner.trl_data import dpo_rows, kto_rows, sft_rows, vote_pairs
+from learner.trl_data import dpo_rows, kto_rows, sft_rows
 from tests.conftest import run_rapport
 
 SYS = Config().model.system_prompt
@@ -81,10 +81,6 @@ def test_rows_have_exactly_trls_fields_and_pair_only_replies_to_the_same_context
     sft = sft_rows(logs, SYS, 6)
     assert len(sft) == 3 and set(sft[0]) == {"prompt", "completion", "chat_template_kwargs"}
     assert len(sft_rows(logs, SYS, 6, min_reward=0.0)) == 2
-
-    pairs = vote_pairs(logs, "", 1)  # one same-context pair; "yo" also vs a disliked turn
-    assert all(set(p) == {"chosen", "rejected", "chat_template_kwargs"} for p in pairs)
-    assert pairs[0]["chosen"][-1]["content"] == "yo"
 
 
 def test_a_row_tokenises_exactly_as_the_bot_encodes_it_with_typed_control_tokens_as_text(
