@@ -22,8 +22,9 @@ Design
   as in the paper) and its own seed. Each member is normalised to mean 0, std 1 over the
   replies it was trained on; the ensemble's reward is the mean, its spread the standard
   deviation across members.
-- A held-out share of the pairs (default 20%) is never trained on: the report is the
-  ensemble's and each member's ranking accuracy on it, and the mean spread.
+- A held-out share of the voted replies (default 20%) is never trained on; their pairs
+  are the test: the report is the ensemble's and each member's ranking accuracy on
+  them, and the mean spread.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ class RewardModelConfig:
     batch_size: int = _f(8, "Pairs per step.")
     lr: float = _f(5e-5, "AdamW learning rate (the head is new, the body pretrained).")
     max_tokens: int = _f(256, "Longest input in tokens; longer pairs are left out (trl).")
-    val_fraction: float = _f(0.2, "Share of pairs held out to measure ranking accuracy.")
+    val_fraction: float = _f(0.2, "Share of voted replies held out to measure accuracy.")
     seed: int = _f(0, "Seed of the split, the bootstrap resamples and the members.")
 
     def validate(self) -> None:
@@ -141,11 +142,13 @@ def preference_pairs(replies, seed: int) -> list[dict]:
     return [{"chosen": c, "rejected": r, "chat_template_kwargs": SAFE_TEMPLATE} for c, r in rows]
 
 
-def split_pairs(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    order = list(range(len(rows)))
+def split_replies(replies: list, fraction: float, seed: int) -> tuple[list, list]:
+    """Hold out a share of the voted replies (not of the pairs: a held-out pair never
+    shares a reply with a training pair)."""
+    order = list(range(len(replies)))
     random.Random(seed).shuffle(order)
-    n_val = max(1, round(fraction * len(rows)))
-    return [rows[i] for i in order[n_val:]], [rows[i] for i in order[:n_val]]
+    n_val = max(1, round(fraction * len(replies)))
+    return [replies[i] for i in order[n_val:]], [replies[i] for i in order[:n_val]]
 
 
 def train_member(prior_path: Path, rows: list[dict], config: RewardModelConfig, seed: int, out):
@@ -211,14 +214,16 @@ def train_reward_model(
 ) -> tuple[Path, dict]:
     """Train, normalise and evaluate the ensemble; return (folder, info)."""
     config.validate()
-    replies = voted_replies(store.feedback_conversations())
-    rows = preference_pairs(replies, config.seed)
-    if len(rows) < 2:
+    train_replies, val_replies = split_replies(
+        voted_replies(store.feedback_conversations()), config.val_fraction, config.seed
+    )
+    train = preference_pairs(train_replies, config.seed)
+    val = preference_pairs(val_replies, config.seed)
+    if not train or not val:
         raise RewardModelError(
-            "too few vote pairs to train a reward model (need a 👍 and a 👎 reply at least); "
-            "vote with /up /down in `rapport chat`"
+            "too few vote pairs to train a reward model (need 👍 and 👎 replies both to train "
+            "on and to hold out); vote with /up /down in `rapport chat`"
         )
-    train, val = split_pairs(rows, config.val_fraction, config.seed)
     folder = rapport_home() / "reward_models" / f"rm-{time.strftime('%Y%m%d-%H%M%S')}"
     rng = random.Random(config.seed)
     members, histories = [], []

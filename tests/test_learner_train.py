@@ -25,7 +25,7 @@ from bot.store import Store
 from learner.config import TOKEN_LEVEL, TrainConfig
 from learner.data import add_prior_logprobs, build_dataset, collate
 from learner.pipeline import save_trained_model
-from learner.train import kl_control_loss, prepare_models, bc_loss, train
+from learner.train import bc_loss, kl_control_loss, prepare_models, train
 from tests.conftest import run_rapport
 
 SYS = "s"
