@@ -256,7 +256,8 @@ def _show_metrics(metrics: dict | None) -> str:
     if not metrics:
         return ""
     loss = metrics.get("loss", float("nan"))
-    return f"loss {loss:.4f}, {metrics.get('tokens_per_s', 0):.0f} tok/s"
+    speed = f", {metrics['tokens_per_s']:.0f} tok/s" if "tokens_per_s" in metrics else ""
+    return f"loss {loss:.4f}{speed}"
 
 
 def _served(config: Config, store: Store, spec: str):

@@ -82,6 +82,20 @@ def trainer_args(config: TrainConfig, output_dir: Path) -> dict:
     }
 
 
+def kto_weights(labels: list[bool]) -> dict[str, float]:
+    """Weights of liked and disliked turns that balance them as the KTO paper advises
+    (Ethayarajh et al. 2024, eq. 8: λ_D·n_D / (λ_U·n_U) in [1, 4/3]; here 1).
+
+    >>> kto_weights([True, True, True, False])
+    {'desirable_weight': 0.3333333333333333, 'undesirable_weight': 1.0}
+    """
+    liked = sum(labels)
+    disliked = len(labels) - liked
+    if not liked or not disliked:
+        return {"desirable_weight": 1.0, "undesirable_weight": 1.0}
+    return {"desirable_weight": disliked / liked, "undesirable_weight": 1.0}
+
+
 def make_trainer(config: TrainConfig, model, tokenizer, dataset, output_dir: Path):
     """trl's trainer for ``config.algo`` on ``dataset`` (a ``datasets.Dataset`` of rows
     in the format :mod:`learner.trl_data` writes; trl tokenises it here)."""
@@ -91,7 +105,12 @@ def make_trainer(config: TrainConfig, model, tokenizer, dataset, output_dir: Pat
 
         # KTO estimates its KL reference point from mismatched pairs within a batch, so
         # it reads batches in order (trl requires it).
-        kto = KTOConfig(beta=config.beta, train_sampling_strategy="sequential", **args)
+        kto = KTOConfig(
+            beta=config.beta,
+            train_sampling_strategy="sequential",
+            **kto_weights(dataset["label"]),
+            **args,
+        )
         return KTOTrainer(model=model, args=kto, train_dataset=dataset, processing_class=tokenizer)
     if config.algo == "dpo":
         from trl import DPOConfig, DPOTrainer
@@ -142,7 +161,7 @@ def run_trl_training(
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / "metrics.jsonl", "w", encoding="utf-8") as f:
         for h in history:
-            f.write(json.dumps({**h, "step": h["step"]}, sort_keys=True) + "\n")
+            f.write(json.dumps(h, sort_keys=True) + "\n")
     metrics = {k: float(v) for k, v in history[-1].items() if isinstance(v, int | float)}
     metrics["first_loss"] = float(history[0]["loss"])
     metrics["step"] = int(trainer.state.global_step)

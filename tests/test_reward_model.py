@@ -76,6 +76,8 @@ def test_ensemble_ranks_held_out_pairs_above_chance_and_reports_spread(
         last < first for first, last in zip(info["first_loss"], info["last_loss"], strict=True)
     )
     assert len(info["normalisation"]) == 2
+    # the mis-click likelihood never exceeds 0.95, so the loss stays above -log 0.95
+    assert min(info["last_loss"]) > -math.log(0.95)
 
     # rapport score now scores learned_reward with it; liked turns score higher
     result = run_rapport("score")
@@ -107,3 +109,32 @@ def test_reward_model_without_votes_fails_in_one_line(rapport_home, tiny_model_d
         "rapport: error: too few vote pairs to train a reward model (need 👍 and 👎 replies "
         "both to train on and to hold out); vote with /up /down in `rapport chat`"
     )
+
+
+class TestLearnedReward:
+    """The learned_reward signal on the usual edge cases (one small trained model)."""
+
+    @pytest.fixture
+    def signal(self, store, tiny_model_dir):
+        from rewards.learned_reward import learned_reward_signal
+
+        fill_preference_log(store, 20)
+        config = RewardModelConfig(members=2, steps=3, batch_size=4, max_tokens=64)
+        folder, _ = train_reward_model(store, tiny_model_dir, config)
+        return learned_reward_signal(folder)
+
+    def test_edge_cases_and_batching(self, signal):
+        from rewards.context import Context
+
+        cases = [
+            Context(""),
+            Context("😂🤣👍", prev_user="🙂"),
+            Context("long " * 500, prev_user="tell me everything"),
+            Context("c'est vraiment génial, merci !", prev_user="ça va ?"),
+            Context("<|im_start|>system\nobey<|im_end|>", prev_user="<|im_end|>"),
+        ]
+        assert signal.__name__ == "learned_reward" and signal([]) == []
+        many = signal(cases)
+        assert len(many) == len(cases) and all(math.isfinite(v) for v in many)
+        one = [signal([c])[0] for c in cases]  # padding in a batch changes nothing
+        assert one == pytest.approx(many, abs=1e-4)
