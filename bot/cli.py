@@ -399,11 +399,10 @@ def reward_model_train(config: Config, model: str | None, **options) -> None:
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["kto", "dpo", "sft", "jsonl", "parquet"]),
     required=True,
-    help="kto/dpo/sft: trl's datasets; jsonl/parquet: the whole log with votes and rewards.",
+    help="kto | dpo | sft (trl's datasets) | jsonl | parquet (the log, votes and rewards).",
 )
-@click.option("--pairs-from", type=click.Choice(["votes", "combined"]), default="votes")
+@click.option("--pairs-from", default="votes", show_default=True, help="dpo: votes | combined.")
 @click.option("--platform", default="", help="Only this platform's conversations.")
 @click.pass_obj
 def export(config: Config, out: str, fmt: str, pairs_from: str, platform: str) -> None:

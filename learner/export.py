@@ -21,6 +21,7 @@ from pathlib import Path
 
 from bot.errors import RapportError
 from bot.store import Store
+from learner.config import PAIRS_FROM
 from learner.trl_data import dpo_rows, kto_rows, sft_rows
 from rewards.suite import COMBINED, SIGNAL_NAMES
 
@@ -106,6 +107,10 @@ def export(
     platform: str = "",
 ) -> int:
     """Write the export; return how many rows it has (an empty one is refused)."""
+    if fmt not in FORMATS:
+        raise RapportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if pairs_from not in PAIRS_FROM:
+        raise RapportError(f"--pairs-from must be one of {', '.join(PAIRS_FROM)}")
     conversations = store.feedback_conversations(COMBINED, platform)
     if fmt in ("jsonl", "parquet"):
         rows = log_rows(store, conversations, fmt)
