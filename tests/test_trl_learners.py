@@ -7,6 +7,7 @@ import json
 import random
 
 import pytest
+import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
@@ -106,6 +107,23 @@ def voted_log(store):
     return store
 
 
+REPLIES = (LIKED, DISLIKED)
+
+
+@torch.no_grad()
+def reply_logprob(folder, reply: str) -> float:
+    """log p(reply | the log's opener) under the model in ``folder``."""
+    model, tokenizer = load_model(folder)
+    prompt = encode_chat(tokenizer, SYS, [Turn("user", "hi, how are you?")])
+    full = encode_chat(
+        tokenizer, SYS, [Turn("user", "hi, how are you?"), Turn("bot", reply)],
+        add_generation_prompt=False,
+    )  # fmt: skip
+    logits = model(input_ids=torch.tensor([full])).logits[0, len(prompt) - 1 : -1]
+    logp = torch.log_softmax(logits.float(), -1)
+    return float(logp.gather(1, torch.tensor(full[len(prompt) :])[:, None]).sum())
+
+
 def quick(algo: str) -> TrainConfig:
     return TrainConfig(algo=algo, steps=8, batch_size=2, lr=3e-3, warmup_steps=1, max_tokens=128)
 
@@ -116,8 +134,14 @@ def test_trl_learner_trains_registers_a_version_and_it_serves(algo, voted_log, t
     assert version.startswith(f"{algo}-") and metrics["step"] == 8
     lines = [json.loads(x) for x in (folder.parent / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == list(range(1, 9))
-    first, last = [x["loss"] for x in lines[:3]], [x["loss"] for x in lines[-3:]]
-    assert sum(last) < sum(first), lines  # the loss fell
+    if algo != "kto":  # KTO's loss depends on each batch's mix of labels: see below
+        first, last = [x["loss"] for x in lines[:3]], [x["loss"] for x in lines[-3:]]
+        assert sum(last) < sum(first), lines  # the loss fell
+    gain = {r: reply_logprob(folder, r) - reply_logprob(tiny_model_dir, r) for r in REPLIES}
+    if algo == "sft":  # both logged replies became likelier
+        assert min(gain.values()) > 0, gain
+    else:  # the liked reply gained on the disliked one
+        assert gain[LIKED] > gain[DISLIKED], gain
 
     before, after = (
         load_file(tiny_model_dir / "model.safetensors"),
