@@ -21,7 +21,8 @@ simulated log where one hidden preference produces both kinds of feedback:
   one sampled reply per held-out chitchat opener, with a bootstrap interval.
 
 Run: ``.venv/bin/python bench/implicit_vs_explicit.py`` (defaults: 150 conversations,
-30 steps per learner, eval n = 8 x 3 turns, 30 openers: about 25 minutes on 2 CPU cores).
+30 steps per learner, eval n = 8 x 3 turns, 30 openers: about an hour on 2 shared CPU
+cores, an estimated 30 minutes on 2 quiet ones; bench/RESULTS.md).
 Step counts are small so it runs in minutes on a CPU; the numbers show the pipeline and
 early trends, not converged learners.
 """
