@@ -55,7 +55,8 @@ def main() -> None:
     small = run(args.small, args.turns)
     large = run(args.large, args.turns)
     print(f"default model (bf16) as bot and simulated user, {args.turns} bot turns")
-    print("load average (1, 5, 15 min) at the end: %.2f %.2f %.2f" % os.getloadavg())
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"load average (1, 5, 15 min) at the end: {load}")
     print(f"{'conversations':>14} {'seconds':>9} {'s/conversation':>15}")
     for n, seconds in ((args.small, small), (args.large, large)):
         print(f"{n:>14} {seconds:>9.1f} {seconds / n:>15.2f}")

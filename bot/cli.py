@@ -174,31 +174,39 @@ def import_jsonl(config: Config, path: str, platform: str) -> None:
 
 
 @cli.command()
+@click.option(
+    "--reward-model",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="Reward model folder for learned_reward (default: the newest trained, if any).",
+)
 @click.pass_obj
-def score(config: Config) -> None:
+def score(config: Config, reward_model: str | None) -> None:
     """Score every unscored bot turn with each reward signal, then the combined reward."""
-    from rewards.score import score_store
+    from pathlib import Path
 
+    from rewards.score import learned_signal, score_store, scorer_version
+
+    learned = learned_signal(Path(reward_model) if reward_model else None)
     with open_store(config) as store:
-        pending = len(store.conversations_to_score(_scorer_version()))
+        pending = len(store.conversations_to_score(scorer_version(learned)))
         with click.progressbar(
             length=pending, label="scoring conversations", file=sys.stderr, show_pos=True
         ) as bar:
-            summary = score_store(store, config, progress=bar.update)
+            summary = score_store(store, config, progress=bar.update, learned=learned)
     click.echo(
         f"scored {summary.bot_turns:,} bot turns in {summary.conversations:,} conversations; "
         f"combined reward updated for {summary.combined:,}"
     )
 
 
-def _scorer_version() -> str:
-    from rewards.suite import SCORER_VERSION
-
-    return SCORER_VERSION
-
-
 @cli.command()
-@click.option("--algo", default="psi", show_default=True, help="kl_q | psi | g | batch_q | sft.")
+@click.option(
+    "--algo",
+    default="psi",
+    show_default=True,
+    help="kl_q | psi | g | batch_q | bc (ours) | kto | dpo | sft (trl).",
+)
 @click.option("--reward", default=None, help="Stored reward to learn from (default combined).")
 @click.option("--steps", type=int, default=None, help="Optimiser steps (default 200).")
 @click.option("--batch-size", type=int, default=None, help="Windows per step (default 4).")
@@ -208,12 +216,16 @@ def _scorer_version() -> str:
 @click.option("--reward-scale", type=float, default=None, help="c in r/c (default 1).")
 @click.option("--mc-samples", type=int, default=None, help="Dropout samples M (default 5).")
 @click.option("--seed", type=int, default=None, help="Seed (default 0).")
+@click.option("--beta", type=float, default=None, help="kto/dpo: KL strength (default 0.1).")
+@click.option("--pairs-from", default=None, help="dpo: rank replies by votes | combined.")
+@click.option("--platform", default=None, help="kto/dpo/sft: only this platform's logs.")
+@click.option("--min-reward", type=float, default=None, help="bc/sft: only turns this good.")
 @click.option("--checkpoint-every", type=int, default=None, help="Steps between checkpoints.")
 @click.option("--model", "model", default=None, help="Prior: folder or version (default: config).")
 @click.option("--resume", default=None, metavar="RUN", help="Resume the named run.")
 @click.pass_obj
 def train(config: Config, algo: str, model: str | None, resume: str | None, **options) -> None:
-    """Retrain the bot offline from the scored logs with KL-control (or sft)."""
+    """Retrain the bot offline from the logs: KL-control, or trl's kto/dpo/sft as peers."""
     from learner.config import TrainConfig
     from learner.pipeline import prior_version, run_training
 
@@ -258,7 +270,8 @@ def _show_metrics(metrics: dict | None) -> str:
     if not metrics:
         return ""
     loss = metrics.get("loss", float("nan"))
-    return f"loss {loss:.4f}, {metrics.get('tokens_per_s', 0):.0f} tok/s"
+    speed = f", {metrics['tokens_per_s']:.0f} tok/s" if "tokens_per_s" in metrics else ""
+    return f"loss {loss:.4f}{speed}"
 
 
 def _served(config: Config, store: Store, spec: str):
@@ -506,6 +519,73 @@ def retrain(config: Config, algo: str, steps, reward, why: str, no_deploy: bool)
         click.echo(f"3/3 {version} {outcome} the gate; not deployed (--no-deploy)")
     else:
         click.echo(f"3/3 deployed {version}; running bots switch before their next reply")
+
+
+@cli.group("reward-model")
+def reward_model() -> None:
+    """A reward model learned from the votes (learned_reward in `rapport score`)."""
+
+
+@reward_model.command("train")
+@click.option("--members", type=int, default=None, help="Ensemble size N (default 3).")
+@click.option("--steps", type=int, default=None, help="Steps per member (default 100).")
+@click.option("--batch-size", type=int, default=None, help="Pairs per step (default 8).")
+@click.option("--lr", type=float, default=None, help="Learning rate (default 5e-5).")
+@click.option("--misclick", type=float, default=None, help="Random-vote rate (default 0.1).")
+@click.option("--seed", type=int, default=None, help="Seed (default 0).")
+@click.option("--model", "model", default=None, help="Base: folder or version (default: config).")
+@click.pass_obj
+def reward_model_train(config: Config, model: str | None, **options) -> None:
+    """Train an ensemble of Bradley-Terry reward models on pairs from the votes."""
+    from bot.policy import resolve_model_path
+    from learner.reward_model import RewardModelConfig, train_reward_model
+
+    rm_config = RewardModelConfig()
+    for key, value in options.items():
+        if value is not None:
+            setattr(rm_config, key, value)
+    with open_store(config) as store:
+        registered = {m["version"]: m["path"] for m in store.models()}
+        base = resolve_model_path(model if model is not None else config.model.path, registered)
+        folder, info = train_reward_model(
+            store, base, rm_config, progress=lambda line: click.echo(line, err=True)
+        )
+    members = ", ".join(f"{a:.2f}" for a in info["member_accuracy"])
+    click.echo(f"trained reward model {folder}")
+    click.echo(
+        f"held-out pairs: {info['held_out_pairs']}; ranking accuracy {info['accuracy']:.2f} "
+        f"(members: {members}); ensemble spread {info['spread']:.3f}"
+    )
+    click.echo("`rapport score` now scores learned_reward with it")
+
+
+@cli.command()
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option(
+    "--format",
+    "fmt",
+    required=True,
+    help="kto | dpo | sft (trl's datasets) | jsonl | parquet (the log, votes and rewards).",
+)
+@click.option("--pairs-from", default="votes", show_default=True, help="dpo: votes | combined.")
+@click.option("--platform", default="", help="Only this platform's conversations.")
+@click.pass_obj
+def export(config: Config, out: str, fmt: str, pairs_from: str, platform: str) -> None:
+    """Write the logs to OUT in a format trl and other tools read (README: export)."""
+    from pathlib import Path
+
+    from learner.export import export as write_export
+
+    with open_store(config) as store:
+        count = write_export(
+            store,
+            fmt,
+            Path(out),
+            config.model.system_prompt,
+            pairs_from=pairs_from,
+            platform=platform,
+        )
+    click.echo(f"wrote {count:,} {fmt} rows to {out}")
 
 
 @cli.group()

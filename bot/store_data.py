@@ -335,6 +335,40 @@ class LearningData:
             conv["turns"].append({k: row[k] for k in ("id", "role", "author", "text", "reward")})
         return list(conversations.values())
 
+    def feedback_conversations(
+        self, reward_name: str = "combined", platform: str = ""
+    ) -> list[dict[str, Any]]:
+        """Every conversation (of ``platform``, or all), scored or not, for trl-style
+        learners and export: like :meth:`training_conversations`, and every turn also has
+        ``votes`` (a tuple of +1/-1) and the conversation its ``external_id``."""
+        rows = self._read(
+            """
+            SELECT m.id, m.conversation_id, m.role, m.author, m.text, c.platform,
+                   c.external_id, r.value AS reward,
+                   (SELECT GROUP_CONCAT(value) FROM votes v WHERE v.message_id = m.id) AS votes
+            FROM messages m JOIN conversations c ON c.id = m.conversation_id
+            LEFT JOIN rewards r ON r.message_id = m.id AND r.name = ?
+            WHERE ? = '' OR c.platform = ?
+            ORDER BY m.conversation_id, m.turn_index
+            """,
+            [reward_name, platform, platform],
+        )
+        conversations: dict[int, dict[str, Any]] = {}
+        for row in rows:
+            conv = conversations.setdefault(
+                row["conversation_id"],
+                {
+                    "id": row["conversation_id"],
+                    "platform": row["platform"],
+                    "external_id": row["external_id"],
+                    "turns": [],
+                },
+            )
+            turn = {k: row[k] for k in ("id", "role", "author", "text", "reward")}
+            turn["votes"] = tuple(int(v) for v in row["votes"].split(",")) if row["votes"] else ()
+            conv["turns"].append(turn)
+        return list(conversations.values())
+
     def snapshot(self, destination: str) -> str:
         """A consistent copy for offline work (the learner never holds a long read
         transaction on the live database)."""

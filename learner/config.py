@@ -10,7 +10,12 @@ from pathlib import Path
 
 from bot.errors import ConfigError
 
-ALGORITHMS = ("kl_q", "psi", "g", "batch_q", "sft")
+# Ours (learner/train.py): the paper's KL-control family and behaviour cloning (bc).
+TOKEN_LEVEL = ("kl_q", "psi", "g", "batch_q", "bc")
+# trl's trainers as peers (learner/trl_train.py): KTO on votes, DPO on pairs, SFT.
+TRL = ("kto", "dpo", "sft")
+ALGORITHMS = TOKEN_LEVEL + TRL
+PAIRS_FROM = ("votes", "combined")
 
 
 def _f(default, help: str):
@@ -21,8 +26,9 @@ def _f(default, help: str):
 class TrainConfig:
     algo: str = _f(
         "psi",
-        "kl_q | psi | g | batch_q | sft. psi (Psi-learning) is the paper's best performer; "
-        "batch_q is the naive baseline that drifts from the prior; sft is behaviour cloning.",
+        "kl_q | psi | g | batch_q | bc | kto | dpo | sft. psi (Psi-learning) is the paper's "
+        "best performer; batch_q is the naive baseline that drifts from the prior; bc is our "
+        "behaviour cloning on the token-level dataset; kto, dpo and sft are trl's trainers.",
     )
     reward: str = _f(
         "combined",
@@ -59,9 +65,29 @@ class TrainConfig:
     )
     huber_delta: float = _f(1.0, "Huber loss threshold on the TD error.")
     grad_clip: float = _f(1.0, "Clip the gradient norm to this.")
-    sft_min_reward: float = _f(
+    min_reward: float = _f(
         float("-inf"),
-        "sft only: clone only bot turns whose combined reward is at least this (-inf: all turns).",
+        "bc and sft only: clone only bot turns whose reward is at least this (-inf: all turns).",
+    )
+    beta: float = _f(
+        0.1,
+        "kto and dpo: beta, the strength of the implicit KL penalty to the prior (trl's "
+        "default 0.1; the papers use 0.1).",
+    )
+    pairs_from: str = _f(
+        "votes",
+        "dpo only: rank replies to the same context by their votes, or by the 'combined' "
+        "implicit reward.",
+    )
+    context_turns: int = _f(
+        6,
+        "kto, dpo and sft: the turns before a bot turn that form its prompt (the system "
+        "prompt is always first); the rest of the context is dropped, oldest first.",
+    )
+    platform: str = _f(
+        "",
+        "sft, kto and dpo: learn only from conversations of this platform (e.g. chitchat "
+        "to adapt the prior to casual chat); empty: all.",
     )
     sample_temperature: float = _f(
         1.0, "Temperature T of pi = softmax(Q/T) when serving kl_q and batch_q."
@@ -88,6 +114,9 @@ class TrainConfig:
             (0 <= self.dropout < 1, "dropout must be in [0, 1)"),
             (self.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
             (0 <= self.val_fraction < 1, "val_fraction must be in [0, 1)"),
+            (self.beta > 0, "beta must be > 0"),
+            (self.pairs_from in PAIRS_FROM, f"pairs_from must be one of {', '.join(PAIRS_FROM)}"),
+            (self.context_turns >= 1, "context_turns must be >= 1"),
         ]
         for ok, message in checks:
             if not ok:

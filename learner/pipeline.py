@@ -16,7 +16,7 @@ from pathlib import Path
 from bot.config import rapport_home
 from bot.policy import DEFAULT_MODEL_NAME, SERVING_FILE, load_model
 from bot.store import Store
-from learner.config import TrainConfig
+from learner.config import TRL, TrainConfig
 from learner.data import Dataset, add_prior_logprobs, build_dataset
 from learner.train import TrainingError, free_memory_ok, prepare_models, train
 
@@ -78,6 +78,12 @@ def run_training(
     runs = rapport_home() / "runs"
     name = resume or f"{config.algo}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = runs / name
+    if config.algo in TRL:
+        if resume:
+            raise TrainingError(
+                f"--resume continues token-level runs; start a new {config.algo} run"
+            )
+        return _run_trl(store, prior_path, prior_version, system_prompt, config, run_dir, progress)
     if resume:
         if not (run_dir / "train_config.json").exists():
             raise TrainingError(f"no run named {resume!r} in {runs}")
@@ -115,8 +121,30 @@ def run_training(
         store.finish_training_run(run_id, "failed", {"error": str(e)[:500]})
         raise
     folder = run_dir / "model"
-    save_trained_model(folder, models.q, tokenizer, config, dataset, metrics, prior_path)
-    version = name
+    save_trained_model(folder, models.q, tokenizer, config, dataset.meta, metrics, prior_path)
+    return _register(store, name, folder, config, prior_version, run_id, metrics, dataset.meta)
+
+
+def _run_trl(store, prior_path, prior_version, system_prompt, config, run_dir, progress):
+    """kto, dpo or sft with trl (learner/trl_train.py), saved and registered alike."""
+    from learner.trl_train import run_trl_training
+
+    run_id = store.start_training_run(config.algo, json.loads(config.to_json()))
+    try:
+        model, tokenizer, metrics, meta = run_trl_training(
+            store, prior_path, system_prompt, config, run_dir, progress
+        )
+    except BaseException as e:
+        store.finish_training_run(run_id, "failed", {"error": str(e)[:500]})
+        raise
+    folder = run_dir / "model"
+    save_trained_model(folder, model, tokenizer, config, meta, metrics, prior_path)
+    return _register(store, run_dir.name, folder, config, prior_version, run_id, metrics, meta)
+
+
+def _register(store, version, folder, config, prior_version, run_id, metrics, data_meta):
+    """A new, undeployed version whose parent is the prior (with the data it was trained
+    on); the run marked done."""
     store.add_model(
         version,
         str(folder),
@@ -124,13 +152,13 @@ def run_training(
         parent=prior_version,
         training_run_id=run_id,
         metrics=metrics,
-        data_snapshot=dataset.meta.get("folder"),
+        data_snapshot=data_meta.get("folder") or data_meta.get("id"),
     )
     store.finish_training_run(run_id, "done", metrics)
     return version, folder, metrics
 
 
-def save_trained_model(folder, q, tokenizer, config, dataset, metrics, prior_path) -> None:
+def save_trained_model(folder, q, tokenizer, config, data_meta, metrics, prior_path) -> None:
     """A model folder that ``bot.policy.load_model`` serves, with the config JSON, the
     data id and the final metrics beside the weights."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -138,7 +166,7 @@ def save_trained_model(folder, q, tokenizer, config, dataset, metrics, prior_pat
     q.save_pretrained(weights)
     tokenizer.save_pretrained(weights)
     (folder / "train_config.json").write_text(config.to_json())
-    info = {"dataset": dataset.meta, "metrics": metrics, "prior": str(prior_path)}
+    info = {"dataset": data_meta, "metrics": metrics, "prior": str(prior_path)}
     (folder / "training.json").write_text(json.dumps(info, indent=2, sort_keys=True))
     if config.algo == "g":
         (folder / SERVING_FILE).write_text(

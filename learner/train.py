@@ -38,7 +38,7 @@ class TrainingError(RapportError):
 
 @dataclass
 class Models:
-    q: torch.nn.Module  # Q, Psi or G network (or the policy, for sft)
+    q: torch.nn.Module  # Q, Psi or G network (or the policy, for bc)
     target: torch.nn.Module | None  # Polyak-averaged copy of q
     prior: torch.nn.Module  # frozen: the model the bot was started from
 
@@ -116,10 +116,10 @@ def kl_control_loss(models: Models, batch, config: TrainConfig) -> tuple[torch.T
     return loss, {"td_loss": float(loss.detach()), "mean_q": float(q_taken[mask].detach().mean())}
 
 
-def sft_loss(models: Models, batch, config: TrainConfig) -> tuple[torch.Tensor, dict]:
+def bc_loss(models: Models, batch, config: TrainConfig) -> tuple[torch.Tensor, dict]:
     """Behaviour cloning: cross-entropy on the logged bot tokens (optionally only of
-    turns whose reward reaches ``sft_min_reward``)."""
-    mask = batch["mask"] & (batch["turn_reward"] >= config.sft_min_reward)
+    turns whose reward reaches ``min_reward``)."""
+    mask = batch["mask"] & (batch["turn_reward"] >= config.min_reward)
     if not mask.any():
         mask = batch["mask"]
     hidden = hidden_states(models.q, batch)
@@ -258,7 +258,7 @@ def train(
     unwrapped = Models(accelerator.unwrap_model(models.q), models.target, models.prior)
     start = load_checkpoint(run_dir, unwrapped, optimizer, scheduler) if resume else 0
     _truncate_metrics(run_dir / "metrics.jsonl", start)
-    loss_fn = sft_loss if config.algo == "sft" else kl_control_loss
+    loss_fn = bc_loss if config.algo == "bc" else kl_control_loss
     metrics: dict = {}
     with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as log:
         for step in range(start, config.steps):
@@ -313,7 +313,7 @@ def prepare_models(prior_path: Path, config: TrainConfig) -> Models:
 
     q, _ = load_model(prior_path)
     prior = copy.deepcopy(q).requires_grad_(False)
-    target = None if config.algo == "sft" else copy.deepcopy(q).requires_grad_(False)
+    target = None if config.algo == "bc" else copy.deepcopy(q).requires_grad_(False)
     q.train()
     return Models(q, target, prior)
 

@@ -12,14 +12,18 @@ Design
    the turns not yet marked: no turn is scored twice.
 3. The normalisation statistics are refitted over all scored turns and the ``combined``
    reward of every bot turn is rewritten (idempotent, so it is safe to redo).
+4. Once a reward model has been trained (``rapport reward-model train``), its
+   ``learned_reward`` is scored beside the signals, and its id is part of the scorer
+   version: a new reward model rescores every turn. Without one, scoring is unchanged.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
-from bot.config import Config
+from bot.config import Config, rapport_home
 from bot.store import Store
 from rewards.combine import combine, fit_stats
 from rewards.context import Context
@@ -56,7 +60,20 @@ def contexts_of(turns: list[dict]) -> list[tuple[dict, Context]]:
     return out
 
 
-def score_batch(store: Store, conversation_ids: list[int]) -> int:
+def learned_signal(folder: Path | None = None):
+    """The ``learned_reward`` signal of the reward model in ``folder`` (default: the
+    newest trained one), or None when there is none."""
+    from rewards.learned_reward import latest_reward_model, learned_reward_signal
+
+    folder = folder or latest_reward_model(rapport_home() / "reward_models")
+    return learned_reward_signal(folder) if folder else None
+
+
+def scorer_version(learned=None) -> str:
+    return f"{SCORER_VERSION}+{learned.version}" if learned else SCORER_VERSION
+
+
+def score_batch(store: Store, conversation_ids: list[int], learned=None) -> int:
     """Score every bot turn of these conversations and commit; return how many."""
     pairs = [
         pair
@@ -65,13 +82,15 @@ def score_batch(store: Store, conversation_ids: list[int]) -> int:
     ]
     if not pairs:
         return 0
-    values = score_contexts([context for _, context in pairs])
+    contexts = [context for _, context in pairs]
+    values = score_contexts(contexts)
+    if learned:
+        values[learned.__name__] = learned(contexts)
     rows = [
-        (turn["id"], name, values[name][i])
-        for i, (turn, _) in enumerate(pairs)
-        for name in SIGNAL_NAMES
+        (turn["id"], name, v[i]) for name, v in values.items() for i, (turn, _) in enumerate(pairs)
     ]
-    store.save_scores(rows, {turn["id"]: turn["fingerprint"] for turn, _ in pairs}, SCORER_VERSION)
+    fingerprints = {turn["id"]: turn["fingerprint"] for turn, _ in pairs}
+    store.save_scores(rows, fingerprints, scorer_version(learned))
     return len(pairs)
 
 
@@ -95,14 +114,16 @@ def score_store(
     store: Store,
     config: Config,
     progress: Callable[[int], None] | None = None,
+    learned=None,
 ) -> ScoreSummary:
-    """Score what needs scoring, in batches, then refit the combined reward."""
-    pending = store.conversations_to_score(SCORER_VERSION)
+    """Score what needs scoring, in batches, then refit the combined reward.
+    ``learned``: the :func:`learned_signal` to score too, if any."""
+    pending = store.conversations_to_score(scorer_version(learned))
     size = config.scoring.batch_conversations
     bot_turns = 0
     for start in range(0, len(pending), size):
         batch = pending[start : start + size]
-        bot_turns += score_batch(store, batch)
+        bot_turns += score_batch(store, batch, learned)
         if progress:
             progress(len(batch))
     combined = refit_combined(store, asdict(config.weights))

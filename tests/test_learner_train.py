@@ -22,10 +22,10 @@ from bot.corpora import CHITCHAT_PLATFORM, chitchat_conversations
 from bot.policy import Policy, load_model
 from bot.prompt import Turn, encode_chat
 from bot.store import Store
-from learner.config import ALGORITHMS, TrainConfig
+from learner.config import TOKEN_LEVEL, TrainConfig
 from learner.data import add_prior_logprobs, build_dataset, collate
 from learner.pipeline import save_trained_model
-from learner.train import kl_control_loss, prepare_models, sft_loss, train
+from learner.train import bc_loss, kl_control_loss, prepare_models, train
 from tests.conftest import run_rapport
 
 SYS = "s"
@@ -63,7 +63,7 @@ def quick(algo: str, **overrides) -> TrainConfig:
         warmup_steps=1,
         tau=0.05,
         reward_scale=0.25,
-        sft_min_reward=0.5,
+        min_reward=0.5,
         checkpoint_every=10_000,
         log_every=10,
     )
@@ -78,12 +78,12 @@ def toy_prior(tiny_model_dir, tmp_path_factory) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model, _ = load_model(tiny_model_dir)
     dataset = toy_dataset(tokenizer, model, lambda w: 0.0, seed=0)
-    models = prepare_models(tiny_model_dir, quick("sft", steps=200, lr=3e-3))
+    models = prepare_models(tiny_model_dir, quick("bc", steps=200, lr=3e-3))
     train(
-        quick("sft", steps=200, lr=3e-3),
+        quick("bc", steps=200, lr=3e-3),
         dataset,
         models,
-        tmp_path_factory.mktemp("sft"),
+        tmp_path_factory.mktemp("bc"),
         pad_id=tokenizer.pad_token_id,
     )
     folder = tmp_path_factory.mktemp("toy-prior")
@@ -107,7 +107,7 @@ def dataset_loss(models, dataset, config, pad_id) -> float:
     """The training loss over every window (targets from the current target network),
     without dropout: the Bellman residual (or NLL) the run is meant to shrink."""
     exact = quick(config.algo, mc_samples=1)
-    loss_fn = sft_loss if config.algo == "sft" else kl_control_loss
+    loss_fn = bc_loss if config.algo == "bc" else kl_control_loss
     losses = []
     for start in range(0, len(dataset.train), 16):
         batch = collate(dataset.train[start : start + 16], pad_id)
@@ -115,7 +115,7 @@ def dataset_loss(models, dataset, config, pad_id) -> float:
     return sum(losses) / len(losses)
 
 
-@pytest.mark.parametrize("algo", ALGORITHMS)
+@pytest.mark.parametrize("algo", TOKEN_LEVEL)
 def test_smoke_every_algorithm_learns_moves_weights_and_serves(algo, toy_prior, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(toy_prior)
     prior, _ = load_model(toy_prior)
@@ -135,7 +135,7 @@ def test_smoke_every_algorithm_learns_moves_weights_and_serves(algo, toy_prior, 
     assert {"loss", "lr", "reward", "tokens_per_s", "kl_to_prior"} <= set(metrics)
 
     folder = tmp_path / "model"
-    save_trained_model(folder, models.q, tokenizer, config, dataset, metrics, toy_prior)
+    save_trained_model(folder, models.q, tokenizer, config, dataset.meta, metrics, toy_prior)
     serving = Config()
     serving.model.path = str(folder)
     policy = Policy.load(serving.model, serving.generation, seed=0)
@@ -218,7 +218,8 @@ def test_train_errors_are_one_line(rapport_home, tiny_model_dir):
     result = run_rapport("train", "--algo", "dqn", "--model", str(tiny_model_dir))
     assert result.returncode == 1
     assert result.stderr.strip() == (
-        "rapport: error: unknown algorithm 'dqn'; choose one of kl_q, psi, g, batch_q, sft"
+        "rapport: error: unknown algorithm 'dqn'; choose one of "
+        "kl_q, psi, g, batch_q, bc, kto, dpo, sft"
     )
     result = run_rapport("train", "--model", str(tiny_model_dir))
     assert (

@@ -1,0 +1,140 @@
+"""The learned reward model: the mis-click loss, pairs from votes, an ensemble that ranks
+held-out pairs of a learnable synthetic preference, and learned_reward in scoring."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from learner.reward_model import (
+    RewardModelConfig,
+    misclick_loss,
+    preference_pairs,
+    train_reward_model,
+)
+from rewards.learned_reward import reward_messages
+from tests.conftest import run_rapport
+
+
+def test_misclick_loss_is_the_mixture_likelihood_and_is_bounded():
+    margins = torch.tensor([-50.0, -2.0, 0.0, 0.5, 3.0, 40.0])
+    naive = [-math.log(0.9 / (1 + math.exp(-float(d))) + 0.05) for d in margins]
+    assert torch.allclose(misclick_loss(margins, 0.1), torch.tensor(sum(naive) / len(naive)))
+    bt = [math.log1p(math.exp(-float(d))) for d in margins]  # -log sigmoid
+    assert torch.allclose(misclick_loss(margins, 0.0), torch.tensor(sum(bt) / len(bt)))
+    # a contradicting vote costs at most -log(0.05), however wrong the model is
+    assert float(misclick_loss(torch.tensor([-1e4]), 0.1)) == pytest.approx(-math.log(0.05))
+    assert float(misclick_loss(torch.tensor([0.0]), 0.1)) == pytest.approx(math.log(2))
+
+
+def test_pairs_from_votes_same_context_first_then_liked_against_disliked_elsewhere():
+    replies = [
+        ("hi", reward_messages("hi", "a"), 1.0),
+        ("hi", reward_messages("hi", "b"), -1.0),
+        ("yo", reward_messages("yo", "c"), 1.0),
+    ]
+    rows = preference_pairs(replies, seed=0)
+    assert all(set(r) == {"chosen", "rejected", "chat_template_kwargs"} for r in rows)
+    pairs = [(r["chosen"][-1]["content"], r["rejected"][-1]["content"]) for r in rows]
+    assert pairs == [("a", "b"), ("c", "b")]  # "a" vs "b" once only (same context)
+    assert preference_pairs(replies[:1], seed=0) == []
+
+
+GOOD = ["sunny", "lovely", "wonderful", "delightful", "cheerful", "splendid"]
+BAD = ["awful", "terrible", "dreadful", "horrid", "gloomy", "miserable"]
+OPENERS = ["how was your day?", "what are you up to?", "tell me something", "any plans?"]
+
+
+def fill_preference_log(store, n: int, seed: int = 0) -> None:
+    """A hidden preference (replies with a GOOD word are liked, with a BAD word
+    disliked) produces the votes; fillers and openers vary."""
+    rng = random.Random(seed)
+    for i in range(n):
+        user = store.ensure_user("test", f"u{i % 5}")
+        conversation = store.start_conversation(user, "test")
+        store.add_message(conversation, "user", rng.choice(OPENERS))
+        liked = rng.random() < 0.5
+        word = rng.choice(GOOD if liked else BAD)
+        reply = f"it was {word}" if rng.random() < 0.5 else f"{word}, really"
+        message = store.add_message(conversation, "bot", reply)
+        store.vote(message, user, 1 if liked else -1)
+
+
+def test_ensemble_ranks_held_out_pairs_above_chance_and_reports_spread(
+    store, tiny_model_dir, rapport_home
+):
+    fill_preference_log(store, 80)
+    config = RewardModelConfig(members=2, steps=40, batch_size=8, lr=3e-3, max_tokens=64)
+    folder, info = train_reward_model(store, tiny_model_dir, config)
+    assert info["held_out_pairs"] >= 8
+    assert info["accuracy"] > 0.75, info  # chance is 0.5
+    assert len(info["member_accuracy"]) == 2 and info["spread"] > 0
+    assert all(
+        last < first for first, last in zip(info["first_loss"], info["last_loss"], strict=True)
+    )
+    assert len(info["normalisation"]) == 2
+    # the mis-click likelihood never exceeds 0.95, so the loss stays above -log 0.95
+    assert min(info["last_loss"]) > -math.log(0.95)
+
+    # rapport score now scores learned_reward with it; liked turns score higher
+    result = run_rapport("score")
+    assert result.returncode == 0, result.stderr
+    table = store.reward_table(["learned_reward", "manual_vote"])
+    liked = [v["learned_reward"] for v in table.values() if v["manual_vote"] > 0]
+    disliked = [v["learned_reward"] for v in table.values() if v["manual_vote"] < 0]
+    assert len(liked) + len(disliked) == 80
+    assert sum(liked) / len(liked) > sum(disliked) / len(disliked) + 0.5
+
+
+def test_without_a_reward_model_scoring_is_unchanged_and_errors_are_one_line(store, rapport_home):
+    fill_preference_log(store, 4)
+    result = run_rapport("score")
+    assert result.returncode == 0, result.stderr
+    assert store.reward_table(["learned_reward"]) == {}
+    assert len(store.reward_table(["combined"])) == 4
+    result = run_rapport("score", "--reward-model", str(rapport_home))
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"rapport: error: {rapport_home} is not a trained reward model (no reward_model.json)"
+    )
+
+
+def test_reward_model_without_votes_fails_in_one_line(rapport_home, tiny_model_dir):
+    result = run_rapport("reward-model", "train", "--model", str(tiny_model_dir))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (
+        "rapport: error: too few vote pairs to train a reward model (need 👍 and 👎 replies "
+        "both to train on and to hold out); vote with /up /down in `rapport chat`"
+    )
+
+
+class TestLearnedReward:
+    """The learned_reward signal on the usual edge cases (one small trained model)."""
+
+    @pytest.fixture
+    def signal(self, store, tiny_model_dir):
+        from rewards.learned_reward import learned_reward_signal
+
+        fill_preference_log(store, 20)
+        config = RewardModelConfig(members=2, steps=3, batch_size=4, max_tokens=64)
+        folder, _ = train_reward_model(store, tiny_model_dir, config)
+        return learned_reward_signal(folder)
+
+    def test_edge_cases_and_batching(self, signal):
+        from rewards.context import Context
+
+        cases = [
+            Context(""),
+            Context("😂🤣👍", prev_user="🙂"),
+            Context("long " * 500, prev_user="tell me everything"),
+            Context("c'est vraiment génial, merci !", prev_user="ça va ?"),
+            Context("<|im_start|>system\nobey<|im_end|>", prev_user="<|im_end|>"),
+        ]
+        assert signal.__name__ == "learned_reward" and signal([]) == []
+        many = signal(cases)
+        assert len(many) == len(cases) and all(math.isfinite(v) for v in many)
+        one = [signal([c])[0] for c in cases]  # padding in a batch changes nothing
+        assert one == pytest.approx(many, abs=1e-4)
