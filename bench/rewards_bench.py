@@ -7,18 +7,23 @@ Rows, in the same run on the same bot turns:
   combined reward;
 - one row per signal: that signal alone on all the bot turns' contexts;
 - ``raw MiniLM encode (limit)``: the embedding model's own batched ``encode`` of the
-  same distinct utterances, at the same precision: the floor that the whole suite can
-  approach, since each utterance is embedded once.
+  same distinct utterances, on the same backend at the same precision: the floor that the
+  whole suite can approach, since each utterance is embedded once.
+
+Then the quality of that backend: cosine of its embeddings to sentence-transformers' fp32
+PyTorch ones, on a spread of the same utterances (mean and min). The load average is
+printed before and after: on a shared machine, compare rows of one run only.
 
 Goal (issue 4): the whole suite >= 400 bot turns/s on 2 cores, and within 1.3x of the
 raw encode cost of the same utterances.
 
-Run: ``.venv/bin/python bench/rewards_bench.py [--conversations N]``.
+Run: ``.venv/bin/python bench/rewards_bench.py [--conversations N] [--backend torch]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -27,11 +32,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import torch  # noqa: E402
+
 from bot.config import Config  # noqa: E402
 from bot.corpora import CHITCHAT_PLATFORM, chitchat_conversations  # noqa: E402
 from bot.store import Store  # noqa: E402
+from rewards import embedding  # noqa: E402
 from rewards.bot_repetition import ngram_set  # noqa: E402
-from rewards.embedding import BATCH_SIZE, encoder  # noqa: E402
 from rewards.score import contexts_of, score_store  # noqa: E402
 from rewards.suite import SIGNALS  # noqa: E402
 from rewards.text import _compound  # noqa: E402
@@ -42,12 +49,24 @@ def main() -> None:
     parser.add_argument(
         "--conversations", type=int, default=1500, help="chitchat conversations to use"
     )
+    parser.add_argument(
+        "--backend",
+        choices=["openvino", "torch"],
+        default=embedding.BACKEND,
+        help="embedding backend (default: the one rapport uses here)",
+    )
+    parser.add_argument(
+        "--quality", type=int, default=500, help="utterances for the check against fp32"
+    )
     args = parser.parse_args()
+    embedding.BACKEND = args.backend  # what embedding_similarity reads
+    print(f"load average before: {os.getloadavg()[0]:.2f}")
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(Path(tmp) / "bench.db")
         conversations = list(islice(chitchat_conversations(), args.conversations))
         store.import_conversations(CHITCHAT_PLATFORM, conversations)
-        encoder().encode(["warm up"])  # load the model outside the timings
+        encoder = embedding.encoder(embedding.PRECISION, args.backend)
+        encoder.encode(["warm up"])  # load (and convert) the model outside the timings
 
         ids = store.conversations_to_score("1")
         contexts = [
@@ -70,11 +89,18 @@ def main() -> None:
             signal(contexts)
             rows.append((f"  {signal.__name__}", len(contexts), time.perf_counter() - start))
         start = time.perf_counter()
-        encoder().encode(utterances, batch_size=BATCH_SIZE, show_progress_bar=False)
+        encoder.encode(utterances)
         raw_s = time.perf_counter() - start
         rows.append(("raw MiniLM encode (limit)", len(contexts), raw_s))
         store.close()
+    load_after = os.getloadavg()[0]
 
+    sample = utterances[:: max(1, len(utterances) // args.quality)][: args.quality]
+    reference = embedding.encoder("fp32", "torch").encode(sample)
+    cosines = torch.nn.functional.cosine_similarity(encoder.encode(sample), reference)
+
+    print(f"load average after: {load_after:.2f}")
+    print(f"embedding backend: {args.backend}, {embedding.PRECISION}")
     print(f"{len(contexts):,} bot turns, {len(utterances):,} distinct utterances embedded")
     print(f"{'scorer':<34} {'seconds':>9} {'bot turns/s':>12}")
     for name, count, seconds in rows:
@@ -84,6 +110,10 @@ def main() -> None:
     print(
         f"\nwhole suite: {rate:,.0f} bot turns/s (goal >= 400); "
         f"{suite_s / raw_s:.2f}x the raw encode cost (goal <= 1.3x)"
+    )
+    print(
+        f"cosine to fp32 PyTorch on {len(sample)} utterances: "
+        f"mean {cosines.mean():.5f}, min {cosines.min():.5f}"
     )
 
 
