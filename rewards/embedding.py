@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import sys
+import threading
 from importlib.metadata import version
 from pathlib import Path
 
@@ -27,7 +28,10 @@ import torch
 
 from bot.config import build_once, rapport_home
 
+# Texts a forward pass: PyTorch's best of 16 / 64 / 256 here; OpenVINO runs two batches
+# at once (one a core), where 16-48 were alike and 64 slower.
 BATCH_SIZE = 64
+OPENVINO_BATCH_SIZE = 32
 # Chat turns are short (chitchat: median 17 tokens, 95th percentile 57); cutting the rare
 # pasted essay at 128 tokens instead of 256 keeps one outlier from costing a batch 4x
 # the attention work (30% faster on the corpus), and its topic is set by then.
@@ -89,7 +93,12 @@ def _convert_for_openvino(folder: Path) -> None:
 
 
 class OpenVinoEncoder:
-    """MiniLM compiled by OpenVINO for the CPU; ``encode`` returns (N, 384) fp32 vectors."""
+    """MiniLM compiled by OpenVINO for the CPU; ``encode`` returns (N, 384) fp32 vectors.
+
+    Throughput mode: one stream a core (here 2), each running its own batch on one
+    thread, fed through an async queue: 10-30% faster than all cores on one batch at a
+    time, which waits for the slowest core at every layer (see bench/RESULTS.md).
+    """
 
     def __init__(self, precision: str) -> None:
         import openvino as ov
@@ -101,26 +110,35 @@ class OpenVinoEncoder:
             "CPU",
             {
                 "INFERENCE_PRECISION_HINT": OPENVINO_PRECISION[precision],
-                "PERFORMANCE_HINT": "LATENCY",  # one request at a time, all cores on it
+                "PERFORMANCE_HINT": "THROUGHPUT",
             },
         )
-        self.request = self.model.create_infer_request()
         self.dimension = self.model.outputs[0].get_partial_shape()[1].get_length()
+        jobs = self.model.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")
+        self.queue = ov.AsyncInferQueue(self.model, jobs)
+        self.lock = threading.Lock()  # one encode at a time owns the queue's callback
 
-    def encode(self, texts: list[str], batch_size: int = BATCH_SIZE) -> torch.Tensor:
+    def encode(self, texts: list[str], batch_size: int = OPENVINO_BATCH_SIZE) -> torch.Tensor:
         ids = self.tokenizer(texts, truncation=True, max_length=MAX_TOKENS)["input_ids"]
         order = sorted(range(len(texts)), key=lambda i: len(ids[i]))
         vectors = np.empty((len(texts), self.dimension), np.float32)
-        for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
-            width = max(len(ids[i]) for i in batch)
-            input_ids = np.full((len(batch), width), self.tokenizer.pad_token_id, np.int64)
-            attention_mask = np.zeros((len(batch), width), np.int64)
-            for row, i in enumerate(batch):
-                input_ids[row, : len(ids[i])] = ids[i]
-                attention_mask[row, : len(ids[i])] = 1
-            result = self.request.infer({"input_ids": input_ids, "attention_mask": attention_mask})
-            vectors[batch] = result[0]
+
+        def keep(request, rows: list[int]) -> None:
+            vectors[rows] = request.get_output_tensor(0).data  # a copy: buffers are reused
+
+        with self.lock:
+            self.queue.set_callback(keep)
+            for start in range(0, len(order), batch_size):
+                batch = order[start : start + batch_size]
+                width = max(len(ids[i]) for i in batch)
+                input_ids = np.full((len(batch), width), self.tokenizer.pad_token_id, np.int64)
+                attention_mask = np.zeros((len(batch), width), np.int64)
+                for row, i in enumerate(batch):
+                    input_ids[row, : len(ids[i])] = ids[i]
+                    attention_mask[row, : len(ids[i])] = 1
+                inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+                self.queue.start_async(inputs, batch)
+            self.queue.wait_all()
         return torch.from_numpy(vectors)
 
 
