@@ -1,6 +1,7 @@
 """Reward scoring throughput on the imported chitchat corpus (CPU).
 
-Rows, in the same run on the same bot turns:
+Rows, in the same run on the same bot turns (the suite and the raw encode timed
+``--repeats`` times, alternately, best of each):
 
 - ``rapport score (whole suite)``: ``rewards.score.score_store`` end to end: reading the
   conversations, every signal, writing the raw values and marks, refitting the
@@ -17,7 +18,8 @@ printed before and after: on a shared machine, compare rows of one run only.
 Goal (issue 4): the whole suite >= 400 bot turns/s on 2 cores, and within 1.3x of the
 raw encode cost of the same utterances.
 
-Run: ``.venv/bin/python bench/rewards_bench.py [--conversations N] [--backend torch]``.
+Run: ``.venv/bin/python bench/rewards_bench.py [--conversations N] [--backend torch]
+[--repeats N]``.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from rewards.suite import SIGNALS  # noqa: E402
 from rewards.text import _compound  # noqa: E402
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--conversations", type=int, default=1500, help="chitchat conversations to use"
@@ -56,63 +58,95 @@ def main() -> None:
         help="embedding backend (default: the one rapport uses here)",
     )
     parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="times the suite and the raw encode are timed, alternately; the best counts",
+    )
+    parser.add_argument(
         "--quality", type=int, default=500, help="utterances for the check against fp32"
     )
-    args = parser.parse_args()
-    embedding.BACKEND = args.backend  # what embedding_similarity reads
-    print(f"load average before: {os.getloadavg()[0]:.2f}")
-    with tempfile.TemporaryDirectory() as tmp:
-        store = Store(Path(tmp) / "bench.db")
-        conversations = list(islice(chitchat_conversations(), args.conversations))
-        store.import_conversations(CHITCHAT_PLATFORM, conversations)
-        encoder = embedding.encoder(embedding.PRECISION, args.backend)
-        encoder.encode(["warm up"])  # load (and convert) the model outside the timings
+    return parser.parse_args()
 
-        ids = store.conversations_to_score("1")
-        contexts = [
-            c for turns in store.conversation_turns(ids).values() for _, c in contexts_of(turns)
-        ]
+
+def time_suite_and_encode(tmp: Path, conversations: list, utterances: list[str], repeats: int):
+    """Seconds of each whole-suite run (on a fresh store) and each raw encode, alternated.
+
+    Alternating makes a burst of load from other processes hit both rows alike, and the
+    best of each is the least disturbed estimate of its cost.
+    """
+    suite, raw = [], []
+    for repeat in range(repeats):
+        store = Store(tmp / f"bench-{repeat}.db")
+        store.import_conversations(CHITCHAT_PLATFORM, conversations)
+        start = time.perf_counter()
+        score_store(store, Config())
+        suite.append(time.perf_counter() - start)
+        store.close()
+        start = time.perf_counter()
+        embedding.encoder(embedding.PRECISION, embedding.BACKEND).encode(utterances)
+        raw.append(time.perf_counter() - start)
+    return suite, raw
+
+
+def time_signals(contexts: list) -> list[tuple[str, float]]:
+    """Seconds of each signal alone on all the contexts, each with cold caches."""
+    rows = []
+    for signal in SIGNALS:
+        _compound.cache_clear()  # each row pays for its own VADER and n-gram work
+        ngram_set.cache_clear()
+        start = time.perf_counter()
+        signal(contexts)
+        rows.append((f"  {signal.__name__}", time.perf_counter() - start))
+    return rows
+
+
+def cosines_to_fp32(utterances: list[str], count: int) -> torch.Tensor:
+    """Cosine of each of ``count`` utterances' embeddings to sentence-transformers' fp32."""
+    sample = utterances[:: max(1, len(utterances) // count)][:count]
+    fast = embedding.encoder(embedding.PRECISION, embedding.BACKEND).encode(sample)
+    reference = embedding.encoder("fp32", "torch").encode(sample)
+    return torch.nn.functional.cosine_similarity(fast, reference)
+
+
+def main() -> None:
+    args = parse_args()
+    embedding.BACKEND = args.backend  # what embedding_similarity reads
+    load_before = os.getloadavg()[0]
+    conversations = list(islice(chitchat_conversations(), args.conversations))
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Store(Path(tmp) / "contexts.db")
+        store.import_conversations(CHITCHAT_PLATFORM, conversations)
+        turns = store.conversation_turns(store.conversations_to_score("1"))
+        contexts = [c for conversation in turns.values() for _, c in contexts_of(conversation)]
+        store.close()
         utterances = sorted(
             {c.bot for c in contexts} | {c.prev_user for c in contexts if c.prev_user}
         )
-
-        start = time.perf_counter()
-        summary = score_store(store, Config())
-        suite_s = time.perf_counter() - start
-        assert summary.bot_turns == len(contexts)
-
-        rows = [("rapport score (whole suite)", len(contexts), suite_s)]
-        for signal in SIGNALS:
-            _compound.cache_clear()  # each row pays for its own VADER and n-gram work
-            ngram_set.cache_clear()
-            start = time.perf_counter()
-            signal(contexts)
-            rows.append((f"  {signal.__name__}", len(contexts), time.perf_counter() - start))
-        start = time.perf_counter()
-        encoder.encode(utterances)
-        raw_s = time.perf_counter() - start
-        rows.append(("raw MiniLM encode (limit)", len(contexts), raw_s))
-        store.close()
+        # load (and convert) the model outside the timings
+        embedding.encoder(embedding.PRECISION, args.backend).encode(["warm up"])
+        suite, raw = time_suite_and_encode(Path(tmp), conversations, utterances, args.repeats)
+    signal_rows = time_signals(contexts)
     load_after = os.getloadavg()[0]
+    cosines = cosines_to_fp32(utterances, args.quality)
 
-    sample = utterances[:: max(1, len(utterances) // args.quality)][: args.quality]
-    reference = embedding.encoder("fp32", "torch").encode(sample)
-    cosines = torch.nn.functional.cosine_similarity(encoder.encode(sample), reference)
-
-    print(f"load average after: {load_after:.2f}")
+    print(f"load average (1 min): {load_before:.2f} before, {load_after:.2f} after")
     print(f"embedding backend: {args.backend}, {embedding.PRECISION}")
     print(f"{len(contexts):,} bot turns, {len(utterances):,} distinct utterances embedded")
     print(f"{'scorer':<34} {'seconds':>9} {'bot turns/s':>12}")
-    for name, count, seconds in rows:
-        print(f"{name:<34} {seconds:>9.2f} {count / seconds:>12,.0f}")
-    print(f"raw encode rate: {len(utterances) / raw_s:,.0f} utterances/s")
-    rate = len(contexts) / suite_s
+    rows = [("rapport score (whole suite)", min(suite))]
+    rows += signal_rows + [("raw MiniLM encode (limit)", min(raw))]
+    for name, seconds in rows:
+        print(f"{name:<34} {seconds:>9.2f} {len(contexts) / seconds:>12,.0f}")
+    print(f"whole-suite runs (s): {', '.join(f'{s:.1f}' for s in suite)}")
+    print(f"raw encode runs (s): {', '.join(f'{s:.1f}' for s in raw)}")
+    print(f"raw encode rate (best): {len(utterances) / min(raw):,.0f} utterances/s")
     print(
-        f"\nwhole suite: {rate:,.0f} bot turns/s (goal >= 400); "
-        f"{suite_s / raw_s:.2f}x the raw encode cost (goal <= 1.3x)"
+        f"\nwhole suite: {len(contexts) / min(suite):,.0f} bot turns/s (goal >= 400); "
+        f"{min(suite) / min(raw):.2f}x the raw encode cost (goal <= 1.3x)"
     )
     print(
-        f"cosine to fp32 PyTorch on {len(sample)} utterances: "
+        f"cosine to fp32 PyTorch on {len(cosines)} utterances: "
         f"mean {cosines.mean():.5f}, min {cosines.min():.5f}"
     )
 
