@@ -26,7 +26,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
+import tempfile
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +50,29 @@ def rapport_home() -> Path:
     path = Path(home).expanduser() if home else Path(platformdirs.user_data_dir("rapport"))
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def build_once(target: Path, marker: str, build: Callable[[Path], None]) -> Path:
+    """``target``, a cached folder that ``build(folder)`` fills the first time it is needed.
+
+    ``target / marker`` existing means the folder is whole. It is built in a temporary
+    sibling and renamed into place, so a build killed half-way leaves no ``target`` behind,
+    and of two concurrent builds the second to finish keeps the first one's folder.
+    """
+    if (target / marker).exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / marker).exists():  # not a concurrent build
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 def _help(text: str, default: Any) -> Any:

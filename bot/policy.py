@@ -22,10 +22,7 @@ Design
 from __future__ import annotations
 
 import importlib.util
-import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,7 +30,7 @@ from types import SimpleNamespace
 
 import torch
 
-from bot.config import GenerationConfig, ModelConfig, rapport_home
+from bot.config import GenerationConfig, ModelConfig, build_once, rapport_home
 from bot.errors import RapportError
 from bot.prompt import Turn, build_prompt
 
@@ -65,10 +62,10 @@ def default_gguf_path() -> Path:
 
 def default_model_dir() -> Path:
     """The cached safetensors copy of the default model, converted on first use."""
-    target = rapport_home() / "models" / DEFAULT_MODEL_NAME
-    if (target / "config.json").exists():
-        return target
-    gguf = default_gguf_path()
+    return build_once(rapport_home() / "models" / DEFAULT_MODEL_NAME, "config.json", _convert)
+
+
+def _convert(folder: Path) -> None:
     print(
         "Converting the default model to a cached copy (once, about 20 s)...",
         file=sys.stderr,
@@ -76,26 +73,16 @@ def default_model_dir() -> Path:
     )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}-", dir=target.parent))
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        # save_pretrained refuses a model "quantized with gguf"; the weights are already
-        # dequantised to fp32, so dropping the quantizer leaves an ordinary model.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "config.json").exists():  # not a concurrent conversion
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    gguf = default_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # save_pretrained refuses a model "quantized with gguf"; the weights are already
+    # dequantised to fp32, so dropping the quantizer leaves an ordinary model.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
 
 
 def resolve_model_path(spec: str, registered: dict[str, str] | None = None) -> Path:

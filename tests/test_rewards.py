@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from rewards import embedding
 from rewards.bot_question import bot_question
@@ -59,6 +60,31 @@ def test_bf16_embedding_similarity_stays_within_its_precision_of_fp32(monkeypatc
     monkeypatch.setattr(embedding, "PRECISION", "fp32")
     assert bf16 == pytest.approx(embedding_similarity(ODD_CONTEXTS), abs=0.02)
     assert all(-1.0 <= v <= 1.0 for v in bf16)
+
+
+@pytest.mark.skipif(embedding.BACKEND != "openvino", reason="openvino is not installed")
+class TestOpenVinoBackend:
+    TEXTS = [c.bot for c in ODD_CONTEXTS] + ["I just adopted a puppy!", "hi", "Hola amigo"]
+
+    def test_matches_the_torch_fallback_in_fp32(self):
+        fast = embedding.encoder("fp32", "openvino").encode(self.TEXTS)
+        reference = embedding.encoder("fp32", "torch").encode(self.TEXTS)
+        assert fast.shape == reference.shape == (len(self.TEXTS), 384)
+        cosines = torch.nn.functional.cosine_similarity(fast, reference)
+        assert cosines.min() > 0.9999
+
+    def test_bf16_stays_close_to_the_torch_fallback(self):
+        fast = embedding.encoder("bf16", "openvino").encode(self.TEXTS)
+        reference = embedding.encoder("fp32", "torch").encode(self.TEXTS)
+        assert torch.nn.functional.cosine_similarity(fast, reference).min() > 0.999
+
+    def test_the_model_is_converted_once_into_the_cache(self, rapport_home):
+        folder = embedding.openvino_model_dir()
+        converted = (folder / "model.xml").stat().st_mtime_ns
+        assert folder.parent == rapport_home / "models"
+        assert embedding.openvino_model_dir() == folder
+        assert (folder / "model.xml").stat().st_mtime_ns == converted
+        assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no temp folder
 
 
 def test_signal_names_are_stable_and_unique():
