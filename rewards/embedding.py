@@ -20,6 +20,7 @@ import functools
 import importlib.util
 import sys
 import threading
+import warnings
 from importlib.metadata import version
 from pathlib import Path
 
@@ -81,7 +82,8 @@ def _convert_for_openvino(folder: Path) -> None:
     example = {"input_ids": torch.ones(2, 8, dtype=torch.long)}
     example["attention_mask"] = torch.ones(2, 8, dtype=torch.long)
     batch, length = torch.export.Dim("batch"), torch.export.Dim("length", max=512)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.export's own deprecations
         program = torch.export.export(
             MeanPooled(transformer),
             (),
