@@ -61,7 +61,7 @@ def main() -> None:
     for n, seconds in ((args.small, small), (args.large, large)):
         print(f"{n:>14} {seconds:>9.1f} {seconds / n:>15.2f}")
     print(
-        f"\n{args.large // args.small}x the conversations cost {large / small:.2f}x the time; "
+        f"\n{args.large / args.small:.2f}x the conversations cost {large / small:.2f}x the time; "
         f"50 conversations ~ {large / args.large * 50 / 60:.1f} min (goal <= 10)"
     )
 
