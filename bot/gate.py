@@ -117,11 +117,15 @@ def run_gate(
         model, tokenizer = load_model(folder)
     except (RapportError, OSError, ValueError, RuntimeError) as e:
         raise ModelRejected(f"refused {version}: it does not load ({e})") from None
-    served, _ = load_model(verify_folder(store, against))
+    served_folder = verify_folder(store, against)
+    served, _ = load_model(served_folder)
     registered = {m["version"]: m["path"] for m in store.models()}
-    prior, _ = load_model(resolve_model_path(config.model.path, registered))
+    prior_folder = resolve_model_path(config.model.path, registered)
     precision = "bf16" if config.model.serve_precision == "int8" else config.model.serve_precision
-    model, served, prior = (prepare_for_serving(m, precision) for m in (model, served, prior))
+    model, served = prepare_for_serving(model, precision), prepare_for_serving(served, precision)
+    # before any retrained version is deployed, the served model is the prior itself
+    same = prior_folder.resolve() == served_folder.resolve()
+    prior = served if same else prepare_for_serving(load_model(prior_folder)[0], precision)
     settings = Settings.from_config(config.generation)
     system = config.model.system_prompt
 

@@ -183,7 +183,6 @@ def deploy(
     row = store.model(version)
     if row["deployed"]:
         raise InvalidInput(f"{version} is already deployed")
-    verify_folder(store, version)
     base = base_version(store, config)
     against = store.deployed_version() or base
     verdict = run_gate(store, config, version, against, echo=echo)
