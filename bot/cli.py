@@ -336,38 +336,67 @@ def eval_command(config: Config, version: str, others, n, turns, seed, user_mode
 @click.option("--n", "n", type=int, default=100, show_default=True, help="Conversations.")
 @click.option("--turns", type=int, default=6, show_default=True, help="Bot turns each.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--batch", type=int, default=16, show_default=True, help="Conversations per committed batch."
+)
 @click.pass_obj
-def simulate(config: Config, model: str, n: int, turns: int, seed: int) -> None:
-    """Self-play with simulated users, written to the store as platform "simulated"."""
-    from bot.policy import Settings
+def simulate(config: Config, model: str, n: int, turns: int, seed: int, batch: int) -> None:
+    """Self-play with simulated users, written to the store as platform "simulated".
+
+    Batches are committed one by one, so a kill loses at most the batch in flight, and a
+    re-run with the same arguments skips the batches already stored."""
+    from bot.policy import DEFAULT_MODEL_NAME, Settings
     from bot.store_data import Imported
     from learner.simulate import self_play
 
+    if n < 1 or batch < 1:
+        raise click.UsageError("--n and --batch must be at least 1")
+    settings = Settings.from_config(config.generation)
+    added = 0
     with open_store(config) as store:
         policy, tokenizer, name = _served(config, store, model)
         user, _, _ = _served(config, store, config.model.path)
-        games = self_play(
-            policy,
-            user,
-            tokenizer,
-            n=n,
-            turns=turns,
-            seed=seed,
-            system_prompt=config.model.system_prompt,
-            settings=Settings.from_config(config.generation),
-        )
-        added = store.import_conversations(
-            "simulated",
-            [
-                Imported(
-                    f"{name}:{seed}:{i}",
-                    f"simulated:{g.persona}",
-                    tuple((t.role, "model", t.text) for t in g.turns),
+        version = model or DEFAULT_MODEL_NAME
+        with click.progressbar(
+            length=n, label=f"simulating with {version}", file=sys.stderr, show_eta=True
+        ) as bar:
+            for start in range(0, n, batch):
+                size = min(batch, n - start)
+                ids = [f"{name}:{seed}:{i}" for i in range(start, start + size)]
+                if all(store.has_imported("simulated", i) for i in ids):
+                    bar.update(size)
+                    continue
+                games = self_play(
+                    policy,
+                    user,
+                    tokenizer,
+                    n=size,
+                    turns=turns,
+                    seed=seed * 1_000_003 + start,
+                    system_prompt=config.model.system_prompt,
+                    settings=settings,
+                    split="train",
                 )
-                for i, g in enumerate(games)
-            ],
-        )
-    click.echo(f"simulated {added} conversations with {name}; run `rapport score` next")
+                added += store.import_conversations(
+                    "simulated",
+                    [
+                        Imported(
+                            external_id,
+                            f"simulated:{g.persona}",
+                            tuple((t.role, "model", t.text) for t in g.turns),
+                            model_version=version,
+                            generations=tuple(
+                                None
+                                if t.role != "bot"
+                                else settings.as_dict() | ({"cut": True} if k in g.cut else {})
+                                for k, t in enumerate(g.turns)
+                            ),
+                        )
+                        for external_id, g in zip(ids, games, strict=True)
+                    ],
+                )
+                bar.update(size)
+    click.echo(f"simulated {added} conversations with {version}; run `rapport score` next")
 
 
 @cli.group(invoke_without_command=True)

@@ -26,7 +26,6 @@ import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -86,70 +85,22 @@ def _convert(folder: Path) -> None:
 
 
 def resolve_model_path(spec: str, registered: dict[str, str] | None = None) -> Path:
-    """A model spec from config or ``--model``: empty (default), a version, or a folder."""
-    if not spec:
-        return default_model_dir()
+    """A model spec from config or ``--model``: empty or the base model's version name
+    (``smollm2-135m-instruct``: the default), a registered version, or a folder."""
     if registered and spec in registered:
         return Path(registered[spec])
+    if not spec or spec == DEFAULT_MODEL_NAME:
+        return default_model_dir()
     path = Path(spec).expanduser()
     if path.is_dir():
         return path
     raise ModelLoadError(f"no model folder or registered version named {spec!r}")
 
 
-SERVING_FILE = "rapport_serving.json"
-
-
-class PriorPlus(torch.nn.Module):
-    """Serves G-learning's policy π ∝ p·e^G: logits = log_softmax(prior) + G.
-
-    Two causal LMs step together; the cache is the pair of their caches.
-    """
-
-    def __init__(self, g, prior) -> None:
-        super().__init__()
-        self.g, self.prior = g, prior
-
-    @property
-    def device(self):
-        return self.g.device
-
-    def forward(self, input_ids, cache=None, use_cache=True, logits_to_keep=0, **kwargs):
-        g_cache, prior_cache = cache if cache is not None else (None, None)
-        g = self.g(
-            input_ids=input_ids,
-            cache=g_cache,
-            use_cache=use_cache,
-            logits_to_keep=logits_to_keep,
-            **kwargs,
-        )
-        p = self.prior(
-            input_ids=input_ids,
-            cache=prior_cache,
-            use_cache=use_cache,
-            logits_to_keep=logits_to_keep,
-            **kwargs,
-        )
-        logits = torch.log_softmax(p.logits.float(), dim=-1) + g.logits.float()
-        return SimpleNamespace(logits=logits, cache=(g.cache, p.cache))
-
-
 def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32):
-    """Load ``(model, tokenizer)`` from a Hugging Face folder, in eval mode.
-
-    A folder written by G-learning names its prior in ``rapport_serving.json``; it loads
-    as :class:`PriorPlus` of the two.
-    """
+    """Load ``(model, tokenizer)`` from a Hugging Face folder, in eval mode. Trained
+    versions of every algorithm are ordinary folders (see :mod:`learner.kl_control`)."""
     path = Path(path)
-    serving = path / SERVING_FILE
-    if serving.exists():
-        import json
-
-        spec = json.loads(serving.read_text())
-        if spec.get("kind") == "prior_plus":
-            g, tokenizer = load_model(path / "g", dtype=dtype)
-            prior, _ = load_model(spec["prior"], dtype=dtype)
-            return PriorPlus(g, prior).eval(), tokenizer
     if not (path / "config.json").exists():
         raise ModelLoadError(f"{path} is not a model folder (no config.json)")
     from safetensors import SafetensorError
@@ -312,8 +263,12 @@ class Policy:
         return build_prompt(self.tokenizer, self.system_prompt, turns, self.context_tokens)
 
     @torch.inference_mode()
-    def stream_tokens(self, prompt_ids: list[int]) -> Iterator[int]:
-        """Yield sampled token ids until a special token or the length limit."""
+    def stream_tokens(self, prompt_ids: list[int], finish: dict | None = None) -> Iterator[int]:
+        """Yield sampled token ids until a special token or the length limit; if given,
+        ``finish["cut"]`` says whether the length limit, not the model, ended the reply
+        (the learner never trains a cut reply's end as a chosen end of turn)."""
+        if finish is not None:
+            finish["cut"] = False
         device = self.model.device
         input_ids = torch.tensor([prompt_ids], device=device)
         seen = torch.tensor(prompt_ids)
@@ -331,8 +286,10 @@ class Policy:
                 cache=out.cache,
                 use_cache=True,
             )
+        if finish is not None:
+            finish["cut"] = True
 
-    def stream(self, turns: Sequence[Turn]) -> Iterator[str]:
+    def stream(self, turns: Sequence[Turn], finish: dict | None = None) -> Iterator[str]:
         """Yield the reply's text as it is generated (pieces join to the full reply).
 
         Leading whitespace is dropped; a piece that would end inside a multi-byte
@@ -340,7 +297,7 @@ class Policy:
         """
         ids: list[int] = []
         shown = ""
-        for token in self.stream_tokens(self.prompt_ids(turns)):
+        for token in self.stream_tokens(self.prompt_ids(turns), finish):
             ids.append(token)
             text = self.tokenizer.decode(ids, skip_special_tokens=True).lstrip()
             if text.endswith("\ufffd"):

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from bot.config import Config
 from bot.errors import InvalidInput, RapportError
-from bot.policy import DEFAULT_MODEL_NAME, SERVING_FILE, Policy, default_model_dir
+from bot.policy import DEFAULT_MODEL_NAME, Policy, default_model_dir
 from bot.store import Store
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def folder_checksum(folder: Path) -> str:
 
 
 def _missing_files(folder: Path) -> list[str]:
-    weights_dir = folder / "g" if (folder / SERVING_FILE).exists() else folder
+    weights_dir = folder
     missing = [
         str(p.relative_to(folder))
         for p in (weights_dir / "config.json", weights_dir / "tokenizer_config.json")

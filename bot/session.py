@@ -102,8 +102,9 @@ class Session:
         self.history.append(Turn("user", text))
 
         pieces: list[str] = []
+        finish: dict = {}
         try:
-            for piece in policy.stream(self.history):
+            for piece in policy.stream(self.history, finish):
                 pieces.append(piece)
                 if on_text:
                     on_text(piece)
@@ -116,10 +117,18 @@ class Session:
                 f"the model failed to reply ({type(e).__name__}: {e}); "
                 "your message was saved, try again"
             ) from None
-        return self._finish(policy, conversation, pieces, interrupted=False)
+        return self._finish(
+            policy, conversation, pieces, interrupted=False, cut=finish.get("cut", False)
+        )
 
     def _finish(
-        self, policy: Policy, conversation: int | None, pieces: list[str], *, interrupted: bool
+        self,
+        policy: Policy,
+        conversation: int | None,
+        pieces: list[str],
+        *,
+        interrupted: bool,
+        cut: bool = False,
     ) -> Reply:
         reply = clean_reply("".join(pieces))
         if not reply:
@@ -131,6 +140,8 @@ class Session:
             generation = policy.settings.as_dict()
             if interrupted:
                 generation["interrupted"] = True
+            if cut:
+                generation["cut"] = True  # stopped by max_new_tokens, not by the model
             message_id = self.store.add_message(
                 conversation,
                 "bot",

@@ -168,6 +168,15 @@ class LearningData:
 
     # -- imported corpora -----------------------------------------------------------
 
+    def has_imported(self, platform: str, external_id: str) -> bool:
+        """Whether the conversation (platform, external id) is already stored."""
+        return bool(
+            self._read(
+                "SELECT 1 FROM conversations WHERE platform = ? AND external_id = ?",
+                [platform, external_id],
+            )
+        )
+
     def import_conversations(self, platform: str, conversations: Iterable[Imported]) -> int:
         """Add whole conversations in one transaction; skip those already imported.
 
@@ -188,17 +197,37 @@ class LearningData:
                     [user_id, platform, _now()],
                 )
                 cursor = db.execute(
-                    "INSERT INTO conversations (user_id, platform, started, external_id) "
-                    "VALUES (?, ?, ?, ?)",
-                    [user_id, platform, conv.started or _now(), conv.external_id],
+                    "INSERT INTO conversations (user_id, platform, started, external_id, "
+                    "model_version) VALUES (?, ?, ?, ?, ?)",
+                    [
+                        user_id,
+                        platform,
+                        conv.started or _now(),
+                        conv.external_id,
+                        conv.model_version,
+                    ],
                 )
                 created = _now()
+                generations = conv.generations or (None,) * len(conv.turns)
                 db.conn.executemany(
                     "INSERT INTO messages (conversation_id, turn_index, role, author, user_id,"
-                    " text, created) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    " text, created, model_version, generation)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [
-                        (cursor.lastrowid, i, role, author, user_id, text, created)
-                        for i, (role, author, text) in enumerate(conv.turns)
+                        (
+                            cursor.lastrowid,
+                            i,
+                            role,
+                            author,
+                            user_id,
+                            text,
+                            created,
+                            conv.model_version if role == "bot" else None,
+                            json.dumps(generation, sort_keys=True) if generation else None,
+                        )
+                        for i, ((role, author, text), generation) in enumerate(
+                            zip(conv.turns, generations, strict=True)
+                        )
                     ],
                 )
                 added += 1
@@ -311,12 +340,16 @@ class LearningData:
 
     def training_conversations(self, reward_name: str = "combined") -> list[dict[str, Any]]:
         """Every conversation with at least one scored bot turn, for a dataset builder:
-        [{"id", "platform", "turns": [{"id", "role", "author", "text", "reward"}]}] where
-        ``reward`` is the bot turn's ``reward_name`` value (None if unscored)."""
+        [{"id", "platform", "turns": [{"id", "role", "author", "text", "reward", "cut"}]}]
+        where ``reward`` is the bot turn's ``reward_name`` value (None if unscored) and
+        ``cut`` says the reply was stopped by the length limit or an interruption, not
+        ended by the model (its generation settings record it)."""
         rows = self._read(
             """
             SELECT m.id, m.conversation_id, m.role, m.author, m.text, c.platform,
-                   r.value AS reward
+                   r.value AS reward,
+                   coalesce(json_extract(m.generation, '$.cut'), 0)
+                   OR coalesce(json_extract(m.generation, '$.interrupted'), 0) AS cut
             FROM messages m JOIN conversations c ON c.id = m.conversation_id
             LEFT JOIN rewards r ON r.message_id = m.id AND r.name = ?
             WHERE m.conversation_id IN (
@@ -332,7 +365,9 @@ class LearningData:
                 row["conversation_id"],
                 {"id": row["conversation_id"], "platform": row["platform"], "turns": []},
             )
-            conv["turns"].append({k: row[k] for k in ("id", "role", "author", "text", "reward")})
+            conv["turns"].append(
+                {k: row[k] for k in ("id", "role", "author", "text", "reward", "cut")}
+            )
         return list(conversations.values())
 
     def feedback_conversations(
@@ -391,3 +426,7 @@ class Imported:
     speaker: str  # the corpus's id of the person on the user side (stored hashed)
     turns: tuple[tuple[str, str, str], ...]
     started: str | None = None
+    # self-play: the version that wrote the bot turns, and each turn's generation
+    # settings (None for the user's turns), logged as a chat's bot turns are
+    model_version: str | None = None
+    generations: tuple[dict | None, ...] = ()

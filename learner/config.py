@@ -56,18 +56,43 @@ class TrainConfig:
         "combined reward is in z-units, so c = 1 weighs one standard deviation of reward "
         "like one nat of prior log-likelihood.",
     )
-    tau: float = _f(0.005, "Polyak rate of the target network (paper: 0.005).")
+    tau: float = _f(
+        0.005,
+        "Polyak rate of the target network (paper: 0.005). Larger moves the bootstrap "
+        "across turns faster but lets the target chase the network it trains.",
+    )
+    td_lambda: float = _f(
+        1.0,
+        "lambda of the lambda-return target inside a bot turn: 1 carries the turn's reward "
+        "to every word of the turn on the first update (path consistency, exact for psi "
+        "and g); 0 is the paper's one-step target, whose credit crawls back about one token "
+        "per target refresh.",
+    )
+    reward_clip: float = _f(
+        3.0,
+        "The learner's reward is z-scored over the trained turns and clipped to +-this, so "
+        "no single rare event (one thumbs-up among thousands of turns) dominates.",
+    )
     mc_samples: int = _f(
-        5, "M Monte-Carlo dropout samples of the target; the minimum is the target (paper: 5)."
+        1,
+        "M Monte-Carlo dropout samples of the target; the minimum is the target (paper: 5). "
+        "Dropout perturbs only the learned deviation from the prior, so the pessimism grows "
+        "with how far the policy moved; M > 1 costs one more prior forward per step.",
     )
     dropout: float = _f(
-        0.1, "Dropout on the target's last hidden state for the Monte-Carlo samples."
+        0.1, "Dropout on the target's deviation from the prior, for the Monte-Carlo samples."
     )
-    huber_delta: float = _f(1.0, "Huber loss threshold on the TD error.")
+    huber_delta: float = _f(
+        1.0,
+        "Huber threshold on the TD error; never below reward_clip / reward_scale, so every "
+        "reward keeps a gradient proportional to its size.",
+    )
     grad_clip: float = _f(1.0, "Clip the gradient norm to this.")
-    min_reward: float = _f(
-        float("-inf"),
-        "bc and sft only: clone only bot turns whose reward is at least this (-inf: all turns).",
+    min_reward: float | None = _f(
+        None,
+        "bc and sft: clone only bot turns whose reward is at least this. Default: bc clones "
+        "the turns above average (reward > 0 in z-units: filtered behaviour cloning), sft "
+        "every turn.",
     )
     beta: float = _f(
         0.1,
@@ -89,9 +114,6 @@ class TrainConfig:
         "sft, kto and dpo: learn only from conversations of this platform (e.g. chitchat "
         "to adapt the prior to casual chat); empty: all.",
     )
-    sample_temperature: float = _f(
-        1.0, "Temperature T of pi = softmax(Q/T) when serving kl_q and batch_q."
-    )
     seed: int = _f(0, "Seed for data order, dropout and initialisation.")
     checkpoint_every: int = _f(50, "Save a resumable checkpoint every N steps.")
     log_every: int = _f(10, "Compute KL to the prior (an extra forward) every N steps.")
@@ -111,6 +133,8 @@ class TrainConfig:
             (self.reward_scale > 0, "reward_scale must be > 0"),
             (0 < self.tau <= 1, "tau must be in (0, 1]"),
             (self.mc_samples >= 1, "mc_samples must be >= 1"),
+            (0 <= self.td_lambda <= 1, "td_lambda must be in [0, 1]"),
+            (self.reward_clip > 0, "reward_clip must be > 0"),
             (0 <= self.dropout < 1, "dropout must be in [0, 1)"),
             (self.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
             (0 <= self.val_fraction < 1, "val_fraction must be in [0, 1)"),

@@ -18,6 +18,14 @@ Design
   long replies), ``next_pos`` (the position whose value the target bootstraps from:
   ``t+1`` inside a reply, the next bot turn's header after the end-of-turn token) and
   ``-1`` when the conversation ends there (terminal).
+- A reply cut at the length limit (or interrupted) never ended by the model's choice:
+  its end-of-turn token is not trained, and its reward sits on its last real token,
+  which bootstraps across the user's reply as a chosen end would. Training that forced
+  end as an action taught the bot to stop mid-sentence (after "the", "to").
+- Rewards reach the learner in z-units: :func:`normalise_rewards` z-scores the chosen
+  reward over the trained turns and clips it (``reward_clip``), whatever the signal: a
+  raw single signal (reply length in words) and a rare event (one vote among thousands
+  of turns, which a z-score alone puts at +100) both become a reward of a few units.
 - The prior's ``log p(a|s)`` of every logged action never changes; it is computed once
   (:func:`add_prior_logprobs`) and saved with the dataset, with the prior's log-partition
   ``b(s) = log Σ_a exp logit(s, a)`` of every state (see :mod:`learner.kl_control`).
@@ -38,6 +46,9 @@ import torch
 from bot.prompt import Turn, _cut_middle, encode_chat
 
 TERMINAL = -1
+# Part of every dataset id: a change to how windows are built or what is cached with
+# them makes new ids, so an old cached dataset is never read as a new one.
+DATA_VERSION = "2"
 
 
 @dataclass
@@ -50,6 +61,7 @@ class Window:
     conversation_id: int = 0
     logp: list[float] = field(default_factory=list)  # prior log p(a_t|s_t), 0 off-mask
     prior_lse: list[float] = field(default_factory=list)  # prior log Σ_a exp logit(s_t, a)
+    prior_max: list[float] = field(default_factory=list)  # prior max_a log p(a|s_t)
 
 
 @dataclass
@@ -94,9 +106,10 @@ def turn_spans(tokenizer, system_prompt: str, turns: list[Turn], next_bot: bool)
     return ids, spans
 
 
-def _window(tokenizer, system_prompt, turns, rewards, start, end, next_bot):
+def _window(tokenizer, system_prompt, turns, rewards, start, end, next_bot, cuts=None):
     """One window over turns[start:end] (trained: scored bot turns from the first bot
-    turn not used as context), bootstrapping into the next bot turn if ``next_bot``."""
+    turn not used as context), bootstrapping into the next bot turn if ``next_bot``.
+    ``cuts[k]``: turn k was cut at the length limit (its end-of-turn is not trained)."""
     local = turns[start:end]
     ids, spans = turn_spans(tokenizer, system_prompt, local, next_bot)
     n = len(ids)
@@ -107,6 +120,10 @@ def _window(tokenizer, system_prompt, turns, rewards, start, end, next_bot):
         if reward is None:
             continue
         s, e = spans[k]
+        if cuts and cuts[start + k]:
+            e -= 1  # the forced end-of-turn is not an action the model chose
+        if e - 1 <= s - 1:
+            continue
         for pos in range(s - 1, e - 1):  # position pos predicts token pos+1
             window.mask[pos] = True
             window.turn_reward[pos] = reward
@@ -132,6 +149,7 @@ def conversation_windows(
         for t in conversation["turns"]
     ]
     rewards = [t["reward"] if t["role"] == "bot" else None for t in conversation["turns"]]
+    cuts = [bool(t.get("cut")) for t in conversation["turns"]]
     bots = [k for k, t in enumerate(turns) if t.role == "bot"]
     trained = [k for k in bots if rewards[k] is not None]
 
@@ -162,11 +180,38 @@ def conversation_windows(
         later = [k for k in bots if k >= end]
         stop = later[0] if later else end
         trained_here = [r if first <= k < end else None for k, r in enumerate(rewards)]
-        window = _window(tokenizer, system_prompt, turns, trained_here, start, stop, bool(later))
+        window = _window(
+            tokenizer, system_prompt, turns, trained_here, start, stop, bool(later), cuts
+        )
         window.conversation_id = conversation["id"]
         windows.append(window)
         i = j
     return windows
+
+
+def normalise_rewards(conversations: list[dict], clip: float) -> dict:
+    """Z-score every bot turn's reward over all scored bot turns, clip to ±``clip``, in
+    place; return the statistics (for the dataset's metadata). A constant reward becomes
+    0 everywhere (nothing to learn), never a division by zero."""
+    values = [
+        t["reward"]
+        for c in conversations
+        for t in c["turns"]
+        if t["role"] == "bot" and t["reward"] is not None and math.isfinite(t["reward"])
+    ]
+    n = len(values)
+    mean = math.fsum(values) / n if n else 0.0
+    std = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / n) if n else 0.0
+    clipped = 0
+    for c in conversations:
+        for t in c["turns"]:
+            if t["role"] != "bot" or t["reward"] is None:
+                continue
+            raw = t["reward"] if math.isfinite(t["reward"]) else mean
+            z = (raw - mean) / std if std > 1e-8 else 0.0
+            clipped += abs(z) > clip
+            t["reward"] = max(-clip, min(clip, z))
+    return {"mean": mean, "std": std, "turns": n, "clipped": clipped, "clip": clip}
 
 
 def is_validation(conversation_id: int, fraction: float) -> bool:
@@ -191,7 +236,7 @@ def build_dataset(
                 authors[turn["author"]] = authors.get(turn["author"], 0) + 1
         windows = conversation_windows(tokenizer, system_prompt, conversation, max_tokens)
         (val if is_validation(conversation["id"], val_fraction) else train).extend(windows)
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(DATA_VERSION.encode())
     for w in train + val:
         digest.update(json.dumps([w.input_ids, w.reward, w.next_pos]).encode())
     meta = {
@@ -210,7 +255,7 @@ def build_dataset(
 @torch.no_grad()
 def add_prior_logprobs(dataset: Dataset, prior, batch_size: int = 8) -> None:
     """Cache the prior's log p(a_t|s_t) of every logged action and its log-partition
-    b(s_t) of every state (neither ever changes)."""
+    b(s_t) and max log-probability of every state (none of them ever changes)."""
     device = next(prior.parameters()).device
     for windows in (dataset.train, dataset.val):
         for start in range(0, len(windows), batch_size):
@@ -221,6 +266,7 @@ def add_prior_logprobs(dataset: Dataset, prior, batch_size: int = 8) -> None:
                 attention_mask=batch["attention_mask"].to(device),
             ).logits.float()
             lse = torch.logsumexp(logits, dim=-1)  # (B, T): b(s), the log-partition
+            top = logits.max(dim=-1).values - lse  # (B, T): max_a log p(a|s)
             actions = batch["actions"].to(device).unsqueeze(-1)
             logp = logits.gather(-1, actions).squeeze(-1) - lse  # (B, T)
             for i, w in enumerate(chunk):
@@ -228,6 +274,7 @@ def add_prior_logprobs(dataset: Dataset, prior, batch_size: int = 8) -> None:
                 values = logp[i, :n].cpu()
                 w.logp = [float(v) if m else 0.0 for v, m in zip(values, w.mask, strict=True)]
                 w.prior_lse = [float(v) for v in lse[i, :n].cpu()]
+                w.prior_max = [float(v) for v in top[i, :n].cpu()]
     dataset.meta["prior_logprobs"] = True
 
 
@@ -244,6 +291,7 @@ def collate(windows: list[Window], pad_id: int) -> dict[str, torch.Tensor]:
         "turn_reward": torch.zeros(len(windows), length),
         "logp": torch.zeros(len(windows), length),
         "prior_lse": torch.zeros(len(windows), length),
+        "prior_max": torch.zeros(len(windows), length),
     }
     for i, w in enumerate(windows):
         n = len(w.input_ids)
@@ -259,4 +307,5 @@ def collate(windows: list[Window], pad_id: int) -> dict[str, torch.Tensor]:
         if w.logp:
             out["logp"][i, :n] = torch.tensor(w.logp)
             out["prior_lse"][i, :n] = torch.tensor(w.prior_lse)
+            out["prior_max"][i, :n] = torch.tensor(w.prior_max)
     return out

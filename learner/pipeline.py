@@ -14,10 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bot.config import rapport_home
-from bot.policy import DEFAULT_MODEL_NAME, SERVING_FILE, load_model
+from bot.policy import DEFAULT_MODEL_NAME, load_model
 from bot.store import Store
 from learner.config import TRL, TrainConfig
-from learner.data import Dataset, add_prior_logprobs, build_dataset
+from learner.data import Dataset, add_prior_logprobs, build_dataset, normalise_rewards
 from learner.train import TrainingError, free_memory_ok, prepare_models, train
 
 
@@ -34,6 +34,7 @@ def prepare_dataset(
             f"no conversations scored with {config.reward!r} to learn from: import or chat, "
             "then run `rapport score`"
         )
+    reward_stats = normalise_rewards(conversations, config.reward_clip)
     prior, tokenizer = load_model(prior_path)
     dataset = build_dataset(
         conversations,
@@ -50,6 +51,7 @@ def prepare_dataset(
     dataset.meta["prior"] = str(prior_path)
     dataset.meta["folder"] = str(folder)
     dataset.meta["reward"] = config.reward
+    dataset.meta["reward_stats"] = reward_stats
     dataset.save(folder)
     return dataset
 
@@ -162,16 +164,13 @@ def save_trained_model(folder, q, tokenizer, config, data_meta, metrics, prior_p
     """A model folder that ``bot.policy.load_model`` serves, with the config JSON, the
     data id and the final metrics beside the weights."""
     folder.mkdir(parents=True, exist_ok=True)
-    weights = folder / "g" if config.algo == "g" else folder
-    q.save_pretrained(weights)
-    tokenizer.save_pretrained(weights)
+    # Every algorithm serves softmax of the saved network's logits (learner.kl_control),
+    # so a trained model is an ordinary model folder with no path back to its prior.
+    q.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     (folder / "train_config.json").write_text(config.to_json())
     info = {"dataset": data_meta, "metrics": metrics, "prior": str(prior_path)}
     (folder / "training.json").write_text(json.dumps(info, indent=2, sort_keys=True))
-    if config.algo == "g":
-        (folder / SERVING_FILE).write_text(
-            json.dumps({"kind": "prior_plus", "prior": str(prior_path)})
-        )
 
 
 def prior_version(model_spec: str) -> str:

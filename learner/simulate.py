@@ -49,35 +49,36 @@ class SelfPlay:
     persona: str
     turns: list[Turn] = field(default_factory=list)  # user first, alternating
     ended_by_user: bool = False
+    cut: set[int] = field(default_factory=set)  # indices of bot turns the length limit cut
 
     @property
     def bot_turns(self) -> list[str]:
         return [t.text for t in self.turns if t.role == "bot"]
 
 
-def held_out_openers(n: int, seed: int) -> list[str]:
-    """First user lines of the last chitchat conversations (never trained on)."""
+OPENER_SPLITS = ("eval", "train")
+
+
+def held_out_openers(n: int, seed: int, split: str = "eval") -> list[str]:
+    """First user lines of the last chitchat conversations: ``eval`` draws from the last
+    500, ``train`` (self-play logged for the learner, ``rapport simulate``) from the 500
+    before them, so an evaluation never opens with a line the learner trained on."""
     from bot.corpora import chitchat_conversations
 
-    pool = [c.turns[0][2] for c in list(chitchat_conversations())[-500:] if c.turns]
+    last = list(chitchat_conversations())[-1000:]
+    chosen = last[-500:] if split == "eval" else last[:-500]
+    pool = [c.turns[0][2] for c in chosen if c.turns]
     rng = random.Random(seed)
     return [rng.choice(pool) for _ in range(n)]
 
 
 @torch.no_grad()
-def generate_batch(model, tokenizer, prompts: list[list[int]], settings: Settings) -> list[str]:
-    """One sampled reply per prompt, in one left-padded batched ``generate`` (one at a
-    time for a composite G-learning model, which has no ``generate``)."""
-    if not hasattr(model, "generate"):
-        from bot.config import ModelConfig
-        from bot.policy import Policy
-
-        policy = Policy(model, tokenizer, version="", model_config=ModelConfig(), settings=settings)
-        return [
-            clean_reply(tokenizer.decode(list(policy.stream_tokens(p)), skip_special_tokens=True))
-            or "…"
-            for p in prompts
-        ]
+def generate_batch(
+    model, tokenizer, prompts: list[list[int]], settings: Settings, cut: list | None = None
+) -> list[str]:
+    """One sampled reply per prompt, in one left-padded batched ``generate``. If ``cut``
+    is a list, it receives for each reply whether the length limit ended it (no stop
+    token was sampled), as the chat logs it (see :meth:`bot.policy.Policy.stream_tokens`)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=model.device)
@@ -96,6 +97,9 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], settings: Setting
         eos_token_id=list(tokenizer.all_special_ids),
         pad_token_id=pad,
     )
+    stops = set(tokenizer.all_special_ids)
+    if cut is not None:
+        cut.extend(not any(int(t) in stops for t in row[width:]) for row in out)
     return [
         clean_reply(tokenizer.decode(row[width:], skip_special_tokens=True)) or "…" for row in out
     ]
@@ -112,10 +116,13 @@ def self_play(
     system_prompt: str,
     settings: Settings,
     context_tokens: int = 1024,
+    split: str = "eval",
 ) -> list[SelfPlay]:
-    """``n`` conversations of up to ``turns`` bot turns each, batched across them."""
+    """``n`` conversations of up to ``turns`` bot turns each, batched across them, opened
+    with lines of the ``split`` (see :func:`held_out_openers`)."""
     rng = random.Random(seed)
-    games = [SelfPlay(opener, rng.choice(PERSONAS)) for opener in held_out_openers(n, seed)]
+    openers = held_out_openers(n, seed, split)
+    games = [SelfPlay(opener, rng.choice(PERSONAS)) for opener in openers]
     for game in games:
         game.turns.append(Turn("user", game.opener))
     torch.manual_seed(seed)
@@ -126,9 +133,11 @@ def self_play(
         bot_prompts = [
             build_prompt(tokenizer, system_prompt, g.turns, context_tokens) for g in live
         ]
-        for game, reply in zip(
-            live, generate_batch(policy_model, tokenizer, bot_prompts, settings), strict=True
-        ):
+        cut: list[bool] = []
+        replies = generate_batch(policy_model, tokenizer, bot_prompts, settings, cut)
+        for game, reply, was_cut in zip(live, replies, cut, strict=True):
+            if was_cut:
+                game.cut.add(len(game.turns))
             game.turns.append(Turn("bot", reply))
         # the simulated user sees the conversation from its side: roles swapped
         user_prompts = [

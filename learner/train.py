@@ -68,81 +68,108 @@ def hidden_states(model, batch) -> torch.Tensor:
 
 
 def kl_control_loss(models: Models, batch, config: TrainConfig) -> tuple[torch.Tensor, dict]:
-    mask, next_pos = batch["mask"], batch["next_pos"]
-    head = models.q.get_output_embeddings()
+    """The Huber TD loss of :mod:`learner.kl_control` on one batch, λ-return targets."""
+    algo, mask, next_pos = config.algo, batch["mask"], batch["next_pos"]
+    lse, pmax, logp, actions = (batch[k] for k in ("prior_lse", "prior_max", "logp", "actions"))
+    B, T = mask.shape
     hidden = hidden_states(models.q, batch)  # (B, T, H)
-    q_taken = torch.zeros(mask.shape, device=hidden.device)
-    q_taken[mask] = (
-        kl_control.taken_action_values(hidden[mask], head, batch["actions"][mask])
-        - batch["prior_lse"][mask]  # Q = logits − b(s): see learner.kl_control
+    q = torch.zeros(mask.shape, device=hidden.device)
+    q[mask] = kl_control.q_from_logit(
+        kl_control.taken_action_values(hidden[mask], models.q.get_output_embeddings(), actions[mask]),
+        lse[mask],
+        logp[mask],
+        algo,
     )
-
     with torch.no_grad():
-        # V'(s') only where a target bootstraps: the next positions of masked actions
-        B, T = mask.shape
+        target_head = models.target.get_output_embeddings()
+        target_hidden = hidden_states(models.target, batch)  # (B, T, H)
+        # V'(s') only where a target bootstraps: the next positions of trained actions
         flat_next = (torch.arange(B, device=mask.device)[:, None] * T + next_pos)[
             mask & (next_pos != TERMINAL)
         ].unique()
-        target_hidden = hidden_states(models.target, batch).reshape(B * T, -1)[flat_next]
-        prior_logp = None
-        kind = kl_control.NEXT_VALUE[config.algo]
-        if kind == "prior_logsumexp":
+        prior_hidden = None
+        if config.mc_samples > 1 and config.dropout > 0:
             prior_hidden = hidden_states(models.prior, batch).reshape(B * T, -1)[flat_next]
-            prior_logp = torch.log_softmax(
-                models.prior.get_output_embeddings()(prior_hidden).float(), dim=-1
-            )
+        next_lse, next_max = lse.reshape(-1)[flat_next], pmax.reshape(-1)[flat_next]
+
+        def lower_bound(logits, a, b):  # (M, n, V) -> (n,): the minimum over M of V'
+            v = kl_control.value_from_logits(logits, next_lse[a:b], next_max[a:b], algo)
+            return v.min(dim=0).values
+
         values = torch.zeros(B * T, device=mask.device)
-        values[flat_next] = (
-            kl_control.mc_dropout_values(
-                target_hidden,
-                models.target.get_output_embeddings(),
-                kind,
-                config.mc_samples,
-                config.dropout,
-                prior_logp,
-            )
-            - batch["prior_lse"].reshape(B * T)[flat_next]
+        values[flat_next] = kl_control.mc_dropout_logits(
+            target_hidden.reshape(B * T, -1)[flat_next],
+            prior_hidden,
+            target_head,
+            config.mc_samples,
+            config.dropout,
+            lower_bound,
         )
-        next_value = kl_control.bootstrap(values.reshape(B, T), next_pos)
-        target = kl_control.td_target(
-            batch["reward"],
-            batch["logp"],
-            next_value,
+        target_q = torch.zeros(mask.shape, device=mask.device)
+        target_q[mask] = kl_control.q_from_logit(
+            kl_control.taken_action_values(target_hidden[mask], target_head, actions[mask]),
+            lse[mask],
+            logp[mask],
+            algo,
+        )
+        target = kl_control.lambda_returns(
+            kl_control.step_reward(batch["reward"], logp, config.reward_scale, algo),
+            kl_control.bootstrap(values.reshape(B, T), next_pos),
+            target_q,
+            mask,
+            next_pos,
             config.gamma,
-            config.reward_scale,
-            kl_control.USES_PRIOR_LOGP[config.algo],
+            config.td_lambda,
         )
-    loss = kl_control.huber_td_loss(q_taken, target, mask, config.huber_delta)
-    return loss, {"td_loss": float(loss.detach()), "mean_q": float(q_taken[mask].detach().mean())}
+    delta = kl_control.huber_delta(config.huber_delta, config.reward_clip, config.reward_scale)
+    loss = kl_control.huber_td_loss(q, target, mask, delta)
+    return loss, {"td_loss": float(loss.detach()), "mean_q": float(q[mask].detach().mean())}
+
+
+def bc_keep(batch, config: TrainConfig) -> torch.Tensor:
+    """The positions behaviour cloning trains on: filtered BC keeps only the turns whose
+    (normalised) reward reaches ``min_reward``; by default the turns above the average,
+    reward > 0 in z-units (filtered SFT on well-received turns, as in ReSpect 2025). A
+    batch with no such turn trains on nothing, never on the unfiltered turns."""
+    if config.min_reward is None:
+        return batch["mask"] & (batch["turn_reward"] > 0)
+    return batch["mask"] & (batch["turn_reward"] >= config.min_reward)
 
 
 def bc_loss(models: Models, batch, config: TrainConfig) -> tuple[torch.Tensor, dict]:
-    """Behaviour cloning: cross-entropy on the logged bot tokens (optionally only of
-    turns whose reward reaches ``min_reward``)."""
-    mask = batch["mask"] & (batch["turn_reward"] >= config.min_reward)
-    if not mask.any():
-        mask = batch["mask"]
+    """Behaviour cloning: cross-entropy on the kept logged bot tokens (:func:`bc_keep`)."""
+    keep = bc_keep(batch, config)
     hidden = hidden_states(models.q, batch)
-    logits = models.q.get_output_embeddings()(hidden[mask]).float()
-    loss = F.cross_entropy(logits, batch["actions"][mask])
-    return loss, {"nll": float(loss.detach())}
+    if not keep.any():
+        zero = hidden.sum() * 0.0  # no qualifying turn: a zero gradient, not a fallback
+        return zero, {"nll": 0.0, "kept_tokens": 0}
+    logits = models.q.get_output_embeddings()(hidden[keep]).float()
+    loss = F.cross_entropy(logits, batch["actions"][keep])
+    return loss, {"nll": float(loss.detach()), "kept_tokens": int(keep.sum())}
+
+
+def served_logprobs(model, batch, positions: torch.Tensor) -> torch.Tensor:
+    """log π(·|s) (N, V) at the masked ``positions`` as every algorithm serves it:
+    softmax of the network's logits (see :mod:`learner.kl_control`)."""
+    logits = model.get_output_embeddings()(hidden_states(model, batch)[positions]).float()
+    return torch.log_softmax(logits, dim=-1)
 
 
 @torch.no_grad()
 def kl_to_prior(models: Models, batch, config: TrainConfig) -> float:
     """KL(π‖p) per bot token on the batch, with π as the algorithm serves it."""
     mask = batch["mask"]
-    logits = models.q.get_output_embeddings()(hidden_states(models.q, batch)[mask]).float()
-    prior = torch.log_softmax(
-        models.prior.get_output_embeddings()(hidden_states(models.prior, batch)[mask]).float(),
-        dim=-1,
-    )
-    if config.algo == "g":
-        logits = prior + logits
-    elif config.algo in ("kl_q", "batch_q"):
-        logits = logits / config.sample_temperature
-    policy = torch.log_softmax(logits, dim=-1)
+    policy = served_logprobs(models.q, batch, mask)
+    prior = served_logprobs(models.prior, batch, mask)
     return float((policy.exp() * (policy - prior)).sum(-1).mean())
+
+
+def turn_rewards(batch) -> torch.Tensor:
+    """The reward of every trained turn in the batch, one value a turn (0 included):
+    read at each turn's last trained action, where the next position is not t+1."""
+    positions = torch.arange(batch["mask"].shape[1], device=batch["mask"].device)
+    ends = batch["mask"] & (batch["next_pos"] != positions + 1)
+    return batch["reward"][ends]
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -281,14 +308,13 @@ def train(
             if models.target is not None:
                 polyak(models.target, accelerator.unwrap_model(models.q), config.tau)
             tokens = int(batch["attention_mask"].sum())
+            rewards = turn_rewards(batch)
             metrics |= {
                 "step": step + 1,
                 "loss": float(loss.detach()),
                 "grad_norm": float(grad_norm),
                 "lr": scheduler.get_last_lr()[0],
-                "reward": float(batch["reward"][batch["reward"] != 0].mean())
-                if (batch["reward"] != 0).any()
-                else 0.0,
+                "reward": float(rewards.mean()) if rewards.numel() else 0.0,
                 "tokens_per_s": tokens / (time.perf_counter() - began),
             }
             if (step + 1) % config.log_every == 0 or step + 1 == config.steps:

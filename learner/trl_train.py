@@ -56,7 +56,12 @@ def training_rows(store: Store, system_prompt: str, config: TrainConfig) -> list
             )
             raise TrainingError(f"no two replies to the same context{where} {how} to train dpo on")
     else:
-        rows = sft_rows(conversations, system_prompt, config.context_turns, config.min_reward)
+        rows = sft_rows(
+            conversations,
+            system_prompt,
+            config.context_turns,
+            float("-inf") if config.min_reward is None else config.min_reward,
+        )
         if not rows:
             raise TrainingError(f"no bot turns{where} to train sft on: import or chat first")
     return rows

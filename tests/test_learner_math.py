@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -14,60 +12,61 @@ B, T, V = 2, 7, 5
 GAMMA, C = 0.9, 0.5
 
 
-def naive_targets(algo, reward, logp, target_logits, prior_next_logp, next_pos):
-    """y_t for every position, one token at a time, straight from the formulas."""
-    out = torch.zeros(B, T)
-    for b in range(B):
-        for t in range(T):
+def naive_lambda_returns(step, next_value, target_q, mask, next_pos, lam):
+    """Y_t one token at a time, recursing forward into the turn (memoised)."""
+    memo = {}
+
+    def y(b, t):
+        if (b, t) not in memo:
+            out = float(step[b, t]) + GAMMA * float(next_value[b, t])
             n = int(next_pos[b, t])
-            if n == TERMINAL:
-                v = 0.0
-            else:
-                q = [float(target_logits[b, n, a]) for a in range(V)]
-                if algo in ("kl_q", "batch_q"):
-                    v = max(q)
-                elif algo == "psi":
-                    v = math.log(sum(math.exp(x) for x in q))
-                else:  # g
-                    lp = [float(prior_next_logp[b, n, a]) for a in range(V)]
-                    v = math.log(sum(math.exp(lp[a] + q[a]) for a in range(V)))
-            y = float(reward[b, t]) / C + GAMMA * v
-            if algo in ("kl_q", "psi"):
-                y += float(logp[b, t])
-            out[b, t] = y
-    return out
+            if n == t + 1 and n < T and bool(mask[b, n]):
+                out += GAMMA * lam * (y(b, n) - float(target_q[b, n]))
+            memo[b, t] = out
+        return memo[b, t]
+
+    return torch.tensor([[y(b, t) if mask[b, t] else 0.0 for t in range(T)] for b in range(B)])
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.6, 1.0])
+def test_lambda_returns_match_a_naive_recursion_with_turn_ends_and_terminals(lam):
+    torch.manual_seed(0)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[0, 3] = False  # the user's turn between two bot turns
+    mask[1, 6] = False  # padding
+    next_pos = torch.arange(1, T + 1).repeat(B, 1)
+    next_pos[0, 2] = 4  # the turn's end bootstraps across the user's reply
+    next_pos[1, 5] = TERMINAL  # the conversation ends
+    next_pos[:, T - 1] = TERMINAL
+    step, target_q = torch.randn(B, T), torch.randn(B, T)
+    next_value = kl_control.bootstrap(torch.randn(B, T), next_pos)
+    got = kl_control.lambda_returns(step, next_value, target_q, mask, next_pos, GAMMA, lam)
+    want = naive_lambda_returns(step, next_value, target_q, mask, next_pos, lam)
+    assert torch.allclose(got[mask], want[mask], atol=1e-5)
+    # one-step at lam = 0; at a turn's end, always R + γ V'(s_next)
+    assert float(got[0, 2]) == pytest.approx(float(step[0, 2] + GAMMA * next_value[0, 2]))
+    if lam == 0:
+        assert torch.allclose(got[mask], (step + GAMMA * next_value)[mask], atol=1e-6)
 
 
 @pytest.mark.parametrize("algo", ["kl_q", "psi", "g", "batch_q"])
-def test_targets_match_a_naive_loop_including_cross_turn_bootstrap_and_terminals(algo):
-    torch.manual_seed(0)
-    reward = torch.zeros(B, T)
-    reward[0, 2], reward[1, 5] = 1.5, -0.7  # last tokens of bot turns
-    logp = -torch.rand(B, T) * 3
-    target_logits = torch.randn(B, T, V)
-    prior_next_logp = torch.log_softmax(torch.randn(B, T, V), -1)
-    next_pos = torch.arange(1, T + 1).repeat(B, 1)
-    next_pos[0, 2] = 5  # across the user's reply into the next bot turn's first state
-    next_pos[1, 5] = TERMINAL  # the conversation ends
-    next_pos[:, T - 1] = TERMINAL
-
-    kind = kl_control.NEXT_VALUE[algo]
-    values = kl_control.state_value(
-        target_logits, kind, prior_next_logp if algo == "g" else None
-    )  # (B, T)
-    got = kl_control.td_target(
-        reward,
-        logp,
-        kl_control.bootstrap(values, next_pos),
-        GAMMA,
-        C,
-        kl_control.USES_PRIOR_LOGP[algo],
-    )
-    want = naive_targets(algo, reward, logp, target_logits, prior_next_logp, next_pos)
-    assert torch.allclose(got, want, atol=1e-5)
-    assert got[1, 5] == pytest.approx(
-        -0.7 / C + (float(logp[1, 5]) if algo in ("kl_q", "psi") else 0)
-    )
+def test_values_are_zero_at_the_prior_for_every_algorithm_but_batch_q(algo):
+    """The zero-reward fixed point: with the prior's own logits, V(s) = 0 and
+    R + γV − Q = 0 for every action (batch_q excepted: it has no prior to sit at)."""
+    torch.manual_seed(4)
+    logits = torch.randn(3, V) * 3 + 7  # an arbitrary per-state offset included
+    lse = torch.logsumexp(logits, -1)
+    logp = logits - lse[:, None]
+    top = logp.max(-1).values
+    value = kl_control.value_from_logits(logits, lse, top, algo)
+    q = kl_control.q_from_logit(logits, lse[:, None], logp, algo)
+    step = kl_control.step_reward(torch.zeros(3, V), logp, 1.0, algo)
+    residual = step - q  # next value 0 (shown above for the others)
+    if algo == "batch_q":
+        assert not torch.allclose(residual, torch.zeros_like(residual))
+    else:
+        assert torch.allclose(value, torch.zeros(3), atol=1e-5)
+        assert torch.allclose(residual, torch.zeros_like(residual), atol=1e-5)
 
 
 def test_taken_action_values_equal_the_full_logits_gathered():
@@ -87,21 +86,32 @@ def test_huber_loss_only_counts_masked_positions():
     assert float(kl_control.huber_td_loss(q, y, mask, 1.0)) == pytest.approx(naive)
 
 
-def test_mc_dropout_target_is_the_minimum_over_samples_in_one_batched_pass():
+def test_mc_dropout_perturbs_only_the_deviation_from_the_prior():
     torch.manual_seed(2)
     head = torch.nn.Linear(8, 11, bias=False)
-    hidden = torch.randn(5, 8)
-    plain = kl_control.mc_dropout_values(hidden, head, "logsumexp", 1, 0.3)
-    assert torch.allclose(plain, torch.logsumexp(head(hidden), -1))
+    prior_hidden = torch.randn(5, 8) * 10
+    lowest = lambda logits, a, b: torch.logsumexp(logits, -1).min(0).values  # noqa: E731
+    plain = torch.logsumexp(head(prior_hidden), -1)
+    at_prior = kl_control.mc_dropout_logits(prior_hidden, prior_hidden, head, 5, 0.3, lowest)
+    assert torch.allclose(at_prior, plain, atol=1e-5)  # no deviation: no noise, exact
+    moved = prior_hidden + torch.randn(5, 8)
     torch.manual_seed(3)
-    lower = kl_control.mc_dropout_values(hidden, head, "logsumexp", 5, 0.3)
-    # the same masks drawn by hand: one (M, N, H) dropout, then the minimum
-    torch.manual_seed(3)
-    noisy = torch.nn.functional.dropout(hidden.unsqueeze(0).expand(5, 5, 8), 0.3, True)
-    assert torch.allclose(lower, torch.logsumexp(head(noisy), -1).min(0).values, atol=1e-6)
-    torch.manual_seed(3)
-    chunked = kl_control.mc_dropout_values(hidden, head, "logsumexp", 5, 0.3, max_elements=1)
-    assert chunked.shape == (5,) and torch.isfinite(chunked).all()
+    lower = kl_control.mc_dropout_logits(moved, prior_hidden, head, 5, 0.3, lowest)
+    torch.manual_seed(3)  # the same masks drawn by hand, on the deviation only
+    noisy = prior_hidden + torch.nn.functional.dropout(
+        (moved - prior_hidden).unsqueeze(0).expand(5, 5, 8), 0.3, True
+    )
+    assert torch.allclose(lower, torch.logsumexp(head(noisy), -1).min(0).values, atol=1e-5)
+    chunked = kl_control.mc_dropout_logits(moved, prior_hidden, head, 5, 0.3, lowest, 1)
+    assert chunked.shape == (5,) and torch.isfinite(chunked).all()  # one position a chunk
+    one = kl_control.mc_dropout_logits(moved, prior_hidden, head, 1, 0.3, lowest)
+    assert torch.allclose(one, torch.logsumexp(head(moved), -1), atol=1e-5)
+
+
+def test_the_huber_threshold_never_caps_a_reward():
+    assert kl_control.huber_delta(1.0, 3.0, 1.0) == 3.0
+    assert kl_control.huber_delta(1.0, 3.0, 0.25) == 12.0
+    assert kl_control.huber_delta(20.0, 3.0, 1.0) == 20.0
 
 
 def test_batches_are_a_pure_function_of_seed_and_step_and_split_across_processes():

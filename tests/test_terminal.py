@@ -110,10 +110,10 @@ def test_a_model_crash_mid_chat_is_one_line_and_the_chat_goes_on(tiny_model_dir,
     policy = Policy.load(config.model, config.generation, seed=0)
     real_stream = policy.stream
 
-    def stream(turns):
+    def stream(turns, finish=None):
         if "boom" in turns[-1].text:
             raise RuntimeError("model exploded")
-        return real_stream(turns)
+        return real_stream(turns, finish)
 
     policy.stream = stream
     session = Session(store, lambda: policy, platform="terminal", platform_user_id="t")
