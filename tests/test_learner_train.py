@@ -33,7 +33,7 @@ SYS = "s"
 REPLIES = {"fine": 40, "good": 20, "yes": 12, "why": 8, "maybe": 8, "bad": 6, "cool": 3, "great": 3}
 
 
-def toy_conversations(n: int, reward, seed: int) -> list[dict]:
+def toy_conversations(n: int, reward, seed: int, tail: str = "") -> list[dict]:
     rng = random.Random(seed)
     pool = [w for w, count in REPLIES.items() for _ in range(count)]
     conversations = []
@@ -43,27 +43,36 @@ def toy_conversations(n: int, reward, seed: int) -> list[dict]:
             word = rng.choice(pool)
             turns += [
                 {"id": 0, "role": "user", "author": "person", "text": "hi", "reward": None},
-                {"id": 0, "role": "bot", "author": "person", "text": word, "reward": reward(word)},
+                {
+                    "id": 0,
+                    "role": "bot",
+                    "author": "person",
+                    "text": word + tail,
+                    "reward": reward(word),
+                },
             ]
         conversations.append({"id": i, "platform": "toy", "turns": turns})
     return conversations
 
 
-def toy_dataset(tokenizer, prior, reward, seed=1):
-    dataset = build_dataset(toy_conversations(100, reward, seed), tokenizer, SYS, 64, 0.0, "toy")
+def toy_dataset(tokenizer, prior, reward, seed=1, tail=""):
+    conversations = toy_conversations(100, reward, seed, tail)
+    dataset = build_dataset(conversations, tokenizer, SYS, 64, 0.0, "toy")
     add_prior_logprobs(dataset, prior)
     return dataset
 
 
 def quick(algo: str, **overrides) -> TrainConfig:
+    """The defaults users run, sized for the toy: a bigger learning rate and batch for a
+    32-wide model, a faster target, fewer steps. Every learner knob keeps its default."""
     config = TrainConfig(
         algo=algo,
+        steps=100,
         batch_size=16,
         lr=1e-3,
         warmup_steps=1,
         tau=0.05,
         reward_scale=0.25,
-        min_reward=0.5,
         checkpoint_every=10_000,
         log_every=10,
     )
@@ -77,104 +86,175 @@ def toy_prior(tiny_model_dir, tmp_path_factory) -> Path:
     """The tiny model cloned on toy chats: a prior that prefers "fine" and rarely says "great"."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model, _ = load_model(tiny_model_dir)
-    dataset = toy_dataset(tokenizer, model, lambda w: 0.0, seed=0)
-    models = prepare_models(tiny_model_dir, quick("bc", steps=200, lr=3e-3))
-    train(
-        quick("bc", steps=200, lr=3e-3),
-        dataset,
-        models,
-        tmp_path_factory.mktemp("bc"),
-        pad_id=tokenizer.pad_token_id,
-    )
+    dataset = toy_dataset(tokenizer, model, lambda w: 0.0, seed=0, tail=TAIL)
+    config = quick("bc", steps=250, lr=3e-3, min_reward=float("-inf"))
+    models = prepare_models(tiny_model_dir, config)
+    train(config, dataset, models, tmp_path_factory.mktemp("bc"), pad_id=tokenizer.pad_token_id)
     folder = tmp_path_factory.mktemp("toy-prior")
     models.q.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
 
-def reply_distribution(model, tokenizer, prior=None) -> torch.Tensor:
-    """log π(first reply token | "hi") as served."""
+# The toy replies are one word and a fixed tail: the first token decides the reward and
+# the end of turn, where the reward lands, is 7 tokens later.
+TAIL = " and that is all"
+
+
+def first_token_logprobs(model, tokenizer) -> torch.Tensor:
+    """log π(first reply token | "hi"), softmax of the logits: how every algorithm serves."""
     ids = torch.tensor([encode_chat(tokenizer, SYS, [Turn("user", "hi")])])
     with torch.no_grad():
-        logits = model(input_ids=ids).logits[0, -1].float()
-        if prior is not None:  # G-learning serves log p + G
-            logits = torch.log_softmax(prior(input_ids=ids).logits[0, -1].float(), -1) + logits
-    return torch.log_softmax(logits, -1)
+        return torch.log_softmax(model(input_ids=ids).logits[0, -1].float(), -1)
+
+
+def likes_great(word: str) -> float:
+    return 1.0 if word == "great" else 0.0
+
+
+def run(toy_prior, tmp_path, algo, reward=likes_great, **overrides):
+    tokenizer = AutoTokenizer.from_pretrained(toy_prior)
+    prior, _ = load_model(toy_prior)
+    dataset = toy_dataset(tokenizer, prior, reward, tail=TAIL)
+    config = quick(algo, **overrides)
+    models = prepare_models(toy_prior, config)
+    metrics = train(config, dataset, models, tmp_path, pad_id=tokenizer.pad_token_id)
+    great = tokenizer("great", add_special_tokens=False)["input_ids"][0]
+    p, pi = first_token_logprobs(prior, tokenizer), first_token_logprobs(models.q, tokenizer)
+    return {
+        "models": models,
+        "metrics": metrics,
+        "dataset": dataset,
+        "config": config,
+        "tokenizer": tokenizer,
+        "p_great": float(pi[great].exp()),
+        "prior_great": float(p[great].exp()),
+        "kl": float((pi.exp() * (pi - p)).sum()),
+    }
+
+
+@pytest.fixture(scope="module")
+def rewarded(toy_prior, tmp_path_factory) -> dict:
+    """Every token-level algorithm trained once on the toy reward that likes "great"."""
+    return {algo: run(toy_prior, tmp_path_factory.mktemp(algo), algo) for algo in TOKEN_LEVEL}
 
 
 @torch.no_grad()
 def dataset_loss(models, dataset, config, pad_id) -> float:
-    """The training loss over every window (targets from the current target network),
-    without dropout: the Bellman residual (or NLL) the run is meant to shrink."""
-    exact = quick(config.algo, mc_samples=1)
+    """The training loss over every window (targets from the current target network):
+    the Bellman residual (or NLL) the run is meant to shrink."""
     loss_fn = bc_loss if config.algo == "bc" else kl_control_loss
     losses = []
     for start in range(0, len(dataset.train), 16):
         batch = collate(dataset.train[start : start + 16], pad_id)
-        losses.append(float(loss_fn(models, batch, exact)[0]))
+        losses.append(float(loss_fn(models, batch, config)[0]))
     return sum(losses) / len(losses)
 
 
 @pytest.mark.parametrize("algo", TOKEN_LEVEL)
-def test_smoke_every_algorithm_learns_moves_weights_and_serves(algo, toy_prior, tmp_path):
-    tokenizer = AutoTokenizer.from_pretrained(toy_prior)
-    prior, _ = load_model(toy_prior)
-    dataset = toy_dataset(tokenizer, prior, lambda w: 1.0 if w == "great" else 0.0)
-    config = quick(algo, steps=60, mc_samples=3, dropout=0.01)
-    models = prepare_models(toy_prior, config)
-    before = {k: v.clone() for k, v in models.q.state_dict().items()}
-    loss_before = dataset_loss(models, dataset, config, tokenizer.pad_token_id)
-    metrics = train(config, dataset, models, tmp_path / "run", pad_id=tokenizer.pad_token_id)
-    loss_after = dataset_loss(models, dataset, config, tokenizer.pad_token_id)
-    assert loss_after < 0.85 * loss_before, (loss_before, loss_after)
+def test_every_algorithm_raises_the_rewarded_reply_and_the_metrics_say_so(
+    algo, rewarded, toy_prior
+):
+    r = rewarded[algo]
+    assert r["p_great"] > 3 * r["prior_great"], r
+    metrics = r["metrics"]
+    assert metrics["step"] == 100 and metrics["kl_to_prior"] > 0.01
+    # the reward metric is the mean over every trained turn, zeros included ("great" is
+    # about 3% of the toy replies), not the mean of the nonzero ones (which reads 1.0)
+    assert 0 <= metrics["reward"] < 0.5
+    if algo != "bc":
+        fresh = prepare_models(toy_prior, r["config"])
+        pad = r["tokenizer"].pad_token_id
+        before = dataset_loss(fresh, r["dataset"], r["config"], pad)
+        after = dataset_loss(r["models"], r["dataset"], r["config"], pad)
+        assert after < before, (before, after)
 
-    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in lines] == list(range(1, 61))
-    moved = max(float((v - before[k]).abs().max()) for k, v in models.q.state_dict().items())
-    assert moved > 1e-4
-    assert {"loss", "lr", "reward", "tokens_per_s", "kl_to_prior"} <= set(metrics)
 
+def test_psi_and_g_are_the_same_learner_and_batch_q_gains_less_per_nat_of_kl(rewarded):
+    """g is psi re-parameterised (learner.kl_control): the same policy, step for step.
+    batch_q, with no prior in its target, gains less of the rewarded reply than the
+    KL-control learners, and less per nat of KL than psi (its drift at zero reward, the
+    paper's finding, is in the zero-reward control below)."""
+    psi, g, batch_q = rewarded["psi"], rewarded["g"], rewarded["batch_q"]
+    summary = {a: (round(r["p_great"], 4), round(r["kl"], 4)) for a, r in rewarded.items()}
+    assert g["p_great"] == pytest.approx(psi["p_great"], rel=1e-2), summary
+    assert g["kl"] == pytest.approx(psi["kl"], rel=1e-2, abs=1e-4), summary
+    for algo in ("psi", "kl_q"):
+        assert batch_q["p_great"] < rewarded[algo]["p_great"], summary
+
+    def gain_per_kl(r):
+        return (r["p_great"] - r["prior_great"]) / r["kl"]
+
+    assert gain_per_kl(batch_q) < gain_per_kl(psi), summary
+
+
+@pytest.mark.parametrize("algo", TOKEN_LEVEL)
+@pytest.mark.parametrize("mc_samples", [1, 5])
+def test_zero_reward_control_every_kl_control_learner_stays_at_the_prior(
+    algo, mc_samples, toy_prior, tmp_path
+):
+    """With r ≡ 0 the served policy stays the prior (KL < 0.01 nats/token), also with
+    the paper's M = 5 dropout samples; batch_q, which has no prior to sit at, drifts."""
+    if algo == "bc" and mc_samples > 1:
+        pytest.skip("bc has no target")
+    r = run(toy_prior, tmp_path, algo, reward=lambda w: 0.0, mc_samples=mc_samples)
+    if algo == "batch_q":
+        assert r["kl"] > 0.05, r["kl"]
+    else:
+        assert r["kl"] < 0.01, r["kl"]
+        assert r["metrics"]["kl_to_prior"] < 0.01
+
+
+def test_credit_reaches_the_first_word_of_a_reply_rewarded_at_its_end(toy_prior, tmp_path):
+    """The reward lands on the end of turn 7 tokens after the word that earned it; the
+    default λ-return carries it there within the default 200 steps, while the paper's
+    one-step target (λ = 0) has barely moved it."""
+    full = run(toy_prior, tmp_path / "full", "psi", steps=200)
+    one_step = run(toy_prior, tmp_path / "one", "psi", steps=200, td_lambda=0.0)
+    assert full["p_great"] > 3 * full["prior_great"], full["p_great"]
+    gain = full["p_great"] - full["prior_great"]
+    assert one_step["p_great"] - one_step["prior_great"] < gain / 3, (one_step, full)
+
+
+def test_a_negated_reward_moves_the_other_way_and_a_larger_scale_further(
+    toy_prior, tmp_path, rewarded
+):
+    base = rewarded["psi"]
+    negated = run(toy_prior, tmp_path / "neg", "psi", reward=lambda w: -likes_great(w))
+    assert negated["p_great"] < base["prior_great"] < base["p_great"]
+    stronger = run(toy_prior, tmp_path / "strong", "psi", reward_scale=0.0625)
+    assert stronger["p_great"] > base["p_great"] and stronger["kl"] > base["kl"]
+
+
+@pytest.mark.parametrize("algo", TOKEN_LEVEL)
+def test_serving_samples_from_the_distribution_the_learner_trained(algo, rewarded, tmp_path):
+    """What Policy.load serves is what the learner meant (softmax of the saved network's
+    logits, no prior needed), and rapport eval's KL equals the training KL metric on
+    the same contexts."""
+    from learner.evaluate import kl_per_tokens
+    from learner.train import kl_to_prior
+
+    r = rewarded[algo]
+    tokenizer, models = r["tokenizer"], r["models"]
     folder = tmp_path / "model"
-    save_trained_model(folder, models.q, tokenizer, config, dataset.meta, metrics, toy_prior)
+    save_trained_model(folder, models.q, tokenizer, r["config"], {}, r["metrics"], "prior")
+    assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == []  # one plain folder
     serving = Config()
     serving.model.path = str(folder)
+    serving.model.serve_precision = "fp32"
     policy = Policy.load(serving.model, serving.generation, seed=0)
-    assert policy.stream_tokens(policy.prompt_ids([Turn("user", "hi")])) is not None
-    assert isinstance(policy.reply([Turn("user", "hi")]), str)
+    served = first_token_logprobs(policy.model, tokenizer)
+    assert torch.allclose(served, first_token_logprobs(models.q, tokenizer), atol=1e-5)
 
-
-@pytest.mark.slow
-def test_the_papers_finding_batch_q_drifts_while_kl_control_stays_near_the_prior(
-    toy_prior, tmp_path
-):
-    """Every algorithm raises the rewarded reply; batch_q moves far from the prior
-    (large KL, low diversity) while the KL-control algorithms stay close. The fixed point
-    of KL-control here is π ∝ p·e^(r/c) (p("great") ≈ 0.004 -> ~0.18); batch_q's is
-    π ∝ e^(r/c), which ignores the prior. MC-dropout is off (M = 1): on a 32-wide toy
-    model its pessimism is larger than the reward (see learner.kl_control)."""
-    tokenizer = AutoTokenizer.from_pretrained(toy_prior)
-    prior, _ = load_model(toy_prior)
-    dataset = toy_dataset(tokenizer, prior, lambda w: 1.0 if w == "great" else 0.0)
-    great = tokenizer("great", add_special_tokens=False)["input_ids"][0]
-    p = reply_distribution(prior, tokenizer)
-    results = {}
-    for algo in ("psi", "kl_q", "g", "batch_q"):
-        config = quick(algo, steps=500, mc_samples=1)
-        models = prepare_models(toy_prior, config)
-        train(config, dataset, models, tmp_path / algo, pad_id=tokenizer.pad_token_id)
-        pi = reply_distribution(models.q, tokenizer, prior if algo == "g" else None)
-        results[algo] = {
-            "p_great": float(pi[great].exp()),
-            "kl": float((pi.exp() * (pi - p)).sum()),
-            "entropy": float(-(pi.exp() * pi).sum()),
-        }
-    prior_great = float(p[great].exp())
-    for algo, r in results.items():
-        assert r["p_great"] > 3 * prior_great, (algo, r)
-    for algo in ("psi", "kl_q", "g"):
-        assert results["batch_q"]["kl"] > 3 * results[algo]["kl"], results
-        assert results["batch_q"]["entropy"] < results[algo]["entropy"], results
-        assert results[algo]["kl"] < 1.0, results
+    windows = r["dataset"].train[:8]
+    batch = collate(windows, tokenizer.pad_token_id)
+    trained_kl = kl_to_prior(models, batch, r["config"])
+    positions = [[t for t, m in enumerate(w.mask) if m] for w in windows]
+    per_window = kl_per_tokens(policy.model, models.prior, [w.input_ids for w in windows], positions)
+    counts = [len(p) for p in positions]
+    eval_kl = sum(k * n for k, n in zip(per_window, counts, strict=True)) / sum(counts)
+    assert eval_kl == pytest.approx(trained_kl, rel=1e-3, abs=1e-6)
+    assert trained_kl > 0.01
 
 
 def scored_store(home: Path, tiny_model_dir: Path) -> None:
