@@ -18,6 +18,7 @@ import click
 
 from bot.config import Config, load_config
 from bot.errors import RapportError
+from bot.progress import progress
 from bot.store import Store
 
 if TYPE_CHECKING:
@@ -134,9 +135,7 @@ def _import(config: Config, platform: str, conversations, total: int | None = No
     added = 0
     with (
         open_store(config) as store,
-        click.progressbar(
-            length=total or 0, label=f"importing {platform}", file=sys.stderr, show_pos=True
-        ) as bar,
+        progress(total or 0, f"importing {platform}") as bar,
     ):
         for chunk in batched(conversations, 500):
             added += store.import_conversations(platform, chunk)
@@ -190,14 +189,20 @@ def score(config: Config, reward_model: str | None) -> None:
     learned = learned_signal(Path(reward_model) if reward_model else None)
     with open_store(config) as store:
         pending = len(store.conversations_to_score(scorer_version(learned)))
-        with click.progressbar(
-            length=pending, label="scoring conversations", file=sys.stderr, show_pos=True
-        ) as bar:
+        with progress(pending, "scoring conversations") as bar:
             summary = score_store(store, config, progress=bar.update, learned=learned)
     click.echo(
         f"scored {summary.bot_turns:,} bot turns in {summary.conversations:,} conversations; "
         f"combined reward updated for {summary.combined:,}"
     )
+
+
+def _learner_help(name: str) -> str:
+    """A train flag's help: the TrainConfig field's own text and default (one place)."""
+    from learner.config import TrainConfig
+
+    field = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
+    return f"{field.metadata['help']} [default: {field.default}]"
 
 
 @cli.command()
@@ -207,20 +212,24 @@ def score(config: Config, reward_model: str | None) -> None:
     show_default=True,
     help="kl_q | psi | g | batch_q | bc (ours) | kto | dpo | sft (trl).",
 )
-@click.option("--reward", default=None, help="Stored reward to learn from (default combined).")
-@click.option("--steps", type=int, default=None, help="Optimiser steps (default 200).")
-@click.option("--batch-size", type=int, default=None, help="Windows per step (default 4).")
-@click.option("--max-tokens", type=int, default=None, help="Window length (default 256).")
-@click.option("--lr", type=float, default=None, help="Learning rate (default 1e-5).")
-@click.option("--gamma", type=float, default=None, help="Discount per token (default 0.99).")
-@click.option("--reward-scale", type=float, default=None, help="c in r/c (default 1).")
-@click.option("--mc-samples", type=int, default=None, help="Dropout samples M (default 5).")
-@click.option("--seed", type=int, default=None, help="Seed (default 0).")
-@click.option("--beta", type=float, default=None, help="kto/dpo: KL strength (default 0.1).")
-@click.option("--pairs-from", default=None, help="dpo: rank replies by votes | combined.")
-@click.option("--platform", default=None, help="kto/dpo/sft: only this platform's logs.")
-@click.option("--min-reward", type=float, default=None, help="bc/sft: only turns this good.")
-@click.option("--checkpoint-every", type=int, default=None, help="Steps between checkpoints.")
+@click.option("--reward", default=None, help=_learner_help("reward"))
+@click.option("--steps", type=int, default=None, help=_learner_help("steps"))
+@click.option("--batch-size", type=int, default=None, help=_learner_help("batch_size"))
+@click.option("--max-tokens", type=int, default=None, help=_learner_help("max_tokens"))
+@click.option("--lr", type=float, default=None, help=_learner_help("lr"))
+@click.option("--gamma", type=float, default=None, help=_learner_help("gamma"))
+@click.option("--reward-scale", type=float, default=None, help=_learner_help("reward_scale"))
+@click.option("--reward-clip", type=float, default=None, help=_learner_help("reward_clip"))
+@click.option("--td-lambda", type=float, default=None, help=_learner_help("td_lambda"))
+@click.option("--tau", type=float, default=None, help=_learner_help("tau"))
+@click.option("--mc-samples", type=int, default=None, help=_learner_help("mc_samples"))
+@click.option("--huber-delta", type=float, default=None, help=_learner_help("huber_delta"))
+@click.option("--seed", type=int, default=None, help=_learner_help("seed"))
+@click.option("--beta", type=float, default=None, help=_learner_help("beta"))
+@click.option("--pairs-from", default=None, help=_learner_help("pairs_from"))
+@click.option("--platform", default=None, help=_learner_help("platform"))
+@click.option("--min-reward", type=float, default=None, help=_learner_help("min_reward"))
+@click.option("--checkpoint-every", type=int, default=None, help=_learner_help("checkpoint_every"))
 @click.option("--model", "model", default=None, help="Prior: folder or version (default: config).")
 @click.option("--resume", default=None, metavar="RUN", help="Resume the named run.")
 @click.pass_obj
@@ -242,11 +251,9 @@ def train(config: Config, algo: str, model: str | None, resume: str | None, **op
         registered = {m["version"]: m["path"] for m in store.models()}
         prior_path = resolve_model_path(spec, registered)
         total = (resume_steps or train_config.steps) if resume else train_config.steps
-        with click.progressbar(
-            length=total, label=f"training {algo}", file=sys.stderr, item_show_func=_show_metrics
-        ) as bar:
+        with progress(total, f"training {algo}", item_show_func=_show_metrics) as bar:
 
-            def progress(step: int, metrics: dict) -> None:
+            def on_step(step: int, metrics: dict) -> None:
                 bar.current_item = metrics
                 bar.update(step - bar.pos)
 
@@ -258,7 +265,7 @@ def train(config: Config, algo: str, model: str | None, resume: str | None, **op
                 train_config,
                 resume=resume,
                 resume_steps=resume_steps,
-                progress=progress,
+                progress=on_step,
             )
     click.echo(f"trained {version}: {folder}")
     click.echo(
@@ -309,18 +316,20 @@ def eval_command(config: Config, version: str, others, n, turns, seed, user_mode
         prior, _, _ = _served(config, store, config.model.path)
         user = _served(config, store, user_model)[0] if user_model else prior
         settings = Settings.from_config(config.generation)
-        results = evaluate(
-            models,
-            prior,
-            user,
-            tokenizer,
-            n=n,
-            turns=turns,
-            seed=seed,
-            system_prompt=config.model.system_prompt,
-            settings=settings,
-            weights=dataclasses.asdict(config.weights),
-        )
+        with progress(2 * len(models), "evaluating (self-play, then scoring, per model)") as bar:
+            results = evaluate(
+                models,
+                prior,
+                user,
+                tokenizer,
+                n=n,
+                turns=turns,
+                seed=seed,
+                system_prompt=config.model.system_prompt,
+                settings=settings,
+                weights=dataclasses.asdict(config.weights),
+                progress=bar.update,
+            )
     click.echo(format_table(results))
     for name, conversations in results["samples"].items():
         click.echo(f"\n[{name}] sample conversation:")
@@ -332,7 +341,9 @@ def eval_command(config: Config, version: str, others, n, turns, seed, user_mode
 
 
 @cli.command()
-@click.option("--model", "model", default="", help="Version or folder playing the bot.")
+@click.option(
+    "--model", "model", default="", help="Version or folder playing the bot (default: deployed)."
+)
 @click.option("--n", "n", type=int, default=100, show_default=True, help="Conversations.")
 @click.option("--turns", type=int, default=6, show_default=True, help="Bot turns each.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -346,56 +357,31 @@ def simulate(config: Config, model: str, n: int, turns: int, seed: int, batch: i
     Batches are committed one by one, so a kill loses at most the batch in flight, and a
     re-run with the same arguments skips the batches already stored."""
     from bot.policy import DEFAULT_MODEL_NAME, Settings
-    from bot.store_data import Imported
-    from learner.simulate import self_play
+    from learner.simulate import simulate_into_store
 
     if n < 1 or batch < 1:
         raise click.UsageError("--n and --batch must be at least 1")
-    settings = Settings.from_config(config.generation)
-    added = 0
     with open_store(config) as store:
-        policy, tokenizer, name = _served(config, store, model)
+        # the bot is what users meet: --model, else the deployed version, else the config's
+        spec = model or store.deployed_version() or config.model.path
+        policy, tokenizer, _ = _served(config, store, spec)
         user, _, _ = _served(config, store, config.model.path)
-        version = model or DEFAULT_MODEL_NAME
-        with click.progressbar(
-            length=n, label=f"simulating with {version}", file=sys.stderr, show_eta=True
-        ) as bar:
-            for start in range(0, n, batch):
-                size = min(batch, n - start)
-                ids = [f"{name}:{seed}:{i}" for i in range(start, start + size)]
-                if all(store.has_imported("simulated", i) for i in ids):
-                    bar.update(size)
-                    continue
-                games = self_play(
-                    policy,
-                    user,
-                    tokenizer,
-                    n=size,
-                    turns=turns,
-                    seed=seed * 1_000_003 + start,
-                    system_prompt=config.model.system_prompt,
-                    settings=settings,
-                    split="train",
-                )
-                added += store.import_conversations(
-                    "simulated",
-                    [
-                        Imported(
-                            external_id,
-                            f"simulated:{g.persona}",
-                            tuple((t.role, "model", t.text) for t in g.turns),
-                            model_version=version,
-                            generations=tuple(
-                                None
-                                if t.role != "bot"
-                                else settings.as_dict() | ({"cut": True} if k in g.cut else {})
-                                for k, t in enumerate(g.turns)
-                            ),
-                        )
-                        for external_id, g in zip(ids, games, strict=True)
-                    ],
-                )
-                bar.update(size)
+        version = spec or DEFAULT_MODEL_NAME
+        with progress(n, f"simulating with {version}") as bar:
+            added = simulate_into_store(
+                store,
+                policy,
+                user,
+                tokenizer,
+                version=version,
+                n=n,
+                turns=turns,
+                seed=seed,
+                batch=batch,
+                system_prompt=config.model.system_prompt,
+                settings=Settings.from_config(config.generation),
+                progress=bar.update,
+            )
     click.echo(f"simulated {added} conversations with {version}; run `rapport score` next")
 
 

@@ -101,8 +101,9 @@ class TrainConfig:
     )
     pairs_from: str = _f(
         "votes",
-        "dpo only: rank replies to the same context by their votes, or by the 'combined' "
-        "implicit reward.",
+        "kto and dpo: where preferences come from: 'votes', or 'combined' for the stored "
+        "reward named by --reward (kto: a turn is liked when its reward is above the mean; "
+        "dpo: replies to the same context ranked by it).",
     )
     context_turns: int = _f(
         6,

@@ -253,9 +253,10 @@ def build_dataset(
 
 
 @torch.no_grad()
-def add_prior_logprobs(dataset: Dataset, prior, batch_size: int = 8) -> None:
+def add_prior_logprobs(dataset: Dataset, prior, batch_size: int = 8, progress=None) -> None:
     """Cache the prior's log p(a_t|s_t) of every logged action and its log-partition
-    b(s_t) and max log-probability of every state (none of them ever changes)."""
+    b(s_t) and max log-probability of every state (none of them ever changes).
+    ``progress(k)`` is called after every k windows."""
     device = next(prior.parameters()).device
     for windows in (dataset.train, dataset.val):
         for start in range(0, len(windows), batch_size):
@@ -275,6 +276,8 @@ def add_prior_logprobs(dataset: Dataset, prior, batch_size: int = 8) -> None:
                 w.logp = [float(v) if m else 0.0 for v, m in zip(values, w.mask, strict=True)]
                 w.prior_lse = [float(v) for v in lse[i, :n].cpu()]
                 w.prior_max = [float(v) for v in top[i, :n].cpu()]
+            if progress:
+                progress(len(chunk))
     dataset.meta["prior_logprobs"] = True
 
 

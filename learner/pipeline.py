@@ -47,7 +47,11 @@ def prepare_dataset(
     folder = rapport_home() / "datasets" / f"{dataset.meta['id']}-{_prior_key(prior_path)}"
     if (folder / "windows.pt").exists():
         return Dataset.load(folder)
-    add_prior_logprobs(dataset, prior)
+    from bot.progress import progress
+
+    windows = len(dataset.train) + len(dataset.val)
+    with progress(windows, "preparing data (the prior's log-probabilities, once)") as bar:
+        add_prior_logprobs(dataset, prior, progress=bar.update)
     dataset.meta["prior"] = str(prior_path)
     dataset.meta["folder"] = str(folder)
     dataset.meta["reward"] = config.reward

@@ -158,3 +158,65 @@ def self_play(
             if said == "…" or any(word in said.lower() for word in GOODBYES):
                 game.ended_by_user = True
     return games
+
+
+def simulate_into_store(
+    store,
+    policy_model,
+    user_model,
+    tokenizer,
+    *,
+    version: str,
+    n: int,
+    turns: int,
+    seed: int,
+    batch: int,
+    system_prompt: str,
+    settings: Settings,
+    progress=None,
+) -> int:
+    """``rapport simulate``: self-play on the training openers, logged as platform
+    "simulated" batch by batch, each bot turn with the version that wrote it, its
+    generation settings and ``cut`` when the length limit ended it (as a chat logs
+    it). A kill loses at most the batch in flight; a re-run with the same arguments
+    skips the batches already stored. Returns how many conversations were added."""
+    added = 0
+    for start in range(0, n, batch):
+        size = min(batch, n - start)
+        ids = [f"{version}:{seed}:{i}" for i in range(start, start + size)]
+        if not all(store.has_imported("simulated", i) for i in ids):
+            games = self_play(
+                policy_model,
+                user_model,
+                tokenizer,
+                n=size,
+                turns=turns,
+                seed=seed * 1_000_003 + start,
+                system_prompt=system_prompt,
+                settings=settings,
+                split="train",
+            )
+            added += store.import_conversations(
+                "simulated",
+                [_imported(i, g, version, settings) for i, g in zip(ids, games, strict=True)],
+            )
+        if progress:
+            progress(size)
+    return added
+
+
+def _imported(external_id: str, game: SelfPlay, version: str, settings: Settings):
+    from bot.store_data import Imported
+
+    return Imported(
+        external_id,
+        f"simulated:{game.persona}",
+        tuple((t.role, "model", t.text) for t in game.turns),
+        model_version=version,
+        generations=tuple(
+            None
+            if t.role != "bot"
+            else settings.as_dict() | ({"cut": True} if k in game.cut else {})
+            for k, t in enumerate(game.turns)
+        ),
+    )

@@ -75,7 +75,9 @@ def kl_control_loss(models: Models, batch, config: TrainConfig) -> tuple[torch.T
     hidden = hidden_states(models.q, batch)  # (B, T, H)
     q = torch.zeros(mask.shape, device=hidden.device)
     q[mask] = kl_control.q_from_logit(
-        kl_control.taken_action_values(hidden[mask], models.q.get_output_embeddings(), actions[mask]),
+        kl_control.taken_action_values(
+            hidden[mask], models.q.get_output_embeddings(), actions[mask]
+        ),
         lse[mask],
         logp[mask],
         algo,

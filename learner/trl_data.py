@@ -57,18 +57,29 @@ def vote_score(turn: dict) -> float | None:
     return sum(votes) / len(votes) if votes else None
 
 
-def kto_rows(conversations: list[dict], system_prompt: str, context_turns: int) -> list[dict]:
-    """KTO's unpaired preference format: one row a voted bot turn, label = liked."""
+def kto_rows(
+    conversations: list[dict], system_prompt: str, context_turns: int, labels_from: str = "votes"
+) -> list[dict]:
+    """KTO's unpaired preference format: one row a bot turn, label = liked. ``votes``:
+    the voted turns, liked when the votes' sum is positive; ``combined``: every scored
+    turn, liked when its stored reward (``--reward``) is above the mean of all scored
+    turns (a turn exactly at the mean says nothing and is left out)."""
+    turns = list(bot_turns(conversations, system_prompt, context_turns))
+    scored = [t["reward"] for t, _, _ in turns if t.get("reward") is not None]
+    mean = sum(scored) / len(scored) if scored else 0.0
     rows = []
-    for turn, prompt, completion in bot_turns(conversations, system_prompt, context_turns):
-        votes = turn.get("votes") or ()
-        if sum(votes) == 0:
+    for turn, prompt, completion in turns:
+        if labels_from == "votes":
+            score = sum(turn.get("votes") or ())
+        else:
+            score = None if turn.get("reward") is None else turn["reward"] - mean
+        if not score:
             continue
         rows.append(
             {
                 "prompt": prompt,
                 "completion": completion,
-                "label": sum(votes) > 0,
+                "label": score > 0,
                 "chat_template_kwargs": SAFE_TEMPLATE,
             }
         )

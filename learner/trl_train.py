@@ -43,9 +43,13 @@ def training_rows(store: Store, system_prompt: str, config: TrainConfig) -> list
     conversations = store.feedback_conversations(config.reward, config.platform)
     where = f" of platform {config.platform!r}" if config.platform else ""
     if config.algo == "kto":
-        rows = kto_rows(conversations, system_prompt, config.context_turns)
+        rows = kto_rows(conversations, system_prompt, config.context_turns, config.pairs_from)
         if not rows:
-            raise TrainingError(NO_VOTES)
+            raise TrainingError(
+                NO_VOTES
+                if config.pairs_from == "votes"
+                else f"no bot turns scored with {config.reward!r}: run `rapport score` first"
+            )
     elif config.algo == "dpo":
         rows = dpo_rows(conversations, system_prompt, config.context_turns, config.pairs_from)
         if not rows:

@@ -1,15 +1,22 @@
 """Normalise each signal and combine them into one reward with configured weights.
 
-Each signal is z-scored with statistics of the scored logs: z = (x − mean) / std. A
-signal that is constant over the logs (std ≈ 0) carries no information and gets z = 0,
-never a division by zero. The combined reward is Σ_signal weight · z; the weights come
-from the ``[rewards]`` config section. Normalisation lives here, never inside a reward.
+Each signal is z-scored with statistics of the scored logs: z = (x − mean) / std, then
+clipped to ±``Z_CLIP``. A signal that is constant over the logs (std ≈ 0) carries no
+information and gets z = 0, never a division by zero. The clip is for sparse signals:
+an event at base rate p sits at sqrt((1 − p)/p) standard deviations, so one 👍 among
+15,000 turns would be +122 and laughter at 2% +7, and one event would outweigh every
+other signal of the combined reward; clipped, it counts at most as much as any signal's
+strong reading. The combined reward is Σ_signal weight · z; the weights come from the
+``[rewards]`` config section. Normalisation lives here, never inside a reward.
 
 >>> stats = fit_stats({"a": [0.0, 2.0], "b": [5.0, 5.0]})
 >>> stats["a"], stats["b"]
 ((1.0, 1.0, 2), (5.0, 0.0, 2))
 >>> combine({"a": 2.0, "b": 5.0}, stats, {"a": 0.5, "b": 3.0})
 0.5
+>>> rare = fit_stats({"vote": [1.0] + [0.0] * 9999})
+>>> z_score(1.0, rare["vote"])
+3.0
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ import math
 
 # Below this standard deviation a signal is treated as constant.
 MIN_STD = 1e-8
+# No signal's z-score counts beyond this, however rare the event (module doc).
+Z_CLIP = 3.0
 
 
 def fit_stats(values: dict[str, list[float]]) -> dict[str, tuple[float, float, int]]:
@@ -33,7 +42,9 @@ def fit_stats(values: dict[str, list[float]]) -> dict[str, tuple[float, float, i
 
 def z_score(value: float, stats: tuple[float, float, int]) -> float:
     mean, std, _ = stats
-    return (value - mean) / std if std > MIN_STD else 0.0
+    if std <= MIN_STD:
+        return 0.0
+    return max(-Z_CLIP, min(Z_CLIP, (value - mean) / std))
 
 
 def combine(

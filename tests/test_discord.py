@@ -31,7 +31,7 @@ class ScriptedPolicy:
     def __init__(self, text="Hello there! How are you?", delay=0.0):
         self.text, self.delay = text, delay
 
-    def stream(self, turns):
+    def stream(self, turns, finish=None):
         if self.delay:
             time.sleep(self.delay)
         yield self.text
@@ -192,7 +192,7 @@ def test_the_event_loop_keeps_handling_events_while_a_reply_is_generated(store):
 
 def test_a_failing_generation_answers_one_readable_line(store):
     class Broken(ScriptedPolicy):
-        def stream(self, turns):
+        def stream(self, turns, finish=None):
             raise RuntimeError("model on fire")
             yield  # pragma: no cover
 

@@ -189,15 +189,79 @@ def test_simulated_conversations_land_in_the_store_and_get_scored(tiny_model_dir
         "3",
         "--turns",
         "2",
+        "--batch",
+        "2",
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
     assert "simulated 3 conversations" in result.stdout
+    assert "simulating with" in result.stderr  # a progress bar, batch by batch
     with Store(rapport_home / "rapport.db") as store:
         platforms = {r[0] for r in store.db.execute("SELECT platform FROM conversations")}
         assert platforms == {"simulated"}
-        assert store.db.execute("SELECT COUNT(*) FROM messages WHERE role='bot'").fetchone()[0] >= 3
+        bots = store.db.execute(
+            "SELECT model_version, generation FROM messages WHERE role='bot'"
+        ).fetchall()
+        assert len(bots) >= 3
+        # logged like a chat's bot turns: the version and settings; the untrained tiny
+        # model never ends a reply itself, so the length limit cut every one
+        for version, generation in bots:
+            assert version == str(tiny_model_dir)
+            assert json.loads(generation) == {
+                "max_new_tokens": 6,
+                "repetition_penalty": Config().generation.repetition_penalty,
+                "temperature": Config().generation.temperature,
+                "top_p": Config().generation.top_p,
+                "cut": True,
+            }
+    again = run_rapport(
+        "--set",
+        "generation.max_new_tokens=6",
+        "--set",
+        f"model.path={tiny_model_dir}",
+        "simulate",
+        "--n",
+        "3",
+        "--turns",
+        "2",
+        "--batch",
+        "2",
+        timeout=300,
+    )
+    assert again.returncode == 0 and "simulated 0 conversations" in again.stdout  # resumes
     scored = run_rapport("score", timeout=300)
     assert scored.returncode == 0, scored.stderr
     with Store(rapport_home / "rapport.db") as store:
         assert store.counts()["scoring"] >= 3
+
+
+def test_every_interval_holds_its_own_point_estimate_even_for_distinct_n():
+    """30 conversations of distinct replies: resampling conversations with replacement
+    would duplicate replies and put distinct-2 and the repeat rate below their own point
+    values; the intervals used hold every point."""
+    from learner.evaluation import intervals
+
+    rng = random.Random(0)
+    vocabulary = [f"w{i}" for i in range(300)]
+    measures = []
+    for c in range(30):
+        replies = [" ".join(rng.sample(vocabulary, 6)) + f" c{c}r{k}" for k in range(3)]
+        measures.append(
+            {
+                "replies": replies,
+                "signals": {n: [rng.random() for _ in replies] for n in COLUMNS},
+                "combined": [rng.gauss(0, 1) for _ in replies],
+                "perplexity": [rng.uniform(3, 30) for _ in replies],
+                "kl_to_prior": rng.uniform(0, 0.2),
+                "conversation_turns": 3,
+            }
+        )
+    table = intervals(measures, seed=0)
+    assert table["distinct_2"]["value"] > 0.95 and table["repeated_replies"]["value"] == 0.0
+    for column, cell in table.items():
+        assert cell["low"] <= cell["value"] <= cell["high"], (column, cell)
+    # the old scheme, for the record: a bootstrap of distinct-2 misses its point
+    from learner.evaluation import bootstrap, columns_of
+
+    low, high = bootstrap(measures, lambda ms: columns_of(ms)["distinct_2"], 0, 200)
+    assert high < table["distinct_2"]["value"]

@@ -94,3 +94,46 @@ def test_unscored_turns_are_context_and_huge_turns_are_cut(tokenizer):
     dataset = build_dataset([conv], tokenizer, SYS, 128, 0.0, "test")
     assert dataset.meta["bot_turns_by_author"] == {"person": 0, "model": 1}
     assert len(dataset.train) == 1 and dataset.val == []
+
+
+def test_a_reply_cut_at_the_length_limit_never_trains_its_end_as_a_chosen_end(tokenizer):
+    cut = turn("bot", "well, I think that the", 1.0) | {"cut": True}
+    conv = conversation(
+        turn("user", "hi"), cut, turn("user", "go on"), turn("bot", "ok!", -0.5), turn("user", "?")
+    )
+    (w,) = conversation_windows(tokenizer, SYS, conv, 256)
+    actions = decode_actions(tokenizer, w)
+    # the cut reply's words are trained; its forced <|im_end|> is not; the next reply's is
+    assert "".join(actions) == "well, I think that theok!<|im_end|>"
+    positions = [t for t, m in enumerate(w.mask) if m]
+    last_word = positions[len(tokenizer("well, I think that the")["input_ids"]) - 1]
+    assert tokenizer.decode([w.input_ids[last_word + 1]]) == " the"
+    # the reward sits on the last real word, which bootstraps across the user's reply
+    assert w.reward[last_word] == 1.0
+    assert w.next_pos[last_word] == positions[positions.index(last_word) + 1]
+    assert w.input_ids[w.next_pos[last_word] + 1] == tokenizer("ok")["input_ids"][0]
+
+
+def test_rewards_reach_the_learner_in_clipped_z_units():
+    from learner.data import normalise_rewards
+
+    # one thumbs-up among 1,000 turns: a z-score alone gives +31.6; clipped it is 3
+    conversations = [
+        conversation(turn("user", "hi"), turn("bot", "yo", 1.0 if i == 0 else 0.0), cid=i)
+        for i in range(1000)
+    ]
+    stats = normalise_rewards(conversations, 3.0)
+    rewards = [c["turns"][1]["reward"] for c in conversations]
+    assert rewards[0] == 3.0 and stats["clipped"] == 1
+    assert rewards[1] == pytest.approx(-0.0316, abs=1e-3)
+    # a raw single signal (reply length in words) becomes z-units, unscored stays None
+    lengths = [conversation(turn("bot", "x", float(n)), turn("bot", "y"), cid=n) for n in range(5)]
+    normalise_rewards(lengths, 3.0)
+    assert [c["turns"][0]["reward"] for c in lengths] == pytest.approx(
+        [-1.4142, -0.7071, 0.0, 0.7071, 1.4142], abs=1e-4
+    )
+    assert all(c["turns"][1]["reward"] is None for c in lengths)
+    # a constant reward carries nothing: 0, not a division by zero
+    same = [conversation(turn("bot", "x", 2.0), cid=i) for i in range(3)]
+    normalise_rewards(same, 3.0)
+    assert [c["turns"][0]["reward"] for c in same] == [0.0, 0.0, 0.0]

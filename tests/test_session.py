@@ -32,7 +32,8 @@ def test_both_turns_are_logged_with_the_model_version_and_settings(session, stor
     assert reply.text and reply.message_id == rows[1].id
     assert "".join(streamed).strip() == reply.text
     assert rows[1].model_version == policy.version
-    assert rows[1].generation == policy.settings.as_dict()
+    # the untrained tiny model never picks an end of turn: the length limit cut the reply
+    assert rows[1].generation == policy.settings.as_dict() | {"cut": True}
     assert store.conversation(session.conversation_id)["model_version"] == policy.version
 
 
@@ -42,7 +43,7 @@ def test_the_user_turn_is_committed_before_generation_starts(session, store, pol
     class Watching:
         version, settings = policy.version, policy.settings
 
-        def stream(self, turns):
+        def stream(self, turns, finish=None):
             seen_during_generation.extend(m.text for m in store.messages(session.conversation_id))
             yield "ok"
 
@@ -55,7 +56,7 @@ def test_a_crash_in_the_model_keeps_the_user_turn_and_the_chat_goes_on(session, 
     class Broken:
         version, settings = policy.version, policy.settings
 
-        def stream(self, turns):
+        def stream(self, turns, finish=None):
             yield "half a"
             raise RuntimeError("CUDA out of memory")
 
@@ -76,7 +77,7 @@ def test_ctrl_c_while_generating_keeps_what_was_shown_marked_interrupted(session
     class Interrupted:
         version, settings = policy.version, policy.settings
 
-        def stream(self, turns):
+        def stream(self, turns, finish=None):
             yield "I was saying"
             raise KeyboardInterrupt
 
@@ -95,7 +96,7 @@ def test_long_input_is_logged_whole_and_the_model_sees_it_truncated(session, sto
     class Recording:
         version, settings = policy.version, policy.settings
 
-        def stream(self, turns):
+        def stream(self, turns, finish=None):
             seen.append(real(turns))
             yield "wow"
 
@@ -167,3 +168,17 @@ def test_forget_me_deletes_this_user_only(session, store, policy):
     assert store.counts()["messages"] == 2
     session.respond("fresh start")  # the session goes on, as a new user row
     assert store.counts()["messages"] == 4
+
+
+def test_a_reply_the_model_ended_is_not_marked_cut(session, store, policy):
+    class Ends:
+        version, settings = policy.version, policy.settings
+
+        def stream(self, turns, finish=None):
+            yield "done."
+            finish["cut"] = False
+
+    session.policy_source = lambda: Ends()
+    session.respond("hi")
+    bot = store.messages(session.conversation_id)[-1]
+    assert bot.text == "done." and bot.generation == policy.settings.as_dict()
