@@ -76,6 +76,7 @@ def run_training(
     resume: str | None = None,
     resume_steps: int | None = None,
     progress: Callable[[int, dict], None] | None = None,
+    observe: Callable | None = None,
 ) -> tuple[str, Path, dict]:
     """Train and register a new (not deployed) model version; return (version, folder,
     final metrics). Resuming uses the run's own config and prepared data (the logs may
@@ -122,6 +123,7 @@ def run_training(
             pad_id=tokenizer.pad_token_id or 0,
             resume=bool(resume),
             progress=progress,
+            observe=observe,
         )
     except BaseException as e:
         store.finish_training_run(run_id, "failed", {"error": str(e)[:500]})

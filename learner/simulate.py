@@ -69,6 +69,8 @@ def held_out_openers(n: int, seed: int, split: str = "eval") -> list[str]:
     chosen = last[-500:] if split == "eval" else last[:-500]
     pool = [c.turns[0][2] for c in chosen if c.turns]
     rng = random.Random(seed)
+    if n <= len(pool):  # distinct openers: an evaluation of n prompts has n different ones
+        return rng.sample(pool, n)
     return [rng.choice(pool) for _ in range(n)]
 
 

@@ -260,8 +260,11 @@ def train(
     pad_id: int,
     resume: bool = False,
     progress: Callable[[int, dict], None] | None = None,
+    observe: Callable[[int, torch.nn.Module], None] | None = None,
 ) -> dict:
-    """Train ``models.q`` in place for ``config.steps`` steps; return the last metrics."""
+    """Train ``models.q`` in place for ``config.steps`` steps; return the last metrics.
+    ``observe(step, model)``, if given, sees the network after every step (a learning
+    curve measured on held-out prompts, in bench/learning_loop.py)."""
     from accelerate import Accelerator
 
     if not dataset.train:
@@ -329,6 +332,8 @@ def train(
             log.flush()
             if progress:
                 progress(step + 1, metrics)
+            if observe:
+                observe(step + 1, accelerator.unwrap_model(models.q))
             if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
                 save_checkpoint(run_dir, step + 1, models, optimizer, scheduler, accelerator)
     models.q = accelerator.unwrap_model(models.q)

@@ -1,0 +1,362 @@
+"""The product's own proof: the loop as deployed learns from how people react.
+
+1. The deployed model (the prior, SmolLM2-135M-Instruct) chats with simulated users
+   (``rapport simulate``: the prior prompted as a person, on the training openers);
+   its own replies are logged, with cut replies marked, and scored (``rapport score``).
+2. Each learner trains from those logs (``rapport train``) on one reward: (a)
+   ``bot_question`` alone, the paper's exploit case; (b) ``combined``, the default
+   implicit reward. Rows: the KL-control family (psi, kl_q, g, batch_q) and the peers a
+   researcher would try first: filtered behaviour cloning (``bc`` on the turns above
+   average) and trl's KTO (liked = reward above the mean).
+3. Every trained version and the prior are evaluated together (``rapport eval``) on
+   held-out openers none of them trained on: (a) one reply to each of ``--eval-n``
+   distinct openers; (b) ``--eval-n-b`` conversations of ``--eval-turns-b`` bot turns,
+   since the combined reward reads the user's reply.
+
+Columns: the targeted reward, question rate, KL(π‖prior) per token, perplexity of the
+replies under the prior, distinct-2, each with its 95% interval (percentile bootstrap
+over conversations; jackknife for distinct-2). During training, every
+``--curve-every`` steps the policy answers ``--curve-n`` held-out openers and the
+targeted reward and KL are recorded: the learning curves, plotted into the HTML report.
+
+Run (2 CPU cores, about 60 minutes at the defaults; the settings are in the table's
+header): ``.venv/bin/python bench/learning_loop.py``. On a GPU, larger settings, e.g.
+``--simulate 512 --steps 300 --eval-n 500`` (``bench/gpu_check.sh`` runs it). Writes
+``results.json``, ``table.md``, ``curves.png`` and ``index.html`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ALGOS = ("psi", "kl_q", "g", "batch_q", "bc", "kto")
+REWARDS = ("bot_question", "combined")
+COLUMNS = ("targeted", "bot_question", "kl_to_prior", "perplexity", "distinct_2")
+
+
+def arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add = parser.add_argument
+    add("--simulate", type=int, default=96, help="self-play conversations to learn from")
+    add("--turns", type=int, default=3, help="bot turns per simulated conversation")
+    add("--algos", default=",".join(ALGOS))
+    add("--rewards", default=",".join(REWARDS))
+    add("--max-new-tokens", type=int, default=64, help="reply length limit (chat: 96)")
+    add("--steps", type=int, default=24)
+    add("--batch-size", type=int, default=4)
+    add("--max-tokens", type=int, default=256)
+    add("--lr", type=float, default=3e-5, help="KL-control, bc and kto alike")
+    add("--eval-n", type=int, default=200, help="(a): held-out openers, one reply each")
+    add("--eval-n-b", type=int, default=40, help="(b): held-out conversations")
+    add("--eval-turns-b", type=int, default=2)
+    add("--curve-every", type=int, default=12, help="0: no learning curves")
+    add("--curve-n", type=int, default=16)
+    add("--seed", type=int, default=0)
+    add("--home", default="", help="RAPPORT_HOME to use (kept; default: a new temp dir)")
+    add("--out", default="bench/out/learning_loop")
+    return parser.parse_args()
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    device = (
+        torch.cuda.get_device_name() if torch.cuda.is_available() else f"{os.cpu_count()} CPU cores"
+    )
+    return f"{platform.node()}: {cpu}, {device}, load {os.getloadavg()[0]:.2f}"
+
+
+def simulate_and_score(args, config, store, prior_dir) -> dict:
+    from bot.policy import DEFAULT_MODEL_NAME, Settings, load_model, prepare_for_serving
+    from learner.simulate import simulate_into_store
+    from rewards.score import score_store
+
+    began = time.perf_counter()
+    model, tokenizer = load_model(prior_dir)
+    served = prepare_for_serving(model, "bf16")
+    simulate_into_store(
+        store,
+        served,
+        served,
+        tokenizer,
+        version=DEFAULT_MODEL_NAME,
+        n=args.simulate,
+        turns=args.turns,
+        seed=args.seed,
+        batch=16,
+        system_prompt=config.model.system_prompt,
+        settings=Settings.from_config(config.generation),
+        progress=lambda k: print(f"  simulated {k} more", file=sys.stderr, flush=True),
+    )
+    summary = score_store(store, config)
+    cut = store.db.execute(
+        "SELECT COUNT(*) FROM messages WHERE role = 'bot' AND json_extract(generation, '$.cut')"
+    ).fetchone()[0]
+    return {
+        "conversations": args.simulate,
+        "bot_turns": summary.bot_turns,
+        "cut_turns": cut,
+        "seconds": time.perf_counter() - began,
+    }
+
+
+class Curve:
+    """Every ``every`` steps: the policy's targeted reward and KL on held-out openers
+    (other openers than the final evaluation's: another seed)."""
+
+    def __init__(self, args, config, target, prior, tokenizer):
+        self.args, self.config, self.target = args, config, target
+        self.prior, self.tokenizer = prior, tokenizer
+        self.points: list[dict] = []
+
+    def measure(self, step: int, q) -> None:
+        from bot.policy import Settings
+        from learner.evaluation import evaluate
+
+        training = q.training
+        results = evaluate(
+            {"policy": (_bf16_copy(q), self.tokenizer)},
+            self.prior,
+            self.prior,
+            self.tokenizer,
+            n=self.args.curve_n,
+            turns=1,
+            seed=self.args.seed + 1,
+            system_prompt=self.config.model.system_prompt,
+            settings=Settings.from_config(self.config.generation),
+            weights=dataclasses.asdict(self.config.weights),
+        )
+        q.train(training)
+        row = results["policy"]
+        self.points.append(
+            {
+                "step": step,
+                "targeted": row[self.target]["value"],
+                "bot_question": row["bot_question"]["value"],
+                "kl_to_prior": row["kl_to_prior"]["value"],
+            }
+        )
+
+    def observe(self, step: int, q) -> None:
+        if self.args.curve_every and step % self.args.curve_every == 0:
+            self.measure(step, q)
+
+
+def _bf16_copy(model):
+    import copy
+
+    import torch
+
+    return copy.deepcopy(model).to(torch.bfloat16).eval()
+
+
+def train_all(args, config, store, prior_dir, reward, prior_bf16, tokenizer) -> dict:
+    """{algo: {version, folder, metrics, curve, seconds}} for one reward."""
+    from learner.config import TrainConfig
+    from learner.pipeline import run_training
+
+    target = "bot_question" if reward == "bot_question" else "combined"
+    out = {}
+    for algo in args.algos.split(","):
+        began = time.perf_counter()
+        train_config = TrainConfig(
+            algo=algo,
+            reward=reward,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            max_tokens=args.max_tokens,
+            lr=args.lr,
+            seed=args.seed,
+            checkpoint_every=10_000,
+            log_every=max(1, args.curve_every or 10),
+            pairs_from="combined" if algo == "kto" else "votes",
+        )
+        curve = Curve(args, config, target, prior_bf16, tokenizer)
+        if args.curve_every and algo != "kto":  # trl's trainer has its own loop
+            if reward not in _START:  # step 0 is the prior, the same for every learner
+                curve.measure(0, _prior_fp32(prior_dir))
+                _START[reward] = curve.points[0]
+            curve.points = [_START[reward]]
+        print(f"[{reward}] training {algo} for {args.steps} steps", file=sys.stderr, flush=True)
+        version, folder, metrics = run_training(
+            store,
+            prior_dir,
+            "prior",
+            config.model.system_prompt,
+            train_config,
+            observe=curve.observe if args.curve_every and algo != "kto" else None,
+        )
+        out[algo] = {
+            "version": version,
+            "folder": str(folder),
+            "metrics": metrics,
+            "curve": curve.points,
+            "seconds": time.perf_counter() - began,
+        }
+        print(f"  {algo}: {metrics}", file=sys.stderr, flush=True)
+    return out
+
+
+_PRIOR = {}  # the prior in fp32, loaded once
+_START = {}  # reward -> the learning curves' first point (the prior's)
+
+
+def _prior_fp32(prior_dir):
+    from bot.policy import load_model
+
+    if "model" not in _PRIOR:
+        _PRIOR["model"] = load_model(prior_dir)[0]
+    return _PRIOR["model"]
+
+
+def evaluate_all(args, config, reward, trained, prior_bf16, tokenizer) -> dict:
+    from bot.policy import Settings, load_model, prepare_for_serving
+    from learner.evaluation import evaluate
+
+    models = {"prior": (prior_bf16, tokenizer)}
+    for algo, run in trained.items():
+        model, _ = load_model(run["folder"])
+        models[algo] = (prepare_for_serving(model, "bf16"), tokenizer)
+    a = reward == "bot_question"
+    began = time.perf_counter()
+    results = evaluate(
+        models,
+        prior_bf16,
+        prior_bf16,
+        tokenizer,
+        n=args.eval_n if a else args.eval_n_b,
+        turns=1 if a else args.eval_turns_b,
+        seed=args.seed + 2,
+        system_prompt=config.model.system_prompt,
+        settings=Settings.from_config(config.generation),
+        weights=dataclasses.asdict(config.weights),
+        progress=lambda k: print(f"  evaluated {k} more", file=sys.stderr, flush=True),
+    )
+    results["seconds"] = time.perf_counter() - began
+    return results
+
+
+def cell(column: dict) -> str:
+    return f"{column['value']:.3f} [{column['low']:.3f}, {column['high']:.3f}]"
+
+
+def table(reward: str, results: dict) -> str:
+    target = "bot_question" if reward == "bot_question" else "combined"
+    header = f"| model | {target} (targeted) | question rate | KL/token | perplexity | distinct-2 |"
+    lines = [header, "|---|---|---|---|---|---|"]
+    for name, row in results.items():
+        if name in ("samples", "seconds"):
+            continue
+        cells = [
+            cell(row[target]),
+            cell(row["bot_question"]),
+            cell(row["kl_to_prior"]),
+            cell(row["perplexity"]),
+            cell(row["distinct_2"]),
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(curves: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rewards = list(curves)
+    fig, axes = plt.subplots(2, len(rewards), figsize=(6 * len(rewards), 7), squeeze=False)
+    for j, reward in enumerate(rewards):
+        for algo, points in curves[reward].items():
+            if not points:
+                continue
+            steps = [p["step"] for p in points]
+            axes[0][j].plot(steps, [p["targeted"] for p in points], marker="o", label=algo)
+            axes[1][j].plot(steps, [p["kl_to_prior"] for p in points], marker="o", label=algo)
+        axes[0][j].set_title(f"reward: {reward}")
+        axes[0][j].set_ylabel("targeted reward (held-out)")
+        axes[1][j].set_ylabel("KL(π‖prior) per token")
+        axes[1][j].set_xlabel("training step")
+        axes[0][j].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def main() -> None:
+    args = arguments()
+    home = Path(args.home or tempfile.mkdtemp(prefix="rapport-learning-loop-"))
+    home.mkdir(parents=True, exist_ok=True)
+    os.environ["RAPPORT_HOME"] = str(home)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    from bot.config import Config
+    from bot.policy import default_model_dir, load_model, prepare_for_serving
+    from bot.store import Store
+
+    config = Config()
+    config.generation.max_new_tokens = args.max_new_tokens
+    began = time.perf_counter()
+    header = machine()
+    print(header, file=sys.stderr)
+    prior_dir = default_model_dir()
+    prior, tokenizer = load_model(prior_dir)
+    prior_bf16 = prepare_for_serving(prior, "bf16")
+    report = {"machine": header, "settings": vars(args), "rewards": {}}
+    with Store(home / "rapport.db") as store:
+        report["logs"] = simulate_and_score(args, config, store, prior_dir)
+        print(f"logs: {report['logs']}", file=sys.stderr, flush=True)
+        for reward in args.rewards.split(","):
+            trained = train_all(args, config, store, prior_dir, reward, prior_bf16, tokenizer)
+            results = evaluate_all(args, config, reward, trained, prior_bf16, tokenizer)
+            report["rewards"][reward] = {"trained": trained, "eval": results}
+            print(f"\n(reward: {reward})\n" + table(reward, results), flush=True)
+    report["minutes"] = (time.perf_counter() - began) / 60
+    (out / "results.json").write_text(json.dumps(report, indent=2, default=str))
+    settings = (
+        f"{args.simulate} simulated conversations x {args.turns} bot turns; {args.steps} steps "
+        f"x {args.batch_size} windows of <= {args.max_tokens} tokens, lr {args.lr}; "
+        f"(a) {args.eval_n} held-out openers, (b) {args.eval_n_b} x {args.eval_turns_b} turns"
+    )
+    md = [f"{time.strftime('%Y-%m-%d')}, {header}, {report['minutes']:.0f} min; {settings}"]
+    for reward, r in report["rewards"].items():
+        md += ["", f"Reward: {reward}", "", table(reward, r["eval"])]
+    (out / "table.md").write_text("\n".join(md) + "\n")
+    curves = {
+        reward: {a: t["curve"] for a, t in r["trained"].items()}
+        for reward, r in report["rewards"].items()
+    }
+    plot(curves, out / "curves.png")
+    html = ["<html><body><h1>rapport: the learning loop</h1>", f"<p>{md[0]}</p>"]
+    for reward, r in report["rewards"].items():
+        html.append(f"<h2>{reward}</h2><pre>{table(reward, r['eval'])}</pre>")
+    html.append('<h2>Learning curves</h2><img src="curves.png">')
+    (out / "index.html").write_text("\n".join(html) + "</body></html>\n")
+    print(
+        f"\nwrote {out}/table.md, results.json, curves.png, index.html "
+        f"({report['minutes']:.0f} min)"
+    )
+
+
+if __name__ == "__main__":
+    main()
