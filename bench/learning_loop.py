@@ -49,7 +49,7 @@ COLUMNS = ("targeted", "bot_question", "kl_to_prior", "perplexity", "distinct_2"
 def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add = parser.add_argument
-    add("--simulate", type=int, default=96, help="self-play conversations to learn from")
+    add("--simulate", type=int, default=64, help="self-play conversations to learn from")
     add("--turns", type=int, default=3, help="bot turns per simulated conversation")
     add("--algos", default=",".join(ALGOS))
     add("--rewards", default=",".join(REWARDS))
@@ -57,9 +57,9 @@ def arguments() -> argparse.Namespace:
     add("--steps", type=int, default=24)
     add("--batch-size", type=int, default=4)
     add("--max-tokens", type=int, default=256)
-    add("--lr", type=float, default=3e-5, help="KL-control, bc and kto alike")
+    add("--lr", type=float, default=1e-4, help="KL-control, bc and kto alike")
     add("--eval-n", type=int, default=200, help="(a): held-out openers, one reply each")
-    add("--eval-n-b", type=int, default=40, help="(b): held-out conversations")
+    add("--eval-n-b", type=int, default=32, help="(b): held-out conversations")
     add("--eval-turns-b", type=int, default=2)
     add("--curve-every", type=int, default=12, help="0: no learning curves")
     add("--curve-n", type=int, default=16)
@@ -103,7 +103,7 @@ def simulate_and_score(args, config, store, prior_dir) -> dict:
         n=args.simulate,
         turns=args.turns,
         seed=args.seed,
-        batch=16,
+        batch=32,
         system_prompt=config.model.system_prompt,
         settings=Settings.from_config(config.generation),
         progress=lambda k: print(f"  simulated {k} more", file=sys.stderr, flush=True),
@@ -145,6 +145,7 @@ class Curve:
             system_prompt=self.config.model.system_prompt,
             settings=Settings.from_config(self.config.generation),
             weights=dataclasses.asdict(self.config.weights),
+            answer_last=self.target == "combined",  # combined reads the user's answer
         )
         q.train(training)
         row = results["policy"]
@@ -194,7 +195,7 @@ def train_all(args, config, store, prior_dir, reward, prior_bf16, tokenizer) -> 
         curve = Curve(args, config, target, prior_bf16, tokenizer)
         if args.curve_every and algo != "kto":  # trl's trainer has its own loop
             if reward not in _START:  # step 0 is the prior, the same for every learner
-                curve.measure(0, _prior_fp32(prior_dir))
+                curve.measure(0, prior_bf16)
                 _START[reward] = curve.points[0]
             curve.points = [_START[reward]]
         print(f"[{reward}] training {algo} for {args.steps} steps", file=sys.stderr, flush=True)
@@ -217,16 +218,7 @@ def train_all(args, config, store, prior_dir, reward, prior_bf16, tokenizer) -> 
     return out
 
 
-_PRIOR = {}  # the prior in fp32, loaded once
 _START = {}  # reward -> the learning curves' first point (the prior's)
-
-
-def _prior_fp32(prior_dir):
-    from bot.policy import load_model
-
-    if "model" not in _PRIOR:
-        _PRIOR["model"] = load_model(prior_dir)[0]
-    return _PRIOR["model"]
 
 
 def evaluate_all(args, config, reward, trained, prior_bf16, tokenizer) -> dict:
@@ -251,6 +243,7 @@ def evaluate_all(args, config, reward, trained, prior_bf16, tokenizer) -> dict:
         settings=Settings.from_config(config.generation),
         weights=dataclasses.asdict(config.weights),
         progress=lambda k: print(f"  evaluated {k} more", file=sys.stderr, flush=True),
+        answer_last=not a,  # (a) measures the bot's replies alone
     )
     results["seconds"] = time.perf_counter() - began
     return results

@@ -206,11 +206,14 @@ def evaluate(
     settings,
     weights: dict[str, float],
     progress: Callable[[int], None] | None = None,
+    answer_last: bool = True,
 ) -> dict:
     """{model name: {column: {"value", "low", "high"}}, "samples": ...} for every model.
 
     ``models`` maps a name to its (model, tokenizer) as served. ``progress(1)`` is
     called after each model's self-play and each model's scoring (2 per model).
+    ``answer_last=False``: the simulated users do not answer the last bot turn (see
+    :func:`learner.simulate.self_play`; the signals that read the reply then read none).
     """
     from learner.simulate import self_play
 
@@ -225,6 +228,7 @@ def evaluate(
             seed=seed,
             system_prompt=system_prompt,
             settings=settings,
+            answer_last=answer_last,
         )
         if progress:
             progress(1)

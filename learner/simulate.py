@@ -119,16 +119,19 @@ def self_play(
     settings: Settings,
     context_tokens: int = 1024,
     split: str = "eval",
+    answer_last: bool = True,
 ) -> list[SelfPlay]:
     """``n`` conversations of up to ``turns`` bot turns each, batched across them, opened
-    with lines of the ``split`` (see :func:`held_out_openers`)."""
+    with lines of the ``split`` (see :func:`held_out_openers`). ``answer_last=False``
+    leaves the last bot turn unanswered: for measures of the bot's replies alone (the
+    question rate of one reply per opener), it saves the simulated users' last turn."""
     rng = random.Random(seed)
     openers = held_out_openers(n, seed, split)
     games = [SelfPlay(opener, rng.choice(PERSONAS)) for opener in openers]
     for game in games:
         game.turns.append(Turn("user", game.opener))
     torch.manual_seed(seed)
-    for _ in range(turns):
+    for turn in range(turns):
         live = [g for g in games if not g.ended_by_user]
         if not live:
             break
@@ -141,6 +144,8 @@ def self_play(
             if was_cut:
                 game.cut.add(len(game.turns))
             game.turns.append(Turn("bot", reply))
+        if turn == turns - 1 and not answer_last:
+            break
         # the simulated user sees the conversation from its side: roles swapped
         user_prompts = [
             build_prompt(

@@ -119,6 +119,18 @@ def test_clean_reply_strips_template_debris():
     assert clean_reply("Hi there<|im_start|>user\nmore") == "Hi there"
 
 
+def test_the_base_model_has_a_version_name_usable_wherever_a_version_is(monkeypatch, tmp_path):
+    import bot.policy as policy_module
+    from bot.policy import DEFAULT_MODEL_NAME, resolve_model_path
+
+    monkeypatch.setattr(policy_module, "default_model_dir", lambda: tmp_path / "base")
+    assert resolve_model_path(DEFAULT_MODEL_NAME) == tmp_path / "base"
+    assert resolve_model_path("") == tmp_path / "base"
+    # a registered version of that name (an operator's choice) still wins
+    mine = {DEFAULT_MODEL_NAME: str(tmp_path / "mine")}
+    assert resolve_model_path(DEFAULT_MODEL_NAME, mine) == tmp_path / "mine"
+
+
 def test_loading_a_folder_that_is_not_a_model_is_one_readable_line(tmp_path):
     with pytest.raises(RapportError, match="not a model folder"):
         load_model(tmp_path)

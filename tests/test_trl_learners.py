@@ -8,7 +8,6 @@ import random
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from bot.config import Config
@@ -56,6 +55,22 @@ def conversation(turns, votes=(), reward=None, cid=1):
             for k, (role, text) in enumerate(turns)
         ],
     }
+
+
+def test_kto_can_learn_from_a_stored_reward_liked_above_its_mean():
+    logs = [
+        conversation([("user", "hi"), ("bot", "what do you do?")], reward=1.0, cid=1),
+        conversation([("user", "hi"), ("bot", "ok.")], reward=0.0, cid=2),
+        conversation([("user", "hi"), ("bot", "how are you?")], reward=1.0, cid=3),
+        conversation([("user", "hi"), ("bot", "unscored")], reward=None, cid=4),
+    ]
+    rows = kto_rows(logs, SYS, 6, labels_from="combined")
+    assert [(r["completion"][0]["content"], r["label"]) for r in rows] == [
+        ("what do you do?", True),
+        ("ok.", False),
+        ("how are you?", True),
+    ]
+    assert kto_rows(logs, SYS, 6) == []  # by votes (the default): no votes, no rows
 
 
 def test_rows_have_exactly_trls_fields_and_pair_only_replies_to_the_same_context():
@@ -143,11 +158,6 @@ def test_trl_learner_trains_registers_a_version_and_it_serves(algo, voted_log, t
     else:  # the liked reply gained on the disliked one
         assert gain[LIKED] > gain[DISLIKED], gain
 
-    before, after = (
-        load_file(tiny_model_dir / "model.safetensors"),
-        load_file(folder / "model.safetensors"),
-    )
-    assert max(float((after[k] - before[k]).abs().max()) for k in before) > 1e-4
     (model,) = voted_log.models()
     assert (model["version"], model["algorithm"], model["parent"]) == (version, algo, "tiny")
     assert model["deployed"] == 0
@@ -155,11 +165,16 @@ def test_trl_learner_trains_registers_a_version_and_it_serves(algo, voted_log, t
     assert info["dataset"]["format"] == algo and info["dataset"]["rows"] > 0
     assert json.loads((folder / "train_config.json").read_text())["algo"] == algo
 
+    # what the bot serves is the model that learned the preference
     serving = Config()
     serving.model.path = str(folder)
+    serving.model.serve_precision = "fp32"
     policy = Policy.load(serving.model, serving.generation, seed=0)
-    assert isinstance(policy.reply([Turn("user", "hi")]), str)
-    load_model(folder)
+    trained, _ = load_model(folder)
+    ids = torch.tensor([policy.prompt_ids([Turn("user", "hi")])])
+    with torch.no_grad():
+        served = policy.model(input_ids=ids).logits
+        assert torch.allclose(served, trained(input_ids=ids).logits, atol=1e-5)
 
 
 def test_kto_and_dpo_without_feedback_fail_in_one_line(rapport_home, tiny_model_dir):
