@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install chat test lint bench clean
+.PHONY: install chat test lint bench learning-loop clean
 
 install: $(STAMP)
 
@@ -39,6 +39,10 @@ bench: install
 	$(PY) bench/store_bench.py
 	$(PY) bench/chat_bench.py
 	$(PY) bench/rewards_bench.py
+
+# The product's own proof (about an hour on 2 CPU cores): bench/learning_loop.py
+learning-loop: install
+	$(PY) bench/learning_loop.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -27,7 +27,7 @@ class LineProgress:
     def __init__(self, length: int, label: str, file, every: float, item_show_func=None):
         self.length, self.label, self.file, self.every = length, label, file, every
         self.item_show_func = item_show_func
-        self.pos = 0
+        self.pos = self.shown_pos = 0
         self.current_item = None
         self.began = self.shown = time.monotonic()
 
@@ -36,7 +36,7 @@ class LineProgress:
         return self
 
     def __exit__(self, *exc) -> None:
-        if exc[0] is None and self.pos:
+        if exc[0] is None and self.pos != self.shown_pos:
             self._show()
 
     def update(self, n: int) -> None:
@@ -45,7 +45,7 @@ class LineProgress:
             self._show()
 
     def _show(self) -> None:
-        self.shown = time.monotonic()
+        self.shown, self.shown_pos = time.monotonic(), self.pos
         elapsed = self.shown - self.began
         line = f"{self.label}: {self.pos}/{self.length}"
         if self.length:

@@ -310,5 +310,6 @@ def collate(windows: list[Window], pad_id: int) -> dict[str, torch.Tensor]:
         if w.logp:
             out["logp"][i, :n] = torch.tensor(w.logp)
             out["prior_lse"][i, :n] = torch.tensor(w.prior_lse)
+        if w.prior_max:  # datasets prepared before DATA_VERSION 2 lack it
             out["prior_max"][i, :n] = torch.tensor(w.prior_max)
     return out
