@@ -132,3 +132,102 @@ def test_batches_are_a_pure_function_of_seed_and_step_and_split_across_processes
         [w.conversation_id for w in batch_for_step(windows, 0, config, r, 2)] for r in range(2)
     ]
     assert len(parts[0]) == len(parts[1]) == 2 and not set(parts[0]) & set(parts[1])
+
+
+def _perturbed(folder, seed: int, scale: float = 0.05):
+    from bot.policy import load_model
+
+    model, _ = load_model(folder)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * scale)
+    return model
+
+
+def _oracle_loss(algo, windows, q, target, prior, config):
+    """The loss straight from the formulas in learner.kl_control, one unpadded window
+    at a time, every value over the full vocabulary in float64."""
+    errors = []
+    for w in windows:
+        ids = torch.tensor([w.input_ids])
+        with torch.no_grad():
+            logits = [m(input_ids=ids).logits[0].double() for m in (q, target, prior)]
+        errors += _window_errors(algo, w, *logits, config)
+    errors = torch.tensor(errors)
+    return float(torch.nn.functional.huber_loss(errors, torch.zeros_like(errors), delta=100.0))
+
+
+def _window_errors(algo, w, lq, lt, lp, config):
+    """Q(s,a) − Y for every trained position of one window."""
+    logp_all = torch.log_softmax(lp, -1)  # (T, V) log p(·|s)
+    b = torch.logsumexp(lp, -1)  # (T,)
+    actions = w.input_ids[1:] + [0]
+
+    def q_of(logits, t, a):
+        value = float(logits[t, a] - b[t])
+        return value - float(logp_all[t, a]) if algo == "g" else value
+
+    def v_target(n):
+        if n == TERMINAL:
+            return 0.0
+        if algo == "psi":
+            return float(torch.logsumexp(lt[n] - b[n], -1))
+        if algo == "g":  # log Σ_a p(a|s') exp G'(s', a), G' = ℓ' − b − log p
+            g = lt[n] - b[n] - logp_all[n]
+            return float(torch.log((logp_all[n].exp() * g.exp()).sum()))
+        top = float((lt[n] - b[n]).max())
+        return top - float(logp_all[n].max()) if algo == "kl_q" else top
+
+    memo = {}
+
+    def y(t):
+        if t not in memo:
+            r = w.reward[t] / config.reward_scale
+            if algo in ("psi", "kl_q"):
+                r += float(logp_all[t, actions[t]])
+            out = r + config.gamma * v_target(w.next_pos[t])
+            n = w.next_pos[t]
+            if n == t + 1 and n < len(w.input_ids) and w.mask[n]:
+                out += config.gamma * config.td_lambda * (y(n) - q_of(lt, n, actions[n]))
+            memo[t] = out
+        return memo[t]
+
+    return [q_of(lq, t, actions[t]) - y(t) for t in range(len(w.input_ids)) if w.mask[t]]
+
+
+@pytest.mark.parametrize("algo", ["psi", "g", "kl_q", "batch_q"])
+def test_kl_control_loss_equals_a_full_vocabulary_oracle_on_a_tiny_model(algo, tiny_model_dir):
+    """Padding (two windows of different lengths), a bootstrap across the user's reply
+    into the next bot turn, a cut reply, a terminal turn, and g in its own terms."""
+    from transformers import AutoTokenizer
+
+    from learner.config import TrainConfig
+    from learner.data import Dataset, add_prior_logprobs, collate, conversation_windows
+    from learner.train import Models, kl_control_loss
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+
+    def turn(role, text, reward=None, cut=False):
+        return {"id": 0, "role": role, "author": "model", "text": text, "reward": reward,
+                "cut": cut}  # fmt: skip
+
+    long = {"id": 1, "turns": [
+        turn("user", "hi there"), turn("bot", "hello, how are you?", 1.0),
+        turn("user", "fine"), turn("bot", "that is so", -0.5, cut=True),
+        turn("user", "ok"), turn("bot", "bye now", 0.3),
+    ]}  # fmt: skip
+    short = {"id": 2, "turns": [turn("user", "yo"), turn("bot", "hey?", 2.0)]}
+    windows = [w for c in (long, short) for w in conversation_windows(tokenizer, "s", c, 256)]
+    assert len({len(w.input_ids) for w in windows}) == 2  # padding in the batch
+    assert TERMINAL in [w.next_pos[t] for w in windows for t, m in enumerate(w.mask) if m]
+
+    prior = _perturbed(tiny_model_dir, 0, 0.0)
+    add_prior_logprobs(Dataset(windows, [], {}), prior)
+    q, target = _perturbed(tiny_model_dir, 1), _perturbed(tiny_model_dir, 2)
+    config = TrainConfig(algo=algo, gamma=0.9, td_lambda=0.7, reward_scale=0.5, huber_delta=100)
+    batch = collate(windows, tokenizer.pad_token_id)
+    got, _ = kl_control_loss(Models(q, target, prior), batch, config)
+    want = _oracle_loss(algo, windows, q, target, prior, config)
+    assert float(got.detach()) == pytest.approx(want, rel=1e-4)
+    assert want > 1e-3  # the perturbed networks are far from any fixed point
