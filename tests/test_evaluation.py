@@ -179,7 +179,7 @@ def test_eval_of_two_versions_gives_every_column_with_intervals_and_is_seeded(
 
 
 def test_simulated_conversations_land_in_the_store_and_get_scored(tiny_model_dir, rapport_home):
-    result = run_rapport(
+    simulate = [
         "--set",
         "generation.max_new_tokens=6",
         "--set",
@@ -191,8 +191,8 @@ def test_simulated_conversations_land_in_the_store_and_get_scored(tiny_model_dir
         "2",
         "--batch",
         "2",
-        timeout=300,
-    )
+    ]
+    result = run_rapport(*simulate, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "simulated 3 conversations" in result.stdout
     assert "simulating with" in result.stderr  # a progress bar, batch by batch
@@ -214,20 +214,7 @@ def test_simulated_conversations_land_in_the_store_and_get_scored(tiny_model_dir
                 "top_p": Config().generation.top_p,
                 "cut": True,
             }
-    again = run_rapport(
-        "--set",
-        "generation.max_new_tokens=6",
-        "--set",
-        f"model.path={tiny_model_dir}",
-        "simulate",
-        "--n",
-        "3",
-        "--turns",
-        "2",
-        "--batch",
-        "2",
-        timeout=300,
-    )
+    again = run_rapport(*simulate, timeout=300)
     assert again.returncode == 0 and "simulated 0 conversations" in again.stdout  # resumes
     scored = run_rapport("score", timeout=300)
     assert scored.returncode == 0, scored.stderr
