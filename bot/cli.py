@@ -20,6 +20,7 @@ from bot.config import Config, load_config
 from bot.errors import RapportError
 from bot.progress import progress
 from bot.store import Store
+from learner.config import TrainConfig
 
 if TYPE_CHECKING:
     from bot.policy import Policy
@@ -199,8 +200,6 @@ def score(config: Config, reward_model: str | None) -> None:
 
 def _learner_help(name: str) -> str:
     """A train flag's help: the TrainConfig field's own text and default (one place)."""
-    from learner.config import TrainConfig
-
     field = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
     return f"{field.metadata['help']} [default: {field.default}]"
 
@@ -235,7 +234,6 @@ def _learner_help(name: str) -> str:
 @click.pass_obj
 def train(config: Config, algo: str, model: str | None, resume: str | None, **options) -> None:
     """Retrain the bot offline from the logs: KL-control, or trl's kto/dpo/sft as peers."""
-    from learner.config import TrainConfig
     from learner.pipeline import prior_version, run_training
 
     train_config = TrainConfig(algo=algo)
@@ -497,7 +495,6 @@ def rollback(config: Config, why: str, who: str | None) -> None:
 def retrain(config: Config, algo: str, steps, reward, why: str, no_deploy: bool) -> None:
     """The whole loop: score, snapshot + train, eval + gate, deploy if it passes."""
     from bot.registry import deploy as deploy_version
-    from learner.config import TrainConfig
     from learner.pipeline import prior_version, run_training
     from rewards.score import score_store
 

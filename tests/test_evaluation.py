@@ -252,3 +252,21 @@ def test_every_interval_holds_its_own_point_estimate_even_for_distinct_n():
 
     low, high = bootstrap(measures, lambda ms: columns_of(ms)["distinct_2"], 0, 200)
     assert high < table["distinct_2"]["value"]
+
+
+def test_replies_generated_in_length_groups_come_back_in_input_order(tiny_model_dir):
+    """generate_batch sorts the prompts by length into groups (a padded batch pays for
+    its longest prompt in every row); each reply and cut flag still belongs to its own
+    prompt: greedy replies in groups of 2 equal each prompt generated alone."""
+    from learner.simulate import generate_batch
+
+    model, tokenizer = load_model(tiny_model_dir)
+    texts = ["a long opener " * 12, "hi", "what do you think of the weather " * 3, "ok"]
+    prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    greedy = Settings(temperature=0.0, top_p=1.0, max_new_tokens=5, repetition_penalty=1.0)
+    cut: list[bool] = []
+    grouped = generate_batch(model, tokenizer, prompts, greedy, cut, group=2)
+    alone = [generate_batch(model, tokenizer, [p], greedy, group=1)[0] for p in prompts]
+    assert grouped == alone
+    assert len(set(alone)) > 1  # the prompts give different replies: order is tested
+    assert cut == [True] * 4  # the untrained tiny model never ends a reply itself
