@@ -16,11 +16,13 @@ from typing import TYPE_CHECKING
 
 import click
 
-from bot.config import Config, load_config
+from bot.config import Config, load_config, rapport_home
 from bot.errors import RapportError
+from bot.files import new_file
 from bot.progress import progress
 from bot.store import Store
 from learner.config import TrainConfig
+from learner.runs import list_runs, prune
 
 if TYPE_CHECKING:
     from bot.policy import Policy
@@ -299,11 +301,16 @@ def _served(config: Config, store: Store, spec: str):
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--user-model", default="", help="Simulated user's model (default: the prior).")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the results as JSON.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.pass_obj
-def eval_command(config: Config, version: str, others, n, turns, seed, user_model, out) -> None:
+def eval_command(
+    config: Config, version: str, others, n, turns, seed, user_model, out, force
+) -> None:
     """Compare model versions on the same seeded simulated users (default: the prior)."""
     from bot.policy import Settings
     from learner.evaluation import evaluate, format_table, write_json
+
+    out_path = new_file(out, force) if out else None  # refused before the long work
 
     with open_store(config) as store:
         models = {}
@@ -333,9 +340,9 @@ def eval_command(config: Config, version: str, others, n, turns, seed, user_mode
         click.echo(f"\n[{name}] sample conversation:")
         for turn in conversations[0] if conversations else []:
             click.echo(f"  {turn['role']:>4}: {' '.join(turn['text'].split())[:200]}")
-    if out:
-        write_json(results, out)
-        click.echo(f"wrote {out}")
+    if out_path:
+        write_json(results, out_path)
+        click.echo(f"wrote {out_path}")
 
 
 @cli.command()
@@ -442,12 +449,69 @@ def models_add(config: Config, folder: str, version: str, algorithm: str, parent
     """Register a model folder trained elsewhere (its checksum is taken now)."""
     from pathlib import Path
 
-    from bot.registry import verify_folder
+    from bot.registry import check_folder
 
+    path = Path(folder).resolve()
+    check_folder(path, version)  # a refused folder leaves no row and its name free
     with open_store(config) as store:
-        store.add_model(version, str(Path(folder).resolve()), algorithm, parent=parent)
-        verify_folder(store, version)
+        store.add_model(version, str(path), algorithm, parent=parent)
     click.echo(f"registered {version}; `rapport deploy {version}` gates and serves it")
+
+
+@models.command("remove")
+@click.argument("version")
+@click.pass_obj
+def models_remove(config: Config, version: str) -> None:
+    """Forget a version that was never deployed; its files stay (`rapport runs prune`)."""
+    with open_store(config) as store:
+        folder = store.remove_model(version)
+    click.echo(f"removed {version}; its files stay in {folder}")
+
+
+@cli.group(invoke_without_command=True)
+@click.pass_context
+def runs(ctx: click.Context) -> None:
+    """Training runs under $RAPPORT_HOME/runs: state and size on disk."""
+    if ctx.invoked_subcommand is not None:
+        return
+    found = _runs(ctx.obj)
+    if not found:
+        click.echo("no training runs yet: `rapport train` starts one")
+        return
+    click.echo(f"{'run':<32} {'state':<12} {'size':>9} {'checkpoint':>11}  version")
+    for run in found:
+        click.echo(
+            f"{run.name:<32} {run.state:<12} {_size(run.bytes):>9} "
+            f"{_size(run.checkpoint_bytes):>11}  {run.version or '-'}"
+        )
+    click.echo(f"total {_size(sum(r.bytes for r in found))}; `rapport runs prune` frees space")
+
+
+@runs.command("prune")
+@click.option("--resumable", is_flag=True, help="Also delete killed runs that could resume.")
+@click.option("--dry-run", is_flag=True, help="Say what would be freed; delete nothing.")
+@click.pass_obj
+def runs_prune(config: Config, resumable: bool, dry_run: bool) -> None:
+    """Delete checkpoints of registered runs and runs that served no version."""
+    freed = prune(_runs(config), resumable=resumable, dry_run=dry_run)
+    click.echo(f"{'would free' if dry_run else 'freed'} {_size(freed)}")
+
+
+def _runs(config: Config):
+    with open_store(config) as store:
+        registered = {m["version"]: m["path"] for m in store.models()}
+    return list_runs(rapport_home() / "runs", registered)
+
+
+def _size(n: float) -> str:
+    """Bytes for people: 512 B, 2.2 GB (powers of 1000, as df -H)."""
+    if n < 1000:
+        return f"{n:.0f} B"
+    for unit in ("KB", "MB", "GB"):
+        n /= 1000
+        if n < 1000 or unit == "GB":
+            break
+    return f"{n:.1f} {unit}"
 
 
 def _who(who: str | None) -> str:
@@ -581,18 +645,18 @@ def reward_model_train(config: Config, model: str | None, **options) -> None:
 )
 @click.option("--pairs-from", default="votes", show_default=True, help="dpo: votes | combined.")
 @click.option("--platform", default="", help="Only this platform's conversations.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.pass_obj
-def export(config: Config, out: str, fmt: str, pairs_from: str, platform: str) -> None:
+def export(config: Config, out: str, fmt: str, pairs_from: str, platform: str, force) -> None:
     """Write the logs to OUT in a format trl and other tools read (README: export)."""
-    from pathlib import Path
-
     from learner.export import export as write_export
 
+    path = new_file(out, force)
     with open_store(config) as store:
         count = write_export(
             store,
             fmt,
-            Path(out),
+            path,
             config.model.system_prompt,
             pairs_from=pairs_from,
             platform=platform,
@@ -619,7 +683,6 @@ def report_eval(config: Config, results: str, out: str | None) -> None:
     import json
     from pathlib import Path
 
-    from bot.config import rapport_home
     from learner.report import write_eval_report
 
     try:
@@ -645,7 +708,6 @@ def report_rewards(config: Config, out: str | None) -> None:
     """Distributions, correlations, agreement with votes, and examples per signal."""
     from pathlib import Path
 
-    from bot.config import rapport_home
     from rewards.report import write_report
 
     folder = Path(out) if out else rapport_home() / "reports" / "rewards"
@@ -673,11 +735,13 @@ def db_status(config: Config) -> None:
 
 @db.command("backup")
 @click.argument("destination", type=click.Path(dir_okay=False))
+@click.option("--force", is_flag=True, help="Replace DESTINATION if it exists.")
 @click.pass_obj
-def db_backup(config: Config, destination: str) -> None:
+def db_backup(config: Config, destination: str, force: bool) -> None:
     """Write a consistent copy of the database to DESTINATION (safe while bots run)."""
+    path = new_file(destination, force)
     with open_store(config) as store:
-        path = store.backup(destination)
+        store.backup(path, replace=force)
     click.echo(f"backed up to {path}")
 
 

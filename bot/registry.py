@@ -80,15 +80,20 @@ def _missing_files(folder: Path) -> list[str]:
     return missing
 
 
-def verify_folder(store: Store, version: str) -> Path:
-    """The version's folder, after checking its files are there and unchanged."""
-    row = store.model(version)
-    folder = Path(row["path"])
+def check_folder(folder: Path, version: str) -> None:
+    """Refuse a folder that is not a whole model (before it is registered or served)."""
     if not folder.is_dir():
         raise ModelRejected(f"refused {version}: its folder {folder} does not exist")
     missing = _missing_files(folder)
     if missing:
         raise ModelRejected(f"refused {version}: {folder} is missing {', '.join(missing)}")
+
+
+def verify_folder(store: Store, version: str) -> Path:
+    """The version's folder, after checking its files are there and unchanged."""
+    row = store.model(version)
+    folder = Path(row["path"])
+    check_folder(folder, version)
     if row["checksum"] and folder_checksum(folder) != row["checksum"]:
         raise ModelRejected(
             f"refused {version}: the files in {folder} changed since it was registered "

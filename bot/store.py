@@ -417,17 +417,21 @@ class Store(LearningData):
     def counts(self) -> dict[str, int]:
         return {t: self._read(f"SELECT COUNT(*) AS n FROM {t}")[0]["n"] for t in TABLES}
 
-    def backup(self, destination: str | Path) -> Path:
-        """A consistent copy of the live database (``VACUUM INTO``), safe while bots run."""
+    def backup(self, destination: str | Path, replace: bool = False) -> Path:
+        """A consistent copy of the live database (``VACUUM INTO``), safe while bots run.
+        ``replace``: write beside an existing file, then swap it in (a kill keeps the old)."""
         destination = Path(destination).expanduser()
-        if destination.exists():
+        if destination.exists() and not replace:
             raise StoreError(f"{destination} already exists; choose a new file name")
-        destination.parent.mkdir(parents=True, exist_ok=True)
+        tmp = destination.with_name(destination.name + ".tmp")
+        tmp.unlink(missing_ok=True)
         with self._lock:
             try:
-                self.db.execute("VACUUM INTO ?", [str(destination)])
+                self.db.execute("VACUUM INTO ?", [str(tmp)])
             except sqlite3.DatabaseError as e:
+                tmp.unlink(missing_ok=True)
                 raise StoreError(_explain(e, str(destination))) from None
+        os.replace(tmp, destination)
         return destination
 
 

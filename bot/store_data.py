@@ -94,6 +94,25 @@ class LearningData:
             raise NotFound(f"no model version {version!r}; `rapport models` lists them")
         return {**rows[0], "metrics": json.loads(rows[0]["metrics"] or "{}")}
 
+    def remove_model(self, version: str) -> str:
+        """Forget a version that was never deployed (its gate checks with it); return its
+        folder, which stays on disk. A version in the deployment log stays: rollback may
+        serve it again, and the log names it."""
+        with self._write() as db:
+            row = db.execute("SELECT path FROM models WHERE version = ?", [version]).fetchone()
+            if not row:
+                raise NotFound(f"no model version {version!r}; `rapport models` lists them")
+            if db.execute(
+                "SELECT 1 FROM deployments WHERE version = ? OR previous = ?", [version, version]
+            ).fetchone():
+                raise InvalidInput(
+                    f"{version} has been deployed; it stays registered (the deployment log "
+                    "and rollback name it)"
+                )
+            db.execute("DELETE FROM gate_checks WHERE version = ?", [version])
+            db.execute("DELETE FROM models WHERE version = ?", [version])
+        return row[0]
+
     def deployed_version(self) -> str | None:
         rows = self._read("SELECT version FROM models WHERE deployed = 1")
         return rows[0]["version"] if rows else None

@@ -38,6 +38,7 @@ import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
+from pathlib import Path
 
 from bot.prompt import Turn, build_prompt
 from learner.data import turn_spans
@@ -266,5 +267,8 @@ def format_table(results: dict, columns: Sequence[str] = COLUMNS) -> str:
 
 
 def write_json(results: dict, path) -> None:
-    with open(path, "w", encoding="utf-8") as f:
+    """The results as JSON, written whole then renamed over ``path``."""
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
         json.dump(results, f, indent=2, sort_keys=True)
+    tmp.replace(path)

@@ -16,6 +16,7 @@ from pathlib import Path
 from bot.config import rapport_home
 from bot.policy import DEFAULT_MODEL_NAME, load_model
 from bot.store import Store
+from learner import runs as runs_on_disk
 from learner.config import TRL, TrainConfig
 from learner.data import Dataset, add_prior_logprobs, build_dataset, normalise_rewards
 from learner.train import TrainingError, free_memory_ok, prepare_models, train
@@ -94,6 +95,11 @@ def run_training(
     if resume:
         if not (run_dir / "train_config.json").exists():
             raise TrainingError(f"no run named {resume!r} in {runs}")
+        if (run_dir / "model" / "training.json").exists():
+            raise TrainingError(
+                f"run {resume!r} finished and registered version {resume}; "
+                "start a new run to train further"
+            )
         config = TrainConfig.from_json(run_dir / "train_config.json")
         config.steps = resume_steps or config.steps
         try:
@@ -115,22 +121,27 @@ def run_training(
         from transformers import AutoTokenizer  # the weights are loaded once, above
 
         tokenizer = AutoTokenizer.from_pretrained(prior_path)
-        metrics = train(
-            config,
-            dataset,
-            models,
-            run_dir,
-            pad_id=tokenizer.pad_token_id or 0,
-            resume=bool(resume),
-            progress=progress,
-            observe=observe,
-        )
+        with runs_on_disk.hold(run_dir):  # a second process refuses the run; prune skips it
+            metrics = train(
+                config,
+                dataset,
+                models,
+                run_dir,
+                pad_id=tokenizer.pad_token_id or 0,
+                resume=bool(resume),
+                progress=progress,
+                observe=observe,
+            )
     except BaseException as e:
         store.finish_training_run(run_id, "failed", {"error": str(e)[:500]})
         raise
     folder = run_dir / "model"
     save_trained_model(folder, models.q, tokenizer, config, dataset.meta, metrics, prior_path)
-    return _register(store, name, folder, config, prior_version, run_id, metrics, dataset.meta)
+    registered = _register(
+        store, name, folder, config, prior_version, run_id, metrics, dataset.meta
+    )
+    runs_on_disk.drop_checkpoint(run_dir)  # registered: resuming is neither possible nor needed
+    return registered
 
 
 def _run_trl(store, prior_path, prior_version, system_prompt, config, run_dir, progress):

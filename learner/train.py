@@ -28,8 +28,7 @@ from bot.errors import RapportError
 from learner import kl_control
 from learner.config import TrainConfig
 from learner.data import TERMINAL, Dataset, Window, collate
-
-CHECKPOINT = "checkpoint"
+from learner.runs import CHECKPOINT
 
 
 class TrainingError(RapportError):

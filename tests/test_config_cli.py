@@ -119,3 +119,41 @@ def test_a_corrupt_database_file_is_one_readable_line(rapport_home):
     assert "is not a readable rapport database" in result.stderr
     assert "Traceback" not in result.stderr
     assert (rapport_home / "rapport.db").read_bytes() == b"\x00garbage" * 1000
+
+
+def test_every_command_that_writes_a_named_file_follows_one_rule(rapport_home, tmp_path):
+    """export, db backup and eval --out: a missing folder is one line (nothing created),
+    an existing file is kept unless --force, and --force replaces it whole."""
+    with Store(rapport_home / "rapport.db") as store:
+        user = store.ensure_user("terminal", "me")
+        conv = store.start_conversation(user, "terminal")
+        store.add_message(conv, "user", "keep me")
+        store.add_message(conv, "bot", "kept")
+    missing = tmp_path / "no" / "such" / "folder"
+    commands = {
+        "export": lambda path, *flags: ("export", str(path), "--format", "jsonl", *flags),
+        "backup": lambda path, *flags: ("db", "backup", str(path), *flags),
+        "eval": lambda path, *flags: ("eval", "--n", "1", "--out", str(path), *flags),
+    }
+    for name, command in commands.items():
+        result = run_rapport(*command(missing / f"{name}.out"))
+        assert result.returncode == 1, name
+        assert result.stderr.strip() == (
+            f"rapport: error: folder {missing} does not exist; create it first (mkdir -p {missing})"
+        )
+        assert not (tmp_path / "no").exists()
+        existing = tmp_path / f"{name}.out"
+        existing.write_text("mine")
+        result = run_rapport(*command(existing))
+        assert result.returncode == 1 and existing.read_text() == "mine", name
+        assert result.stderr.strip() == (
+            f"rapport: error: {existing} already exists; choose a new name, or --force to "
+            "replace it"
+        )
+        assert "Traceback" not in result.stderr
+    assert run_rapport(*commands["export"](tmp_path / "export.out", "--force")).returncode == 0
+    assert '"keep me"' in (tmp_path / "export.out").read_text()
+    assert run_rapport(*commands["backup"](tmp_path / "backup.out", "--force")).returncode == 0
+    with Store(tmp_path / "backup.out", key=b"k" * 32) as copy:
+        assert [m.text for m in copy.messages(conv)] == ["keep me", "kept"]
+    assert not list(tmp_path.glob("*.tmp"))

@@ -398,3 +398,38 @@ def test_a_reply_being_written_finishes_on_the_model_it_started_with(
             )
         ]
         assert logged == ["v1", "v2"]
+
+
+def test_a_refused_models_add_leaves_no_row_and_remove_frees_a_never_deployed_name(
+    env, tiny_model_dir, tmp_path, rapport_home
+):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "config.json").unlink()
+    refused = run_rapport("models", "add", str(broken), "--version", "mine")
+    assert refused.returncode == 1
+    assert refused.stderr.strip() == f"rapport: error: refused mine: {broken} is missing config.json"
+    with Store(rapport_home / "rapport.db") as store:
+        assert store.models() == []  # the name is still free
+    good = tmp_path / "good"
+    shutil.copytree(tiny_model_dir, good)
+    assert run_rapport("models", "add", str(good), "--version", "mine").returncode == 0
+    with Store(rapport_home / "rapport.db") as store:
+        add_version(store, tiny_model_dir, tmp_path, "v1")
+        serve(store, "v1")
+        store.record_gate_check("mine", "v1", False, False, {"checks": []}, "t")
+    for version, line in {
+        "v1": "v1 has been deployed; it stays registered",
+        "nope": "no model version 'nope'",
+    }.items():
+        result = run_rapport("models", "remove", version)
+        assert result.returncode == 1 and line in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+    removed = run_rapport("models", "remove", "mine")
+    assert removed.returncode == 0, removed.stderr
+    assert removed.stdout.strip() == f"removed mine; its files stay in {good}"
+    assert (good / "model.safetensors").exists()
+    with Store(rapport_home / "rapport.db") as store:
+        assert "mine" not in {m["version"] for m in store.models()}
+        assert store.gate_checks("mine") == []
+    assert run_rapport("models", "add", str(good), "--version", "mine").returncode == 0

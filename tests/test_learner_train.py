@@ -293,6 +293,65 @@ def test_rapport_train_end_to_end_registers_a_new_undeployed_version(rapport_hom
     assert len(info["dataset"]["id"]) == 16 and info["metrics"]["step"] == 3
     assert json.loads((folder / "train_config.json").read_text())["algo"] == "psi"
     load_model(folder)
+    # registered: the checkpoint (network, target, optimiser: ~4x the model) is gone, the
+    # model stays; the run is listed with its size, and a finished run cannot resume
+    run = folder.parent
+    assert not (run / "checkpoint").exists() and (folder / "model.safetensors").exists()
+    listed = run_rapport("runs")
+    assert listed.returncode == 0, listed.stderr
+    (line,) = [x for x in listed.stdout.splitlines() if x.startswith(run.name)]
+    assert line.split()[1] == "registered" and line.split()[-1] == model["version"]
+    again = run_rapport("train", "--resume", run.name, "--steps", "5", timeout=300)
+    assert again.returncode == 1 and "finished and registered" in again.stderr
+    assert "Traceback" not in again.stderr
+
+
+def test_runs_prune_frees_checkpoints_and_dead_runs_but_never_a_live_or_registered_one(
+    rapport_home, tmp_path
+):
+    """Four runs: registered with a leftover checkpoint (from before checkpoints were
+    dropped), killed (resumable), failed before any checkpoint, and one in progress
+    (a process holds its lock)."""
+    from learner.runs import hold
+
+    runs = rapport_home / "runs"
+
+    def make(name, checkpoint_bytes, model=False):
+        (runs / name).mkdir(parents=True)
+        (runs / name / "metrics.jsonl").write_text("{}\n")
+        if checkpoint_bytes:
+            (runs / name / "checkpoint").mkdir()
+            (runs / name / "checkpoint" / "state.pt").write_bytes(b"x" * checkpoint_bytes)
+        if model:
+            (runs / name / "model").mkdir()
+            (runs / name / "model" / "model.safetensors").write_bytes(b"w" * 100)
+        return runs / name
+
+    done = make("psi-1", 5000, model=True)
+    killed = make("psi-2", 7000)
+    failed = make("psi-3", 0)
+    live = make("psi-4", 3000)
+    with Store(rapport_home / "rapport.db") as store:
+        store.add_model("psi-1", str(done / "model"), "psi", checksum="c")
+    with hold(live):
+        listed = run_rapport("runs").stdout
+        states = {x.split()[0]: x.split()[1] for x in listed.splitlines()[1:-1]}
+        assert states == {
+            "psi-1": "registered",
+            "psi-2": "resumable",
+            "psi-3": "unfinished",
+            "psi-4": "in",  # "in progress"
+        }
+        dry = run_rapport("runs", "prune", "--dry-run")
+        assert dry.returncode == 0 and dry.stdout.strip() == "would free 5.0 KB"
+        assert (done / "checkpoint").exists() and failed.exists()
+        result = run_rapport("runs", "prune")
+        assert result.returncode == 0, result.stderr
+        assert not (done / "checkpoint").exists() and (done / "model").exists()
+        assert not failed.exists() and (killed / "checkpoint" / "state.pt").exists()
+        result = run_rapport("runs", "prune", "--resumable")
+        assert result.stdout.strip() == "freed 7.0 KB" and not killed.exists()
+        assert (live / "checkpoint" / "state.pt").exists()  # never a run in progress
 
 
 def test_train_errors_are_one_line(rapport_home, tiny_model_dir):

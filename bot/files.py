@@ -1,0 +1,25 @@
+"""Files a user names on the command line: one rule for every command that writes one
+(``export``, ``db backup``, ``eval --out``). The folder must exist (a typo in a path
+should not grow a tree of folders), and an existing file is kept unless ``--force``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from bot.errors import RapportError
+
+
+def new_file(path: str | Path, force: bool = False) -> Path:
+    """``path`` as a file this command may write, or one readable line saying why not."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise RapportError(f"{path} is a folder; name a file inside it")
+    folder = path.parent
+    if not folder.is_dir():
+        raise RapportError(f"folder {folder} does not exist; create it first (mkdir -p {folder})")
+    if not os.access(folder, os.W_OK):
+        raise RapportError(f"cannot write into {folder}: permission denied")
+    if path.exists() and not force:
+        raise RapportError(f"{path} already exists; choose a new name, or --force to replace it")
+    return path
