@@ -21,7 +21,7 @@ from bot.errors import RapportError
 from bot.files import new_file
 from bot.progress import progress
 from bot.store import Store
-from learner.config import TrainConfig
+from learner.config import TOKEN_LEVEL, TrainConfig
 from learner.runs import list_runs, prune
 
 if TYPE_CHECKING:
@@ -136,6 +136,7 @@ def _import(config: Config, platform: str, conversations, total: int | None = No
             yield chunk
 
     added = 0
+    on_interrupt("every 500 conversations imported are saved; the same command skips them")
     with (
         open_store(config) as store,
         progress(total or 0, f"importing {platform}") as bar,
@@ -172,7 +173,7 @@ def import_jsonl(config: Config, path: str, platform: str) -> None:
     added = _import(config, platform, jsonl_conversations(Path(path), bad))
     for line in bad:
         click.echo(f"{path}:{line.number}: skipped: {line.reason}", err=True)
-    click.echo(f"imported {added:,} conversations; {len(bad):,} bad lines skipped")
+    click.echo(f"imported {added:,} conversations; {plural(len(bad), 'bad line')} skipped")
 
 
 @cli.command()
@@ -190,9 +191,10 @@ def score(config: Config, reward_model: str | None) -> None:
     from rewards.score import learned_signal, score_store, scorer_version
 
     learned = learned_signal(Path(reward_model) if reward_model else None)
+    on_interrupt("every scored batch is saved; `rapport score` goes on from there")
     with open_store(config) as store:
-        pending = len(store.conversations_to_score(scorer_version(learned)))
-        with progress(pending, "scoring conversations") as bar:
+        pending = store.conversations_to_score(scorer_version(learned))
+        with progress(store.bot_turn_count(pending), "scoring bot turns") as bar:
             summary = score_store(store, config, progress=bar.update, learned=learned)
     click.echo(
         f"scored {summary.bot_turns:,} bot turns in {summary.conversations:,} conversations; "
@@ -245,6 +247,13 @@ def train(config: Config, algo: str, model: str | None, resume: str | None, **op
             setattr(train_config, key, value)
     train_config.validate()
     spec = model if model is not None else config.model.path
+    if algo in TOKEN_LEVEL:
+        on_interrupt(
+            f"the run keeps its last checkpoint (every {train_config.checkpoint_every} steps); "
+            "`rapport runs` names it, `rapport train --resume RUN` goes on"
+        )
+    else:
+        on_interrupt(f"{algo} (trl) runs do not resume; nothing was registered")
     with open_store(config) as store:
         from bot.policy import resolve_model_path
 
@@ -311,6 +320,7 @@ def eval_command(
     from learner.evaluation import evaluate, format_table, write_json
 
     out_path = new_file(out, force) if out else None  # refused before the long work
+    on_interrupt("an evaluation keeps nothing; the same command starts it over")
 
     with open_store(config) as store:
         models = {}
@@ -366,6 +376,7 @@ def simulate(config: Config, model: str, n: int, turns: int, seed: int, batch: i
 
     if n < 1 or batch < 1:
         raise click.UsageError("--n and --batch must be at least 1")
+    on_interrupt("every finished batch is saved; the same command goes on from there")
     with open_store(config) as store:
         # the bot is what users meet: --model, else the deployed version, else the config's
         spec = model or store.deployed_version() or config.model.path
@@ -501,6 +512,11 @@ def _runs(config: Config):
     with open_store(config) as store:
         registered = {m["version"]: m["path"] for m in store.models()}
     return list_runs(rapport_home() / "runs", registered)
+
+
+def plural(n: int, noun: str) -> str:
+    """'1 bad line', '2 bad lines'."""
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
 
 
 def _size(n: float) -> str:
@@ -652,6 +668,7 @@ def export(config: Config, out: str, fmt: str, pairs_from: str, platform: str, f
     from learner.export import export as write_export
 
     path = new_file(out, force)
+    on_interrupt(f"{path} is as it was (an export is written whole, then renamed)")
     with open_store(config) as store:
         count = write_export(
             store,
@@ -740,16 +757,27 @@ def db_status(config: Config) -> None:
 def db_backup(config: Config, destination: str, force: bool) -> None:
     """Write a consistent copy of the database to DESTINATION (safe while bots run)."""
     path = new_file(destination, force)
+    on_interrupt(f"{path} is as it was (a backup is written whole, then renamed)")
     with open_store(config) as store:
         store.backup(path, replace=force)
     click.echo(f"backed up to {path}")
 
 
+# What a command that is interrupted (Ctrl-C) has kept, said on the way out.
+_ON_INTERRUPT: dict[str, str] = {}
+
+
+def on_interrupt(message: str) -> None:
+    """Say ``message`` if this command is interrupted: what is saved, how to go on."""
+    _ON_INTERRUPT["message"] = message
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         code = cli.main(args=argv, prog_name="rapport", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        said = _ON_INTERRUPT.get("message")
+        click.echo(f"interrupted: {said}" if said else "aborted", err=True)
         sys.exit(130)
     except click.ClickException as e:
         e.show()
@@ -757,8 +785,6 @@ def main(argv: list[str] | None = None) -> None:
     except RapportError as e:
         click.echo(f"rapport: error: {e}", err=True)
         sys.exit(1)
-    except KeyboardInterrupt:
-        sys.exit(130)
     if isinstance(code, int) and code:
         sys.exit(code)
 

@@ -269,6 +269,19 @@ class LearningData:
         )
         return [r["id"] for r in rows]
 
+    def bot_turn_count(self, conversation_ids: list[int]) -> int:
+        """How many bot turns these conversations have (what scoring them will score)."""
+        total = 0
+        for start in range(0, len(conversation_ids), 500):
+            chunk = conversation_ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            total += self._read(
+                f"SELECT COUNT(*) AS n FROM messages WHERE role = 'bot' "
+                f"AND conversation_id IN ({marks})",
+                chunk,
+            )[0]["n"]
+        return total
+
     def conversation_turns(self, conversation_ids: list[int]) -> dict[int, list[dict]]:
         """The messages of several conversations, in order, each with its votes and the
         fingerprint the scorer records: {conversation id: [message dicts]}."""

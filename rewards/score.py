@@ -117,14 +117,16 @@ def score_store(
     learned=None,
 ) -> ScoreSummary:
     """Score what needs scoring, in batches, then refit the combined reward.
-    ``learned``: the :func:`learned_signal` to score too, if any."""
+    ``learned``: the :func:`learned_signal` to score too, if any. ``progress(k)``: k
+    more bot turns scored."""
     pending = store.conversations_to_score(scorer_version(learned))
     size = config.scoring.batch_conversations
     bot_turns = 0
     for start in range(0, len(pending), size):
         batch = pending[start : start + size]
-        bot_turns += score_batch(store, batch, learned)
+        scored = score_batch(store, batch, learned)
+        bot_turns += scored
         if progress:
-            progress(len(batch))
+            progress(scored)  # the bot turns of the batch: what takes the time
     combined = refit_combined(store, asdict(config.weights))
     return ScoreSummary(len(pending), bot_turns, combined)

@@ -408,7 +408,8 @@ def test_a_refused_models_add_leaves_no_row_and_remove_frees_a_never_deployed_na
     (broken / "config.json").unlink()
     refused = run_rapport("models", "add", str(broken), "--version", "mine")
     assert refused.returncode == 1
-    assert refused.stderr.strip() == f"rapport: error: refused mine: {broken} is missing config.json"
+    line = f"rapport: error: refused mine: {broken} is missing config.json"
+    assert refused.stderr.strip() == line
     with Store(rapport_home / "rapport.db") as store:
         assert store.models() == []  # the name is still free
     good = tmp_path / "good"

@@ -79,6 +79,42 @@ def test_scoring_stores_every_signal_and_a_combined_reward_that_ranks_reactions(
     assert set(store.reward_stats()) == set(SIGNAL_NAMES)
 
 
+def test_score_progress_counts_bot_turns_not_conversations(store):
+    """A long conversation and a short one: the bar moves by bot turns (what takes the
+    time) and ends at the total it announced."""
+    chat_log(store)  # 3 bot turns
+    user = store.ensure_user("terminal", "other")
+    short = store.start_conversation(user, "terminal")
+    store.add_message(short, "user", "hi")
+    store.add_message(short, "bot", "hello")
+    pending = store.conversations_to_score(SCORER_VERSION)
+    assert store.bot_turn_count(pending) == 4
+    config = Config()
+    config.scoring.batch_conversations = 1
+    steps: list[int] = []
+    summary = score_store(store, config, progress=steps.append)
+    assert sorted(steps) == [1, 3] and summary.bot_turns == 4
+
+
+def test_ctrl_c_says_what_was_saved_and_how_to_go_on(store, rapport_home, monkeypatch, capsys):
+    """An interrupted `rapport score` ends with one line, not a bare ^C or a traceback."""
+    import bot.cli
+    import rewards.score
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rewards.score, "score_store", interrupted)
+    with pytest.raises(SystemExit) as exit:
+        bot.cli.main(["score"])
+    assert exit.value.code == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == (
+        "interrupted: every scored batch is saved; `rapport score` goes on from there"
+    )
+    assert "Traceback" not in err
+
+
 def test_scoring_is_incremental_and_rescoring_follows_new_replies_and_votes(store):
     ids = chat_log(store)
     score_store(store, Config())
@@ -157,6 +193,9 @@ def test_jsonl_import_reports_bad_lines_by_number_and_keeps_the_good(rapport_hom
     assert "Traceback" not in result.stderr
     again = run_rapport("import", "jsonl", str(path))
     assert "imported 0 conversations" in again.stdout
+    one = tmp_path / "one.jsonl"
+    one.write_text(lines[0] + "\n{not json\n")
+    assert "; 1 bad line skipped" in run_rapport("import", "jsonl", str(one)).stdout
     with Store(rapport_home / "rapport.db") as store:
         rows = store.db.execute("SELECT role, author, text FROM messages ORDER BY id").fetchall()
         assert rows == [
