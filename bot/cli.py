@@ -404,15 +404,21 @@ def simulate(config: Config, model: str, n: int, turns: int, seed: int, batch: i
 @cli.group(invoke_without_command=True)
 @click.pass_context
 def models(ctx: click.Context) -> None:
-    """List model versions with their key eval numbers (* = deployed)."""
+    """List model versions with their key eval numbers (* = served: the deployed version,
+    or the base model until the first deploy)."""
     if ctx.invoked_subcommand is not None:
         return
+    from bot.registry import serving_version
+
     with open_store(ctx.obj) as store:
         rows = store.models()
         checks = {c["version"]: c for c in store.gate_checks()}  # the latest per version
-    if not rows:
-        click.echo("no model versions yet: `rapport train` registers one")
-        return
+        serving = serving_version(store, ctx.obj)
+    if serving not in {m["version"] for m in rows}:  # the base, before any deploy
+        rows = [
+            {"version": serving, "algorithm": "base", "parent": None, "created": "-"},
+            *rows,
+        ]
     click.echo(
         f"  {'version':<28} {'algorithm':<9} {'parent':<22} {'created':<20} {'gate':<7} "
         f"{'reward':>7} {'kl':>6} {'dist-2':>6} {'q-rate':>6}"
@@ -427,7 +433,7 @@ def models(ctx: click.Context) -> None:
                 f"{e['combined']['value']:>7.3f} {e['kl_to_prior']['value']:>6.3f} "
                 f"{e['distinct_2']['value']:>6.3f} {e['bot_question']['value']:>6.2f}"
             )
-        mark = "*" if m["deployed"] else " "
+        mark = "*" if m["version"] == serving else " "
         click.echo(
             f"{mark} {m['version']:<28} {m['algorithm']:<9} {m['parent'] or '-':<22} "
             f"{m['created'][:19]:<20} {gate:<7} {numbers}"

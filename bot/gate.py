@@ -62,6 +62,24 @@ def _check(name: str, passed: bool, detail: str) -> dict:
     return {"name": name, "passed": bool(passed), "detail": detail}
 
 
+def _bounded(name: str, candidate: dict, deployed: dict, bound: float) -> dict:
+    """A rate with an absolute bound that a candidate may exceed only where the deployed
+    version already does (on the same simulated users): it refuses a collapse, not a
+    candidate that is no worse than what is served."""
+    value, served = candidate["value"], deployed["value"]
+    if value <= bound:
+        return _check(name, True, f"{value:.2f}, bound {bound}")
+    if value <= served:
+        return _check(
+            name,
+            True,
+            f"{value:.2f}, above the bound {bound} but not above the deployed {served:.2f}",
+        )
+    return _check(
+        name, False, f"{value:.2f}, above the bound {bound} and the deployed {served:.2f}"
+    )
+
+
 def threshold_checks(results: dict, candidate: str, against: str, gate) -> list[dict]:
     """The ``[gate]`` thresholds on an eval of ``candidate`` against ``against``."""
     c, d = results[candidate], results[against]
@@ -83,15 +101,12 @@ def threshold_checks(results: dict, candidate: str, against: str, gate) -> list[
             f"distinct-2 {c['distinct_2']['value']:.3f} vs {d['distinct_2']['value']:.3f} "
             f"x {gate.min_diversity_ratio}",
         ),
-        _check(
-            "question_rate",
-            c["bot_question"]["value"] <= gate.max_question_rate,
-            f"{c['bot_question']['value']:.2f}, bound {gate.max_question_rate}",
-        ),
-        _check(
+        _bounded("question_rate", c["bot_question"], d["bot_question"], gate.max_question_rate),
+        _bounded(
             "repeated_replies",
-            c["repeated_replies"]["value"] <= gate.max_repeated_replies,
-            f"{c['repeated_replies']['value']:.2f}, bound {gate.max_repeated_replies}",
+            c["repeated_replies"],
+            d["repeated_replies"],
+            gate.max_repeated_replies,
         ),
         _check(
             "repetition",

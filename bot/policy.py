@@ -59,9 +59,14 @@ def default_gguf_path() -> Path:
     return path
 
 
+def default_model_folder() -> Path:
+    """Where the cached copy of the default model lives (it may not exist yet)."""
+    return rapport_home() / "models" / DEFAULT_MODEL_NAME
+
+
 def default_model_dir() -> Path:
     """The cached safetensors copy of the default model, converted on first use."""
-    return build_once(rapport_home() / "models" / DEFAULT_MODEL_NAME, "config.json", _convert)
+    return build_once(default_model_folder(), "config.json", _convert)
 
 
 def _convert(folder: Path) -> None:

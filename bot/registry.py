@@ -36,7 +36,7 @@ from pathlib import Path
 
 from bot.config import Config
 from bot.errors import InvalidInput, RapportError
-from bot.policy import DEFAULT_MODEL_NAME, Policy, default_model_dir
+from bot.policy import DEFAULT_MODEL_NAME, Policy, default_model_dir, default_model_folder
 from bot.store import Store
 
 log = logging.getLogger(__name__)
@@ -102,19 +102,32 @@ def verify_folder(store: Store, version: str) -> Path:
     return folder
 
 
-def base_version(store: Store, config: Config) -> str:
-    """The registered name of the config's base model, registering it if needed."""
+def _base(store: Store, config: Config) -> tuple[str, bool]:
+    """(name, registered?) of the config's base model, without converting or adding it."""
     spec = config.model.path
     registered = {m["version"]: m for m in store.models()}
     if spec in registered:
-        return spec
-    folder = Path(spec).expanduser().resolve() if spec else default_model_dir()
+        return spec, True
+    folder = Path(spec).expanduser().resolve() if spec else default_model_folder().resolve()
     for version, row in registered.items():
         if Path(row["path"]).resolve() == folder:
-            return version
-    name = spec or DEFAULT_MODEL_NAME  # the name bot turns were logged under before
-    store.add_model(name, str(folder), "prior")
+            return version, True
+    return spec or DEFAULT_MODEL_NAME, False  # the name bot turns were logged under before
+
+
+def base_version(store: Store, config: Config) -> str:
+    """The registered name of the config's base model, registering it if needed."""
+    name, registered = _base(store, config)
+    if not registered:
+        folder = Path(config.model.path).expanduser().resolve() if config.model.path else None
+        store.add_model(name, str(folder or default_model_dir()), "prior")
     return name
+
+
+def serving_version(store: Store, config: Config) -> str:
+    """What the bots serve now: the deployed version, else the base model, which counts
+    as deployed until the first deploy (nothing is registered or converted here)."""
+    return store.deployed_version() or _base(store, config)[0]
 
 
 def deployment_stack(store: Store) -> list[str]:

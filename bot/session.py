@@ -35,7 +35,7 @@ from bot.store import Store, clean_text
 log = logging.getLogger(__name__)
 
 OPTED_OUT_NOTICE = (
-    "You opted out of logging: this conversation is not saved. Use opt-in to allow it again."
+    "You opted out of logging: this conversation is not saved. /optin allows it again."
 )
 
 

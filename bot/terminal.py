@@ -66,8 +66,10 @@ class Terminal:
                 self.say("\n(Ctrl-D or /quit leaves)", "2")
                 continue
             line = line.rstrip("\r\n")
-            if not line.strip():
-                continue  # nothing to say, nothing logged
+            if not line.strip():  # nothing to say, nothing logged
+                if not self.interactive:
+                    self.say("")  # piped: still one output line per input line
+                continue
             if line.startswith("/") and not line.startswith("//"):
                 if self.command(line) == "quit":
                     return

@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -250,20 +251,35 @@ def evaluate(
     return results
 
 
-def format_table(results: dict, columns: Sequence[str] = COLUMNS) -> str:
-    """Models as rows (like the paper's tables); each cell "value [low, high]"."""
-    names = [k for k in results if k != "samples"]
-    width = max(len(n) for n in names)
-    header = f"{'model':<{width}}  " + "  ".join(f"{c:>24}" for c in columns)
-    lines = [header]
-    for name in names:
-        cells = [
-            f"{results[name][c]['value']:.3f} [{results[name][c]['low']:.2f},"
+def format_table(results: dict, columns: Sequence[str] = COLUMNS, width: int = 0) -> str:
+    """One line per measure and one column per model, each cell "value [low, high]",
+    in blocks of models that fit ``width`` (default: the terminal's). A model whose name
+    is longer than a cell (a folder) is headed m1, m2, ... with a legend below."""
+    width = width or shutil.get_terminal_size((80, 24)).columns
+    names = [k for k in results if k != "samples" and isinstance(results[k], dict)]
+    cells = {
+        name: [
+            f"{results[name][c]['value']:.3f} [{results[name][c]['low']:.2f}, "
             f"{results[name][c]['high']:.2f}]"
             for c in columns
         ]
-        lines.append(f"{name:<{width}}  " + "  ".join(f"{cell:>24}" for cell in cells))
-    return "\n".join(lines)
+        for name in names
+    }
+    cell = max(len(x) for row in cells.values() for x in row)
+    label = max(len(c) for c in (*columns, "model"))
+    heads = [f"m{i + 1}" if len(n) > cell else n for i, n in enumerate(names)]
+    per_block = max(1, (width - label) // (cell + 2))
+    blocks = []
+    for start in range(0, len(names), per_block):
+        picked = range(start, min(start + per_block, len(names)))
+        lines = [f"{'model':<{label}}" + "".join(f"  {heads[i]:>{cell}}" for i in picked)]
+        for k, column in enumerate(columns):
+            lines.append(
+                f"{column:<{label}}" + "".join(f"  {cells[names[i]][k]:>{cell}}" for i in picked)
+            )
+        blocks.append("\n".join(lines))
+    legend = [f"{head}: {name}" for head, name in zip(heads, names, strict=True) if head != name]
+    return "\n\n".join(blocks) + ("\n" + "\n".join(legend) if legend else "")
 
 
 def write_json(results: dict, path) -> None:

@@ -125,6 +125,19 @@ def test_thresholds_catch_the_exploit_collapse_and_pass_a_healthy_candidate():
         if not c["passed"]
     }
     assert failed == {"elicited_reward", "repetition"}
+    # a served model that already asks in every turn: a candidate that asks no more is not
+    # refused for it, and the verdict says why; one that asks more than the bound is
+    asking = eval_row(question=1.0)
+    checks = threshold_checks({"new": eval_row(question=1.0), "old": asking}, "new", "old", gate)
+    (rate,) = [c for c in checks if c["name"] == "question_rate"]
+    assert rate["passed"] and rate["detail"] == (
+        "1.00, above the bound 0.9 but not above the deployed 1.00"
+    )
+    checks = threshold_checks({"new": eval_row(question=0.95), "old": served}, "new", "old", gate)
+    (rate,) = [c for c in checks if c["name"] == "question_rate"]
+    assert not rate["passed"] and rate["detail"].endswith(
+        f"and the deployed {served['bot_question']['value']:.2f}"
+    )
 
 
 def test_deploy_records_who_when_why_and_models_lists_the_gate(
@@ -132,6 +145,10 @@ def test_deploy_records_who_when_why_and_models_lists_the_gate(
 ):
     with Store(rapport_home / "rapport.db") as store:
         add_version(store, tiny_model_dir, tmp_path, "v1")
+    before = run_rapport("models").stdout.splitlines()
+    # before any deploy the base model is what bots serve, and is marked so
+    assert before[1].startswith(f"* {tiny_model_dir} ") and " base " in before[1]
+    assert before[2].startswith("  v1 ")
     result = run_rapport("deploy", "v1", "--why", "first try", "--who", "ann", timeout=300)
     assert result.returncode == 0, result.stderr
     assert "deployed v1;" in result.stdout

@@ -152,7 +152,9 @@ def test_eval_of_two_versions_gives_every_column_with_intervals_and_is_seeded(
         "--seed",
         "7",
     ]
-    first = run_rapport(*args, "--out", str(tmp_path / "a.json"), timeout=300)
+    first = run_rapport(
+        *args, "--out", str(tmp_path / "a.json"), env={"COLUMNS": "80"}, timeout=300
+    )
     assert first.returncode == 0, first.stderr
     second = run_rapport(*args, "--out", str(tmp_path / "b.json"), timeout=300)
     assert second.returncode == 0, second.stderr
@@ -166,8 +168,12 @@ def test_eval_of_two_versions_gives_every_column_with_intervals_and_is_seeded(
             assert all(math.isfinite(cell[k]) for k in ("value", "low", "high")), column
             assert cell["low"] <= cell["high"]
     assert a == b  # same seed, same numbers
-    header = first.stdout.splitlines()[0]
-    assert all(column in header for column in COLUMNS)
+    # the table fits the terminal: a line per measure, the two folders as m1 and m2
+    table = first.stdout.split("\n\n[")[0].splitlines()
+    assert table[0].split() == ["model", "m1", "m2"]
+    assert [line.split()[0] for line in table[1 : 1 + len(COLUMNS)]] == list(COLUMNS)
+    assert table[1 + len(COLUMNS) :] == [f"m1: {tiny_model_dir}", f"m2: {tiny_model_dir}/"]
+    assert max(len(line) for line in first.stdout.splitlines()[: len(table)]) <= 80
 
     report = run_rapport(
         "report", "eval", str(tmp_path / "a.json"), "--out", str(tmp_path / "report")

@@ -148,6 +148,7 @@ def test_opted_out_users_get_replies_but_nothing_is_logged(session, store):
     reply = session.respond("not logged")
     assert reply.text and reply.message_id is None
     assert session.notice == OPTED_OUT_NOTICE
+    assert "/optin allows it again" in session.notice  # the command both platforms have
     session.respond("still not logged")
     assert session.notice is None  # told once per conversation
     assert store.counts()["messages"] == 2

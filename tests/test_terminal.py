@@ -53,14 +53,15 @@ def test_piped_chat_transcript_and_logged_rows(tiny_model_dir, rapport_home):
     )
     assert result.returncode == 0, result.stderr
     out = result.stdout.splitlines()
-    assert len(out) == 8, out  # one line per non-blank input line, none after /quit
-    replies = [out[0], out[2], out[5]]
+    assert len(out) == 9, out  # one line per input line (a blank one too), none after /quit
+    replies = [out[0], out[3], out[6]]
     assert all(r.strip() for r in replies)
     assert out[1] == "voted 👍 on the last reply"
-    assert out[3] == "voted 👎 on the reply 2 back"
-    assert out[4] == "(new conversation)"
-    assert out[6] == f"model: {tiny_model_dir}"
-    assert out[7] == "bye"
+    assert out[2] == ""
+    assert out[4] == "voted 👎 on the reply 2 back"
+    assert out[5] == "(new conversation)"
+    assert out[7] == f"model: {tiny_model_dir}"
+    assert out[8] == "bye"
     assert "Traceback" not in result.stderr
 
     with Store(rapport_home / "rapport.db") as store:
