@@ -179,7 +179,7 @@ class RapportHandlers:
                 log.error("reply failed in channel %s: %s", message.channel.id, e)
                 await message.reply(f"Sorry, I couldn't answer that: {e}")
                 return
-            parts = split_message(reply.text)
+            parts = split_message(reply.shown)
             sent = [await message.reply(parts[0], mention_author=False)]
             for part in parts[1:]:
                 sent.append(await message.channel.send(part))

@@ -34,6 +34,7 @@ from bot.store import Store, clean_text
 
 log = logging.getLogger(__name__)
 
+CUT_MARK = " […]"
 OPTED_OUT_NOTICE = (
     "You opted out of logging: this conversation is not saved. /optin allows it again."
 )
@@ -41,10 +42,17 @@ OPTED_OUT_NOTICE = (
 
 @dataclass
 class Reply:
-    text: str
+    text: str  # as the model wrote it, and as it is logged
     message_id: int | None  # None when nothing was logged (opted out)
     model_version: str
     interrupted: bool = False
+    cut: bool = False  # the length limit (generation.max_new_tokens) ended it
+
+    @property
+    def shown(self) -> str:
+        """The text as people see it: a cut reply says so. The mark is never logged (the
+        learner trains on what the model wrote, and never on a cut reply's end)."""
+        return self.text + CUT_MARK if self.cut else self.text
 
 
 @dataclass
@@ -151,7 +159,7 @@ class Session:
             )
             self.bot_message_ids.append(message_id)
         self.history.append(Turn("bot", reply))
-        return Reply(reply, message_id, policy.version, interrupted)
+        return Reply(reply, message_id, policy.version, interrupted, cut)
 
     # -- feedback and privacy -------------------------------------------------------
 

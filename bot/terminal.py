@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from bot.errors import RapportError
-from bot.session import Session
+from bot.session import CUT_MARK, Session
 
 HELP = """\
 /up [N]     thumbs up the last reply (or the Nth-last)
@@ -96,9 +96,9 @@ class Terminal:
             self.say(f"rapport: {e}", "31")
             return
         if streamed:
-            print(file=self.out, flush=True)
+            print("\x1b[2m" + CUT_MARK + "\x1b[0m" if reply.cut else "", file=self.out, flush=True)
         else:
-            self.say(" ".join(reply.text.split()))
+            self.say(" ".join(reply.text.split()) + (CUT_MARK if reply.cut else ""))
         if self.session.notice:
             self.say(self.session.notice, "2")
 

@@ -28,13 +28,15 @@ class ScriptedPolicy:
     version = "scripted-v1"
     settings = Settings(temperature=0.7, top_p=0.9, max_new_tokens=10, repetition_penalty=1.1)
 
-    def __init__(self, text="Hello there! How are you?", delay=0.0):
-        self.text, self.delay = text, delay
+    def __init__(self, text="Hello there! How are you?", delay=0.0, cut=False):
+        self.text, self.delay, self.cut = text, delay, cut
 
     def stream(self, turns, finish=None):
         if self.delay:
             time.sleep(self.delay)
         yield self.text
+        if finish is not None:
+            finish["cut"] = self.cut  # as Policy.stream: the length limit ended the reply
 
 
 def client_for(store, policy, **settings):
@@ -64,6 +66,16 @@ def test_a_dm_gets_a_reply_with_vote_buttons_and_both_turns_are_logged(store):
     assert rows(store) == [("user", "hi bot"), ("bot", "Hello there! How are you?")]
     (platform,) = {r[0] for r in store.db.execute("SELECT platform FROM conversations")}
     assert platform == "discord"
+
+
+def test_a_reply_cut_at_the_length_limit_says_so_and_is_logged_as_written(store):
+    client = client_for(store, ScriptedPolicy("I was going to say that the", cut=True))
+    channel = fake_channel(dm=True)
+    asyncio.run(client.on_message(fake_message("hi bot", fake_user(), channel)))
+    assert [m.content for m in channel.sent] == ["I was going to say that the […]"]
+    assert rows(store)[-1] == ("bot", "I was going to say that the")
+    (generation,) = store.db.execute("SELECT generation FROM messages WHERE role = 'bot'")
+    assert '"cut": true' in generation[0]
 
 
 def test_mentions_in_allowed_channels_only(store):

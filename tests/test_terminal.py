@@ -54,7 +54,9 @@ def test_piped_chat_transcript_and_logged_rows(tiny_model_dir, rapport_home):
     assert result.returncode == 0, result.stderr
     out = result.stdout.splitlines()
     assert len(out) == 9, out  # one line per input line (a blank one too), none after /quit
-    replies = [out[0], out[3], out[6]]
+    # the tiny model never ends a reply itself: each was cut at max_new_tokens, and says so
+    assert all(out[i].endswith(" […]") for i in (0, 3, 6)), out
+    replies = [out[i].removesuffix(" […]") for i in (0, 3, 6)]
     assert all(r.strip() for r in replies)
     assert out[1] == "voted 👍 on the last reply"
     assert out[2] == ""
@@ -76,7 +78,9 @@ def test_piped_chat_transcript_and_logged_rows(tiny_model_dir, rapport_home):
             ("bot", 3),
         ]
         assert [m.text for m in first if m.role == "user"] == ["hello bot", "second message"]
+        # logged as the model wrote it (no mark), flagged as cut
         assert [" ".join(m.text.split()) for m in first if m.role == "bot"] == replies[:2]
+        assert all(m.generation["cut"] for m in first if m.role == "bot")
         assert [m.text for m in second] == ["third", second[1].text]
         user = first[0].user_id
         assert store.votes(first[1].id) == {user: -1}  # /up then /down 2: replaced
