@@ -287,6 +287,9 @@ def make_client(store: Store, policy_source, config: DiscordConfig) -> discord.C
     intents = discord.Intents.default()
     intents.message_content = config.message_content_intent
     cls = ShardedRapportClient if config.sharded else RapportClient
+    # rapport never joins voice: discord.py's warnings that voice libraries are missing
+    # would only worry the person starting the bot
+    discord.VoiceClient.warn_nacl = discord.VoiceClient.warn_dave = False
     client = cls(intents=intents)
     client.setup_rapport(store, policy_source, config)
     return client

@@ -48,6 +48,10 @@ from learner.trl_data import SAFE_TEMPLATE, vote_score
 from rewards.learned_reward import INFO_FILE, RewardEnsemble, reward_messages
 
 
+# The fewest voted replies whose default 20% hold-out can hold a pair at all (2 replies).
+MIN_VOTED = 10
+
+
 class RewardModelError(RapportError):
     """The reward model cannot be trained (no votes, too few pairs)."""
 
@@ -214,15 +218,17 @@ def train_reward_model(
 ) -> tuple[Path, dict]:
     """Train, normalise and evaluate the ensemble; return (folder, info)."""
     config.validate()
-    train_replies, val_replies = split_replies(
-        voted_replies(store.feedback_conversations()), config.val_fraction, config.seed
-    )
+    replies = voted_replies(store.feedback_conversations())
+    train_replies, val_replies = split_replies(replies, config.val_fraction, config.seed)
     train = preference_pairs(train_replies, config.seed)
     val = preference_pairs(val_replies, config.seed)
     if not train or not val:
+        liked = sum(1 for _, _, score in replies if score > 0)
         raise RewardModelError(
-            "too few vote pairs to train a reward model (need 👍 and 👎 replies both to train "
-            "on and to hold out); vote with /up /down in `rapport chat`"
+            f"too few votes to train a reward model: {liked} 👍 and {len(replies) - liked} 👎 "
+            f"replies; it needs 👍 and 👎 replies both to train on and in the held-out "
+            f"{config.val_fraction:.0%} (at least {MIN_VOTED} voted replies of both kinds; "
+            "a useful model, hundreds); vote with /up /down in `rapport chat` or on Discord"
         )
     folder = rapport_home() / "reward_models" / f"rm-{time.strftime('%Y%m%d-%H%M%S')}"
     rng = random.Random(config.seed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import pytest
@@ -66,6 +67,15 @@ def test_a_dm_gets_a_reply_with_vote_buttons_and_both_turns_are_logged(store):
     assert rows(store) == [("user", "hi bot"), ("bot", "Hello there! How are you?")]
     (platform,) = {r[0] for r in store.db.execute("SELECT platform FROM conversations")}
     assert platform == "discord"
+
+
+def test_making_the_client_warns_nothing_about_voice(store, caplog):
+    import discord
+
+    discord.VoiceClient.warn_nacl = discord.VoiceClient.warn_dave = True  # as on import
+    with caplog.at_level(logging.WARNING):
+        client_for(store, ScriptedPolicy())
+    assert not [r for r in caplog.records if "voice" in r.getMessage()]
 
 
 def test_a_reply_cut_at_the_length_limit_says_so_and_is_logged_as_written(store):

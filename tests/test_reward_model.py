@@ -106,8 +106,10 @@ def test_reward_model_without_votes_fails_in_one_line(rapport_home, tiny_model_d
     result = run_rapport("reward-model", "train", "--model", str(tiny_model_dir))
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip() == (
-        "rapport: error: too few vote pairs to train a reward model (need 👍 and 👎 replies "
-        "both to train on and to hold out); vote with /up /down in `rapport chat`"
+        "rapport: error: too few votes to train a reward model: 0 👍 and 0 👎 replies; it "
+        "needs 👍 and 👎 replies both to train on and in the held-out 20% (at least 10 voted "
+        "replies of both kinds; a useful model, hundreds); vote with /up /down in `rapport "
+        "chat` or on Discord"
     )
 
 
