@@ -47,7 +47,6 @@ from bot.store import Store
 from learner.trl_data import SAFE_TEMPLATE, vote_score
 from rewards.learned_reward import INFO_FILE, RewardEnsemble, reward_messages
 
-
 # The fewest voted replies whose default 20% hold-out can hold a pair at all (2 replies).
 MIN_VOTED = 10
 
