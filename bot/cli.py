@@ -231,6 +231,11 @@ def _learner_help(name: str) -> str:
 @click.option("--beta", type=float, default=None, help=_learner_help("beta"))
 @click.option("--pairs-from", default=None, help=_learner_help("pairs_from"))
 @click.option("--platform", default=None, help=_learner_help("platform"))
+@click.option("--since", default=None, metavar="DATE", help=_learner_help("since"))
+@click.option("--until", default=None, metavar="DATE", help=_learner_help("until"))
+@click.option(
+    "--max-conversations", type=int, default=None, help=_learner_help("max_conversations")
+)
 @click.option("--min-reward", type=float, default=None, help=_learner_help("min_reward"))
 @click.option("--checkpoint-every", type=int, default=None, help=_learner_help("checkpoint_every"))
 @click.option("--model", "model", default=None, help="Prior: folder or version (default: config).")

@@ -7,8 +7,9 @@ store's ``_write()`` transaction and ``_read()`` query helpers, and nothing else
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -370,26 +371,32 @@ class LearningData:
         top = self._read(query.format(order="DESC"), [name, limit])
         return bottom + top
 
-    def training_conversations(self, reward_name: str = "combined") -> list[dict[str, Any]]:
-        """Every conversation with at least one scored bot turn, for a dataset builder:
+    def training_conversations(
+        self, reward_name: str = "combined", selection: Selection | None = None
+    ) -> list[dict[str, Any]]:
+        """Every conversation with at least one scored bot turn (of ``selection``), for a
+        dataset builder:
         [{"id", "platform", "turns": [{"id", "role", "author", "text", "reward", "cut"}]}]
         where ``reward`` is the bot turn's ``reward_name`` value (None if unscored) and
         ``cut`` says the reply was stopped by the length limit or an interruption, not
         ended by the model (its generation settings record it)."""
+        chosen, params = (selection or Selection()).sql(
+            "c.id IN (SELECT DISTINCT m2.conversation_id FROM messages m2 "
+            "JOIN rewards r2 ON r2.message_id = m2.id AND r2.name = ?)",
+            [reward_name],
+        )
         rows = self._read(
-            """
+            f"""
             SELECT m.id, m.conversation_id, m.role, m.author, m.text, c.platform,
                    r.value AS reward,
                    coalesce(json_extract(m.generation, '$.cut'), 0)
                    OR coalesce(json_extract(m.generation, '$.interrupted'), 0) AS cut
             FROM messages m JOIN conversations c ON c.id = m.conversation_id
             LEFT JOIN rewards r ON r.message_id = m.id AND r.name = ?
-            WHERE m.conversation_id IN (
-                SELECT DISTINCT m2.conversation_id FROM messages m2
-                JOIN rewards r2 ON r2.message_id = m2.id AND r2.name = ?)
+            WHERE m.conversation_id IN ({chosen})
             ORDER BY m.conversation_id, m.turn_index
             """,
-            [reward_name, reward_name],
+            [reward_name, *params],
         )
         conversations: dict[int, dict[str, Any]] = {}
         for row in rows:
@@ -403,22 +410,27 @@ class LearningData:
         return list(conversations.values())
 
     def feedback_conversations(
-        self, reward_name: str = "combined", platform: str = ""
+        self, reward_name: str = "combined", platform: str = "", selection: Selection | None = None
     ) -> list[dict[str, Any]]:
-        """Every conversation (of ``platform``, or all), scored or not, for trl-style
-        learners and export: like :meth:`training_conversations`, and every turn also has
-        ``votes`` (a tuple of +1/-1) and the conversation its ``external_id``."""
+        """Every conversation (of ``platform`` and ``selection``, or all), scored or not,
+        for trl-style learners and export: like :meth:`training_conversations`, and every
+        turn also has ``votes`` (a tuple of +1/-1) and the conversation its
+        ``external_id``."""
+        selection = selection or Selection()
+        if platform:
+            selection = replace(selection, platform=platform)
+        chosen, params = selection.sql()
         rows = self._read(
-            """
+            f"""
             SELECT m.id, m.conversation_id, m.role, m.author, m.text, c.platform,
                    c.external_id, r.value AS reward,
                    (SELECT GROUP_CONCAT(value) FROM votes v WHERE v.message_id = m.id) AS votes
             FROM messages m JOIN conversations c ON c.id = m.conversation_id
             LEFT JOIN rewards r ON r.message_id = m.id AND r.name = ?
-            WHERE ? = '' OR c.platform = ?
+            WHERE m.conversation_id IN ({chosen})
             ORDER BY m.conversation_id, m.turn_index
             """,
-            [reward_name, platform, platform],
+            [reward_name, *params],
         )
         conversations: dict[int, dict[str, Any]] = {}
         for row in rows:
@@ -448,6 +460,32 @@ FINGERPRINT = """(
     (SELECT COUNT(*) FROM messages x WHERE x.conversation_id = m.conversation_id) || ':' ||
     (SELECT COUNT(*) || ',' || COALESCE(SUM(value), 0) || ',' || COALESCE(MAX(created), '')
      FROM votes v WHERE v.message_id = m.id))"""
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which conversations a learner reads: of one ``platform`` (empty: all), started
+    on or after the date ``since`` and on or before ``until`` (ISO dates, empty: no
+    bound), the ``limit`` most recent of them (0: all)."""
+
+    platform: str = ""
+    since: str = ""
+    until: str = ""
+    limit: int = 0
+
+    def sql(self, extra: str = "1", extra_params: Sequence = ()) -> tuple[str, list]:
+        """A subquery of the chosen conversation ids (conversations aliased ``c``), and
+        its parameters; ``extra`` is one more condition on ``c``."""
+        until = (
+            (date.fromisoformat(self.until) + timedelta(days=1)).isoformat() if self.until else ""
+        )
+        query = (
+            "SELECT c.id FROM conversations c WHERE (? = '' OR c.platform = ?) "
+            "AND (? = '' OR c.started >= ?) AND (? = '' OR c.started < ?) "
+            f"AND {extra} ORDER BY c.started DESC, c.id DESC LIMIT ?"
+        )
+        params = [self.platform] * 2 + [self.since] * 2 + [until] * 2
+        return query, [*params, *extra_params, self.limit or -1]
 
 
 @dataclass(frozen=True)

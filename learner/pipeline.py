@@ -16,6 +16,7 @@ from pathlib import Path
 from bot.config import rapport_home
 from bot.policy import DEFAULT_MODEL_NAME, load_model
 from bot.store import Store
+from bot.store_data import Selection
 from learner import runs as runs_on_disk
 from learner.config import TRL, TrainConfig
 from learner.data import Dataset, add_prior_logprobs, build_dataset, normalise_rewards
@@ -28,12 +29,17 @@ def prepare_dataset(
     """Snapshot the store, tokenise the scored conversations, cache prior log-probs."""
     with tempfile.TemporaryDirectory() as tmp:
         snapshot = Store(store.snapshot(str(Path(tmp) / "snapshot.db")), key=b"\0" * 32)
-        conversations = snapshot.training_conversations(config.reward)
+        conversations = snapshot.training_conversations(config.reward, config.selection())
         snapshot.close()
     if not conversations:
+        chosen = config.selection() != Selection()
         raise TrainingError(
-            f"no conversations scored with {config.reward!r} to learn from: import or chat, "
-            "then run `rapport score`"
+            f"no conversations scored with {config.reward!r} to learn from"
+            + (
+                " among those chosen (--platform, --since, --until)"
+                if chosen
+                else ": import or chat, then run `rapport score`"
+            )
         )
     reward_stats = normalise_rewards(conversations, config.reward_clip)
     prior, tokenizer = load_model(prior_path)

@@ -40,7 +40,7 @@ NO_VOTES = (
 
 def training_rows(store: Store, system_prompt: str, config: TrainConfig) -> list[dict]:
     """The rows of a kto, dpo or sft run, or a one-line error saying what is missing."""
-    conversations = store.feedback_conversations(config.reward, config.platform)
+    conversations = store.feedback_conversations(config.reward, selection=config.selection())
     where = f" of platform {config.platform!r}" if config.platform else ""
     if config.algo == "kto":
         rows = kto_rows(conversations, system_prompt, config.context_turns, config.pairs_from)

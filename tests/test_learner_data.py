@@ -137,3 +137,42 @@ def test_rewards_reach_the_learner_in_clipped_z_units():
     same = [conversation(turn("bot", "x", 2.0), cid=i) for i in range(3)]
     normalise_rewards(same, 3.0)
     assert [c["turns"][0]["reward"] for c in same] == [0.0, 0.0, 0.0]
+
+
+def test_a_run_can_learn_from_a_platform_a_date_range_or_the_latest_n(store):
+    """--platform, --since, --until and --max-conversations choose the conversations for
+    every algorithm (token-level and trl alike); dates are inclusive."""
+    from bot.store_data import Imported, Selection
+    from learner.config import TrainConfig
+
+    days = {"a": "2026-01-05T10:00:00+00:00", "b": "2026-02-05T10:00:00+00:00"}
+    for platform in ("chitchat", "discord"):
+        store.import_conversations(
+            platform,
+            [
+                Imported(
+                    f"{platform}-{k}", "u", (("user", "person", "hi"), ("bot", "person", k)), day
+                )
+                for k, day in days.items()
+            ],
+        )
+    bots = [r[0] for r in store.db.execute("SELECT id FROM messages WHERE role = 'bot'")]
+    store.set_rewards((m, "combined", 1.0, "t") for m in bots)
+
+    def chosen(**options) -> set[tuple[str, str]]:
+        config = TrainConfig(**options)
+        config.validate()
+        token_level = store.training_conversations("combined", config.selection())
+        trl = store.feedback_conversations("combined", selection=config.selection())
+        picked = {(c["platform"], c["turns"][1]["text"]) for c in token_level}
+        assert picked == {(c["platform"], c["turns"][1]["text"]) for c in trl}
+        return picked
+
+    assert len(chosen()) == 4
+    assert chosen(platform="discord") == {("discord", "a"), ("discord", "b")}
+    assert chosen(since="2026-02-05") == {("chitchat", "b"), ("discord", "b")}
+    assert chosen(until="2026-01-05") == {("chitchat", "a"), ("discord", "a")}
+    assert chosen(platform="chitchat", max_conversations=1) == {("chitchat", "b")}
+    assert Selection() == TrainConfig().selection()  # the default reads everything
+    with pytest.raises(Exception, match="since must be a date like 2026-11-30, not 'last week'"):
+        TrainConfig(since="last week").validate()
