@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from bot.config import Config
-from bot.policy import Policy, Settings, default_model_dir, load_model
+from bot.policy import Policy, Settings, default_model_dir, load_model, prepare_for_serving
 from bot.prompt import Turn
 from bot.store import Store
 from learner.evaluate import (
@@ -94,13 +94,15 @@ def test_a_degenerate_policy_that_always_asks_the_same_question_is_caught(
     less fluent (higher perplexity given the user turn answered)."""
     monkeypatch.setenv("RAPPORT_HOME", str(default_model_home))
     config = Config()
+    config.generation.max_new_tokens = 48  # short replies keep this test to a minute
     prior, tokenizer = load_model(default_model_dir())
+    served = prepare_for_serving(load_model(default_model_dir())[0], "bf16")  # as eval serves
     games = self_play(
-        prior,
-        prior,
+        served,
+        served,
         tokenizer,
         n=3,
-        turns=4,
+        turns=3,
         seed=0,
         system_prompt=config.model.system_prompt,
         settings=Settings.from_config(config.generation),
