@@ -480,6 +480,54 @@ def models_add(config: Config, folder: str, version: str, algorithm: str, parent
     click.echo(f"registered {version}; `rapport deploy {version}` gates and serves it")
 
 
+@models.command("compare")
+@click.argument("version")
+@click.argument("other", required=False, default="")
+@click.option("--n", "n", type=int, default=6, show_default=True, help="Held-out openers.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.pass_obj
+def models_compare(config: Config, version: str, other: str, n: int, seed: int) -> None:
+    """What VERSION learned: the same openers answered by it and OTHER (default: the
+    served version), side by side with each reply's rewards."""
+    from bot.policy import Settings
+    from bot.registry import serving_version
+    from learner.evaluation import compare
+
+    if n < 1:
+        raise click.UsageError("--n must be at least 1")
+    with open_store(config) as store:
+        other = other or serving_version(store, config)
+        models = {}
+        for spec in (version, other):
+            model, tokenizer, _ = _served(config, store, spec)
+            models[spec] = (model, tokenizer)
+        user, _, _ = _served(config, store, config.model.path)
+        rows = compare(
+            models,
+            user,
+            tokenizer,
+            n=n,
+            seed=seed,
+            system_prompt=config.model.system_prompt,
+            settings=Settings.from_config(config.generation),
+            weights=dataclasses.asdict(config.weights),
+        )
+    for row in rows:
+        click.echo(f"\nuser: {_one_line(row['opener'])}")
+        for name, reply in row["replies"].items():
+            click.echo(f"  {name}: {_one_line(reply['text'])}")
+            answer = _one_line(reply["answer"], 60)
+            click.echo(
+                f"  {' ' * len(name)}  combined {reply['combined']:+.2f}, question "
+                f"{reply.get('bot_question', 0):.0f}, the user answered: {answer}"
+            )
+
+
+def _one_line(text: str, limit: int = 160) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 @models.command("remove")
 @click.argument("version")
 @click.pass_obj

@@ -251,6 +251,54 @@ def evaluate(
     return results
 
 
+def compare(
+    models: dict[str, tuple],
+    user_model,
+    tokenizer,
+    *,
+    n: int,
+    seed: int,
+    system_prompt: str,
+    settings,
+    weights: dict[str, float],
+) -> list[dict]:
+    """What each model says to the same ``n`` held-out openers (seeded), and what the
+    simulated user answered: [{"opener", "replies": {name: {"text", "answer", "combined",
+    signal: value, ...}}}]. The combined reward is z-scored over every reply here."""
+    from learner.simulate import self_play
+
+    games = {
+        name: self_play(
+            model,
+            user_model,
+            tokenizer,
+            n=n,
+            turns=1,
+            seed=seed,
+            system_prompt=system_prompt,
+            settings=settings,
+        )
+        for name, (model, _) in models.items()
+    }
+    signals = {name: signals_per_game(g) for name, g in games.items()}
+    pooled = {s: [v for per in signals.values() for g in per for v in g[s]] for s in SIGNAL_NAMES}
+    stats = fit_stats(pooled)
+    rows = []
+    for k in range(n):
+        replies = {}
+        for name, played in games.items():
+            game, values = played[k], {s: v[0] for s, v in signals[name][k].items() if v}
+            turns = game.turns
+            replies[name] = {
+                "text": turns[1].text if len(turns) > 1 else "",
+                "answer": turns[2].text if len(turns) > 2 else "",
+                "combined": combine(values, stats, weights),
+                **values,
+            }
+        rows.append({"opener": next(iter(games.values()))[k].opener, "replies": replies})
+    return rows
+
+
 def format_table(results: dict, columns: Sequence[str] = COLUMNS, width: int = 0) -> str:
     """One line per measure and one column per model, each cell "value [low, high]",
     in blocks of models that fit ``width`` (default: the terminal's). A model whose name

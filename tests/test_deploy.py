@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -451,3 +452,26 @@ def test_a_refused_models_add_leaves_no_row_and_remove_frees_a_never_deployed_na
         assert "mine" not in {m["version"] for m in store.models()}
         assert store.gate_checks("mine") == []
     assert run_rapport("models", "add", str(good), "--version", "mine").returncode == 0
+
+
+def test_models_compare_shows_both_versions_answering_the_same_openers_with_rewards(
+    env, tiny_model_dir, tmp_path, rapport_home
+):
+    with Store(rapport_home / "rapport.db") as store:
+        add_version(store, tiny_model_dir, tmp_path, "v1")
+        add_version(store, tiny_model_dir, tmp_path, "v2", noise=0.5)
+    result = run_rapport("models", "compare", "v2", "v1", "--n", "2", timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = [x for x in result.stdout.splitlines() if x]
+    assert len(lines) == 2 * 5  # per opener: the user's line, then each reply and its rewards
+    for k in (0, 5):
+        assert lines[k].startswith("user: ")
+        assert lines[k + 1].startswith("  v2: ") and lines[k + 3].startswith("  v1: ")
+        for rewards in (lines[k + 2], lines[k + 4]):
+            assert re.match(
+                r"^ +combined [+-]\d\.\d\d, question [01], the user answered: ", rewards
+            )
+    again = run_rapport("models", "compare", "v2", "v1", "--n", "2", timeout=300)
+    assert again.stdout == result.stdout  # seeded: the same openers and replies
+    served = run_rapport("models", "compare", "v2", "--n", "1", timeout=300)
+    assert served.returncode == 0 and f"  {tiny_model_dir}: " in served.stdout  # vs the base
