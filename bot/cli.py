@@ -188,18 +188,49 @@ def score(config: Config, reward_model: str | None) -> None:
     """Score every unscored bot turn with each reward signal, then the combined reward."""
     from pathlib import Path
 
-    from rewards.score import learned_signal, score_store, scorer_version
+    from rewards.score import learned_signal
 
     learned = learned_signal(Path(reward_model) if reward_model else None)
     on_interrupt("every scored batch is saved; `rapport score` goes on from there")
     with open_store(config) as store:
-        pending = store.conversations_to_score(scorer_version(learned))
-        with progress(store.bot_turn_count(pending), "scoring bot turns") as bar:
-            summary = score_store(store, config, progress=bar.update, learned=learned)
+        summary = _score(store, config, learned)
     click.echo(
         f"scored {summary.bot_turns:,} bot turns in {summary.conversations:,} conversations; "
         f"combined reward updated for {summary.combined:,}"
     )
+
+
+def _score(store: Store, config: Config, learned=None):
+    """``rewards.score.score_store`` with a bar counting bot turns."""
+    from rewards.score import score_store, scorer_version
+
+    pending = store.conversations_to_score(scorer_version(learned))
+    with progress(store.bot_turn_count(pending), "scoring bot turns") as bar:
+        return score_store(store, config, progress=bar.update, learned=learned)
+
+
+def _train(store: Store, prior_path, spec: str, config: Config, train_config, **resuming):
+    """``learner.pipeline.run_training`` with a bar of steps (loss and speed beside it)."""
+    from learner.pipeline import prior_version, run_training
+
+    steps = resuming.get("resume_steps") if resuming.get("resume") else None
+    with progress(
+        steps or train_config.steps, f"training {train_config.algo}", item_show_func=_show_metrics
+    ) as bar:
+
+        def on_step(step: int, metrics: dict) -> None:
+            bar.current_item = metrics
+            bar.update(step - bar.pos)
+
+        return run_training(
+            store,
+            prior_path,
+            prior_version(spec),
+            config.model.system_prompt,
+            train_config,
+            progress=on_step,
+            **resuming,
+        )
 
 
 def _learner_help(name: str) -> str:
@@ -243,8 +274,6 @@ def _learner_help(name: str) -> str:
 @click.pass_obj
 def train(config: Config, algo: str, model: str | None, resume: str | None, **options) -> None:
     """Retrain the bot offline from the logs: KL-control, or trl's kto/dpo/sft as peers."""
-    from learner.pipeline import prior_version, run_training
-
     train_config = TrainConfig(algo=algo)
     resume_steps = options["steps"]
     for key, value in options.items():
@@ -264,23 +293,9 @@ def train(config: Config, algo: str, model: str | None, resume: str | None, **op
 
         registered = {m["version"]: m["path"] for m in store.models()}
         prior_path = resolve_model_path(spec, registered)
-        total = (resume_steps or train_config.steps) if resume else train_config.steps
-        with progress(total, f"training {algo}", item_show_func=_show_metrics) as bar:
-
-            def on_step(step: int, metrics: dict) -> None:
-                bar.current_item = metrics
-                bar.update(step - bar.pos)
-
-            version, folder, metrics = run_training(
-                store,
-                prior_path,
-                prior_version(spec),
-                config.model.system_prompt,
-                train_config,
-                resume=resume,
-                resume_steps=resume_steps,
-                progress=on_step,
-            )
+        version, folder, metrics = _train(
+            store, prior_path, spec, config, train_config, resume=resume, resume_steps=resume_steps
+        )
     click.echo(f"trained {version}: {folder}")
     click.echo(
         "final: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
@@ -634,8 +649,6 @@ def rollback(config: Config, why: str, who: str | None) -> None:
 def retrain(config: Config, algo: str, steps, reward, why: str, no_deploy: bool) -> None:
     """The whole loop: score, snapshot + train, eval + gate, deploy if it passes."""
     from bot.registry import deploy as deploy_version
-    from learner.pipeline import prior_version, run_training
-    from rewards.score import score_store
 
     train_config = TrainConfig(algo=algo)
     for key, value in (("steps", steps), ("reward", reward)):
@@ -643,18 +656,14 @@ def retrain(config: Config, algo: str, steps, reward, why: str, no_deploy: bool)
             setattr(train_config, key, value)
     train_config.validate()
     with open_store(config) as store:
-        summary = score_store(store, config)
+        summary = _score(store, config)
         click.echo(f"1/3 scored {summary.bot_turns:,} new bot turns")
         from bot.policy import resolve_model_path
 
         registered = {m["version"]: m["path"] for m in store.models()}
-        version, folder, metrics = run_training(
-            store,
-            resolve_model_path(config.model.path, registered),
-            prior_version(config.model.path),
-            config.model.system_prompt,
-            train_config,
-        )
+        spec = config.model.path
+        prior_path = resolve_model_path(spec, registered)
+        version, folder, metrics = _train(store, prior_path, spec, config, train_config)
         click.echo(f"2/3 trained {version} ({_show_metrics(metrics)})")
         verdict = deploy_version(
             store,

@@ -27,6 +27,7 @@ from collections.abc import Callable
 
 from bot.config import Config
 from bot.errors import RapportError
+from bot.progress import progress
 from bot.prompt import build_prompt
 from bot.registry import ModelRejected, verify_folder
 from bot.store import Store
@@ -160,18 +161,21 @@ def run_gate(
         )
     ]
     echo(f"gate: {version} against {against} on {gate.conversations} simulated conversations")
-    results = evaluate(
-        {version: (model, tokenizer), against: (served, tokenizer)},
-        prior,
-        served,
-        tokenizer,
-        n=gate.conversations,
-        turns=gate.turns,
-        seed=gate.seed,
-        system_prompt=system,
-        settings=settings,
-        weights=dataclasses.asdict(config.weights),
-    )
+    title = "gate: self-play, then scoring, per model"
+    with progress(4, title) as bar:
+        results = evaluate(
+            {version: (model, tokenizer), against: (served, tokenizer)},
+            prior,
+            served,
+            tokenizer,
+            n=gate.conversations,
+            turns=gate.turns,
+            seed=gate.seed,
+            system_prompt=system,
+            settings=settings,
+            weights=dataclasses.asdict(config.weights),
+            progress=bar.update,
+        )
     checks += threshold_checks(results, version, against, gate)
     echo(format_table(results, ("combined", "kl_to_prior", "distinct_2", "bot_question")))
     for c in checks:
