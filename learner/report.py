@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import json
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -36,14 +37,18 @@ def plot_bars(results: dict, path: Path) -> None:
             [results[n][column]["high"] - v for n, v in zip(names, values, strict=True)],
         ]
         ax.bar(range(len(names)), values, yerr=errors, capsize=4, color="#4477aa")
-        ax.set_xticks(
-            range(len(names)), [n[-18:] for n in names], rotation=30, ha="right", fontsize=7
-        )
+        ax.set_xticks(range(len(names)), [_label(n) for n in names], fontsize=7)
         ax.set_title(column, fontsize=9)
     fig.suptitle("Self-play evaluation (95% bootstrap intervals)")
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=80, bbox_inches="tight")  # no label cut at the edge
     plt.close(fig)
+
+
+def _label(name: str) -> str:
+    """A model's whole name on lines of at most 18 characters (a folder path breaks at
+    its slashes), so no label is cut and none overlaps its neighbour."""
+    return "\n".join(textwrap.wrap(name.replace("/", "/\u200b"), 18, break_on_hyphens=False))
 
 
 def plot_curves(runs: dict[str, Path], path: Path) -> bool:
@@ -66,7 +71,7 @@ def plot_curves(runs: dict[str, Path], path: Path) -> bool:
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=80, bbox_inches="tight")
     plt.close(fig)
     return True
 
@@ -102,8 +107,9 @@ def write_eval_report(results: dict, runs: dict[str, Path], folder: Path) -> Pat
     page = f"""<!doctype html><html><head><meta charset="utf-8">
 <title>rapport: evaluation</title><style>body{{font-family:sans-serif;margin:2em}}
 table{{border-collapse:collapse;font-size:12px}}td,th{{border:1px solid #ccc;padding:3px}}
+img{{max-width:100%;height:auto}}.wide{{overflow-x:auto}}
 </style></head><body><h1>Evaluation</h1>
-<table><tr><th>model</th>{head}</tr>{rows}</table>
+<div class="wide"><table><tr><th>model</th>{head}</tr>{rows}</table></div>
 <h2>Key metrics</h2><img src="eval_bars.png" alt="bar charts with intervals">
 {
         '<h2>Training curves</h2><img src="training_curves.png" alt="training curves">'

@@ -50,7 +50,7 @@ def plot_distributions(columns: dict[str, np.ndarray], path: Path) -> None:
     for ax in list(axes.flat)[len(columns) :]:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=80, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -68,7 +68,7 @@ def plot_correlations(columns: dict[str, np.ndarray], path: Path) -> np.ndarray:
     fig.colorbar(image)
     ax.set_title("Correlation between reward signals (Pearson)")
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=80, bbox_inches="tight")
     plt.close(fig)
     return matrix
 
@@ -84,7 +84,7 @@ def plot_vote_agreement(columns: dict[str, np.ndarray], path: Path) -> dict[str,
     ax.set_ylim(-1, 1)
     ax.set_title(f"Correlation with explicit votes, on the {int(voted.sum())} voted bot turns")
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=80, bbox_inches="tight")
     plt.close(fig)
     return agreement
 
@@ -137,7 +137,7 @@ def write_report(store: Store, folder: Path) -> Path:
 <html><head><meta charset="utf-8"><title>rapport: reward report</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:auto}}
 table{{border-collapse:collapse;margin-bottom:1em}}td,th{{border:1px solid #ccc;
-padding:4px;vertical-align:top;font-size:13px}}</style></head><body>
+padding:4px;vertical-align:top;font-size:13px}}img{{max-width:100%;height:auto}}</style></head><body>
 <h1>Reward signals</h1>
 <p>{len(ids):,} scored bot turns, {int((columns["manual_vote"] != 0).sum()):,} with votes.</p>
 <h2>Distributions</h2><img src="distributions.png" alt="distributions of each signal">

@@ -184,6 +184,16 @@ def test_eval_of_two_versions_gives_every_column_with_intervals_and_is_seeded(
     page = (tmp_path / "report" / "index.html").read_text()
     assert (tmp_path / "report" / "eval_bars.png").read_bytes()[:4] == b"\x89PNG"
     assert 'src="eval_bars.png"' in page and "Sample conversations" in page
+    assert "img{max-width:100%;height:auto}" in page  # figures fit the page
+
+
+def test_chart_labels_keep_the_whole_model_name_on_short_lines():
+    from learner.report import _label
+
+    name = "/tmp/pytest-of-root/pytest-7/tiny-model0/psi-20261130-031122"
+    lines = _label(name).split("\n")
+    assert all(len(line.replace("\u200b", "")) <= 18 for line in lines)
+    assert "".join(lines).replace("\u200b", "") == name
 
 
 def test_simulated_conversations_land_in_the_store_and_get_scored(tiny_model_dir, rapport_home):
