@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import html
 import json
-import textwrap
+import re
 from pathlib import Path
 
 import matplotlib
@@ -48,7 +48,16 @@ def plot_bars(results: dict, path: Path) -> None:
 def _label(name: str) -> str:
     """A model's whole name on lines of at most 18 characters (a folder path breaks at
     its slashes), so no label is cut and none overlaps its neighbour."""
-    return "\n".join(textwrap.wrap(name.replace("/", "/\u200b"), 18, break_on_hyphens=False))
+    lines, line = [], ""
+    for part in re.split(r"(?<=/)", name):  # each part keeps its trailing slash
+        if line and len(line) + len(part) > 18:
+            lines.append(line)
+            line = ""
+        line += part
+        while len(line) > 18:
+            lines.append(line[:18])
+            line = line[18:]
+    return "\n".join([*lines, line] if line else lines)
 
 
 def plot_curves(runs: dict[str, Path], path: Path) -> bool:
