@@ -4,6 +4,11 @@ Global options (``--config``, ``--set``) build the :class:`~bot.config.Config` o
 hand it to the subcommand through click's context. Errors a user can act on
 (:class:`~bot.errors.RapportError`) are printed as one line and exit with status 1;
 anything else is a bug and keeps its traceback.
+
+Commands import what they run: the modules that load torch and transformers (policy,
+session, registry, learner, scoring) take ~5 s, so they are imported inside the command
+that needs them, and `rapport --help`, `db`, `models`, `runs` start in under a second.
+That is the only reason for an import inside a function here (tests/test_layers.py).
 """
 
 from __future__ import annotations
@@ -12,13 +17,17 @@ import dataclasses
 import getpass
 import logging
 import sys
+from itertools import islice
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
 
 from bot.config import Config, load_config, rapport_home
+from bot.corpora import CHITCHAT_PLATFORM, BadLine, chitchat_conversations, jsonl_conversations
 from bot.errors import RapportError
 from bot.files import new_file
+from bot.model_files import check_folder
 from bot.progress import progress
 from bot.store import Store
 from learner.config import TOKEN_LEVEL, TrainConfig
@@ -128,7 +137,6 @@ def import_() -> None:
 
 
 def _import(config: Config, platform: str, conversations, total: int | None = None) -> int:
-    from itertools import islice
 
     def batched(items, size):  # itertools.batched is Python 3.12+
         iterator = iter(items)
@@ -151,7 +159,6 @@ def _import(config: Config, platform: str, conversations, total: int | None = No
 @click.pass_obj
 def import_chitchat(config: Config) -> None:
     """The chitchat-dataset corpus: 7,168 human conversations (re-import adds nothing)."""
-    from bot.corpora import CHITCHAT_PLATFORM, chitchat_conversations
 
     conversations = list(chitchat_conversations())
     added = _import(config, CHITCHAT_PLATFORM, conversations, len(conversations))
@@ -165,9 +172,6 @@ def import_chitchat(config: Config) -> None:
 @click.pass_obj
 def import_jsonl(config: Config, path: str, platform: str) -> None:
     """Conversations from a JSONL file, one per line (format: README, bot/corpora.py)."""
-    from pathlib import Path
-
-    from bot.corpora import BadLine, jsonl_conversations
 
     bad: list[BadLine] = []
     added = _import(config, platform, jsonl_conversations(Path(path), bad))
@@ -186,7 +190,6 @@ def import_jsonl(config: Config, path: str, platform: str) -> None:
 @click.pass_obj
 def score(config: Config, reward_model: str | None) -> None:
     """Score every unscored bot turn with each reward signal, then the combined reward."""
-    from pathlib import Path
 
     from rewards.score import learned_signal
 
@@ -484,9 +487,6 @@ def models_log(config: Config) -> None:
 @click.pass_obj
 def models_add(config: Config, folder: str, version: str, algorithm: str, parent) -> None:
     """Register a model folder trained elsewhere (its checksum is taken now)."""
-    from pathlib import Path
-
-    from bot.registry import check_folder
 
     path = Path(folder).resolve()
     check_folder(path, version)  # a refused folder leaves no row and its name free
@@ -766,7 +766,6 @@ def report() -> None:
 def report_eval(config: Config, results: str, out: str | None) -> None:
     """The JSON of `rapport eval --out` as bar charts with intervals and training curves."""
     import json
-    from pathlib import Path
 
     from learner.report import write_eval_report
 
@@ -791,7 +790,6 @@ def report_eval(config: Config, results: str, out: str | None) -> None:
 @click.pass_obj
 def report_rewards(config: Config, out: str | None) -> None:
     """Distributions, correlations, agreement with votes, and examples per signal."""
-    from pathlib import Path
 
     from rewards.report import write_report
 

@@ -3,7 +3,7 @@
 Three kinds of check, in order, each a named entry of the verdict:
 
 1. integrity (never forced): the folder's files are there and match the checksum taken
-   when it was registered, and it loads (:func:`bot.registry.verify_folder`);
+   when it was registered, and it loads (:func:`bot.model_files.verify_folder`);
 2. sanity: replies to a fixed set of prompts (greeting, question, news, emoji only,
    non-English, a typed chat-template injection) are sane — not empty, mostly words, not
    one word over and over — for at least ``gate.min_sane_replies`` of them;
@@ -25,12 +25,17 @@ import re
 from collections import Counter
 from collections.abc import Callable
 
+import torch
+
 from bot.config import Config
 from bot.errors import RapportError
+from bot.model_files import ModelRejected, verify_folder
+from bot.policy import Settings, load_model, prepare_for_serving, resolve_model_path
 from bot.progress import progress
-from bot.prompt import build_prompt
-from bot.registry import ModelRejected, verify_folder
+from bot.prompt import Turn, build_prompt
 from bot.store import Store
+from learner.evaluation import evaluate, format_table
+from learner.simulate import generate_batch
 
 SANITY_PROMPTS = (
     "Hi! How are you today?",
@@ -123,10 +128,6 @@ def run_gate(
 ) -> dict:
     """Every check of ``version`` against the served ``against``: {"passed", "checks",
     "eval", "replies"}. Raises :class:`ModelRejected` when the candidate cannot even load."""
-    from bot.policy import Settings, load_model, prepare_for_serving, resolve_model_path
-    from learner.evaluation import evaluate, format_table
-    from learner.simulate import generate_batch
-
     gate = config.gate
     folder = verify_folder(store, version)
     try:
@@ -144,10 +145,6 @@ def run_gate(
     prior = served if same else prepare_for_serving(load_model(prior_folder)[0], precision)
     settings = Settings.from_config(config.generation)
     system = config.model.system_prompt
-
-    import torch
-
-    from bot.prompt import Turn
 
     torch.manual_seed(gate.seed)
     prompts = [build_prompt(tokenizer, system, [Turn("user", p)], 1024) for p in SANITY_PROMPTS]

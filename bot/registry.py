@@ -26,7 +26,6 @@ Design
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
 import signal
@@ -36,6 +35,8 @@ from pathlib import Path
 
 from bot.config import Config
 from bot.errors import InvalidInput, RapportError
+from bot.gate import run_gate
+from bot.model_files import ModelRejected, verify_folder
 from bot.policy import DEFAULT_MODEL_NAME, Policy, default_model_dir, default_model_folder
 from bot.store import Store
 
@@ -44,62 +45,10 @@ log = logging.getLogger(__name__)
 FAULT_ENV = "RAPPORT_FAULT_POINT"  # fault injection for the kill-during-deploy tests
 
 
-class ModelRejected(RapportError):
-    """A model folder that must not be served (missing files, changed, fails the gate)."""
-
-
 def fault_point(name: str) -> None:
     """SIGKILL this process at ``name`` when ``$RAPPORT_FAULT_POINT`` names it (tests)."""
     if os.environ.get(FAULT_ENV) == name:
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def folder_checksum(folder: Path) -> str:
-    """sha256 over every file's relative path and bytes, in sorted order."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise InvalidInput(f"model folder {folder} does not exist")
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(folder)).encode() + b"\0")
-        with path.open("rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _missing_files(folder: Path) -> list[str]:
-    weights_dir = folder
-    missing = [
-        str(p.relative_to(folder))
-        for p in (weights_dir / "config.json", weights_dir / "tokenizer_config.json")
-        if not p.exists()
-    ]
-    if not any(weights_dir.glob("*.safetensors")) and not any(weights_dir.glob("*.bin")):
-        missing.append(str((weights_dir / "*.safetensors").relative_to(folder)))
-    return missing
-
-
-def check_folder(folder: Path, version: str) -> None:
-    """Refuse a folder that is not a whole model (before it is registered or served)."""
-    if not folder.is_dir():
-        raise ModelRejected(f"refused {version}: its folder {folder} does not exist")
-    missing = _missing_files(folder)
-    if missing:
-        raise ModelRejected(f"refused {version}: {folder} is missing {', '.join(missing)}")
-
-
-def verify_folder(store: Store, version: str) -> Path:
-    """The version's folder, after checking its files are there and unchanged."""
-    row = store.model(version)
-    folder = Path(row["path"])
-    check_folder(folder, version)
-    if row["checksum"] and folder_checksum(folder) != row["checksum"]:
-        raise ModelRejected(
-            f"refused {version}: the files in {folder} changed since it was registered "
-            "(checksum mismatch)"
-        )
-    return folder
 
 
 def _base(store: Store, config: Config) -> tuple[str, bool]:
@@ -196,7 +145,6 @@ def deploy(
     """Gate ``version`` against the served one and switch to it if it passes (or is
     forced past the eval checks; integrity is never forced). Returns the verdict;
     ``dry_run`` stops after the gate (its verdict is stored either way)."""
-    from bot.gate import run_gate
 
     row = store.model(version)
     if row["deployed"]:

@@ -35,7 +35,6 @@ import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +42,7 @@ from sqlite_utils import Database
 
 from bot.errors import InvalidInput, NotFound, OptedOut, StoreError
 from bot.migrations import migrations
-from bot.store_data import LearningData
+from bot.store_data import LearningData, now
 
 ROLES = ("user", "bot")
 AUTHORS = ("person", "model")
@@ -59,11 +58,6 @@ TABLES = (
     "models",
     "training_runs",
 )
-
-
-def now() -> str:
-    """UTC timestamp with microseconds, sortable as text."""
-    return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
 def clean_text(text: object, what: str = "message") -> str:

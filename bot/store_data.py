@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from bot.errors import InvalidInput, NotFound
+from bot.model_files import folder_checksum
 
 # One reward value per (message, name); a rescore replaces it.
 UPSERT_REWARD = (
@@ -24,10 +25,9 @@ UPSERT_REWARD = (
 )
 
 
-def _now() -> str:
-    from bot.store import now
-
-    return now()
+def now() -> str:
+    """UTC timestamp with microseconds, sortable as text (every table's clock)."""
+    return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
 class LearningData:
@@ -35,7 +35,7 @@ class LearningData:
 
     def set_rewards(self, rows: Iterable[tuple[int, str, float, str]]) -> int:
         """Upsert (message_id, reward name, value, scorer version) rows in one transaction."""
-        created = _now()
+        created = now()
         values = [(int(m), str(n), float(v), str(s), created) for m, n, v, s in rows]
         with self._write() as db:
             db.conn.executemany(
@@ -64,8 +64,6 @@ class LearningData:
     ) -> None:
         """Register a model folder; its checksum (of every file) is taken now unless given,
         so the deploy gate can tell when the folder changed since."""
-        from bot.registry import folder_checksum
-
         checksum = checksum or folder_checksum(Path(path))
         with self._write() as db:
             if db.execute("SELECT 1 FROM models WHERE version = ?", [version]).fetchone():
@@ -78,7 +76,7 @@ class LearningData:
                     "algorithm": algorithm,
                     "training_run_id": training_run_id,
                     "metrics": json.dumps(metrics or {}, sort_keys=True),
-                    "created": _now(),
+                    "created": now(),
                     "deployed": 0,
                     "checksum": checksum,
                     "data_snapshot": data_snapshot,
@@ -125,7 +123,7 @@ class LearningData:
             cursor = db.execute(
                 "INSERT INTO gate_checks (version, against, passed, forced, verdict, who, checked)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [version, against, int(passed), int(forced), json.dumps(verdict), who, _now()],
+                [version, against, int(passed), int(forced), json.dumps(verdict), who, now()],
             )
             return cursor.lastrowid
 
@@ -161,7 +159,7 @@ class LearningData:
             db.execute(
                 "INSERT INTO deployments (version, previous, action, who, why, forced, "
                 "gate_check_id, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [version, previous, action, who, why, int(forced), gate_check_id, _now()],
+                [version, previous, action, who, why, int(forced), gate_check_id, now()],
             )
         return previous
 
@@ -173,7 +171,7 @@ class LearningData:
             cursor = db.execute(
                 "INSERT INTO training_runs (algorithm, config, status, started) "
                 "VALUES (?, ?, 'running', ?)",
-                [algorithm, json.dumps(config, sort_keys=True), _now()],
+                [algorithm, json.dumps(config, sort_keys=True), now()],
             )
             return int(cursor.lastrowid)
 
@@ -183,7 +181,7 @@ class LearningData:
         with self._write() as db:
             db.execute(
                 "UPDATE training_runs SET status = ?, metrics = ?, finished = ? WHERE id = ?",
-                [status, json.dumps(metrics or {}, sort_keys=True), _now(), run_id],
+                [status, json.dumps(metrics or {}, sort_keys=True), now(), run_id],
             )
 
     # -- imported corpora -----------------------------------------------------------
@@ -214,7 +212,7 @@ class LearningData:
                 db.execute(
                     "INSERT OR IGNORE INTO users (id, platform, created, opted_out) "
                     "VALUES (?, ?, ?, 0)",
-                    [user_id, platform, _now()],
+                    [user_id, platform, now()],
                 )
                 cursor = db.execute(
                     "INSERT INTO conversations (user_id, platform, started, external_id, "
@@ -222,12 +220,12 @@ class LearningData:
                     [
                         user_id,
                         platform,
-                        conv.started or _now(),
+                        conv.started or now(),
                         conv.external_id,
                         conv.model_version,
                     ],
                 )
-                created = _now()
+                created = now()
                 generations = conv.generations or (None,) * len(conv.turns)
                 db.conn.executemany(
                     "INSERT INTO messages (conversation_id, turn_index, role, author, user_id,"
@@ -313,7 +311,7 @@ class LearningData:
     ) -> None:
         """Raw signal values and the scoring marks of their turns, in one transaction:
         a kill between two batches leaves each batch wholly scored or not at all."""
-        created = _now()
+        created = now()
         with self._write() as db:
             db.conn.executemany(
                 UPSERT_REWARD,
@@ -339,7 +337,7 @@ class LearningData:
         return table
 
     def save_reward_stats(self, stats: dict[str, tuple[float, float, int]], version: str) -> None:
-        updated = _now()
+        updated = now()
         with self._write() as db:
             db.conn.executemany(
                 "INSERT INTO reward_stats (name, mean, std, count, scorer_version, updated) "

@@ -44,7 +44,7 @@ from pathlib import Path
 from bot.prompt import Turn, build_prompt
 from learner.data import turn_spans
 from learner.evaluate import distinct_n, kl_per_tokens, perplexities, reply_positions
-from learner.simulate import SelfPlay
+from learner.simulate import SelfPlay, self_play
 from rewards.combine import combine, fit_stats
 from rewards.score import contexts_of
 from rewards.suite import SIGNAL_NAMES, score_contexts
@@ -217,8 +217,6 @@ def evaluate(
     ``answer_last=False``: the simulated users do not answer the last bot turn (see
     :func:`learner.simulate.self_play`; the signals that read the reply then read none).
     """
-    from learner.simulate import self_play
-
     games = {}
     for name, (model, _) in models.items():
         games[name] = self_play(
@@ -265,8 +263,6 @@ def compare(
     """What each model says to the same ``n`` held-out openers (seeded), and what the
     simulated user answered: [{"opener", "replies": {name: {"text", "answer", "combined",
     signal: value, ...}}}]. The combined reward is z-scored over every reply here."""
-    from learner.simulate import self_play
-
     games = {
         name: self_play(
             model,

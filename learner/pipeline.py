@@ -15,6 +15,7 @@ from pathlib import Path
 
 from bot.config import rapport_home
 from bot.policy import DEFAULT_MODEL_NAME, load_model
+from bot.progress import progress
 from bot.store import Store
 from bot.store_data import Selection
 from learner import runs as runs_on_disk
@@ -54,8 +55,6 @@ def prepare_dataset(
     folder = rapport_home() / "datasets" / f"{dataset.meta['id']}-{_prior_key(prior_path)}"
     if (folder / "windows.pt").exists():
         return Dataset.load(folder)
-    from bot.progress import progress
-
     windows = len(dataset.train) + len(dataset.val)
     with progress(windows, "preparing data (the prior's log-probabilities, once)") as bar:
         add_prior_logprobs(dataset, prior, progress=bar.update)
@@ -152,7 +151,7 @@ def run_training(
 
 def _run_trl(store, prior_path, prior_version, system_prompt, config, run_dir, progress):
     """kto, dpo or sft with trl (learner/trl_train.py), saved and registered alike."""
-    from learner.trl_train import run_trl_training
+    from learner.trl_train import run_trl_training  # trl loads only for kto, dpo, sft
 
     run_id = store.start_training_run(config.algo, json.loads(config.to_json()))
     try:

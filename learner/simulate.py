@@ -20,8 +20,10 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from bot.corpora import chitchat_conversations
 from bot.policy import Settings, clean_reply
 from bot.prompt import Turn, build_prompt
+from bot.store_data import Imported
 
 PERSONAS = [
     "a college student who loves video games and pizza",
@@ -63,8 +65,6 @@ def held_out_openers(n: int, seed: int, split: str = "eval") -> list[str]:
     """First user lines of the last chitchat conversations: ``eval`` draws from the last
     500, ``train`` (self-play logged for the learner, ``rapport simulate``) from the 500
     before them, so an evaluation never opens with a line the learner trained on."""
-    from bot.corpora import chitchat_conversations
-
     last = list(chitchat_conversations())[-1000:]
     chosen = last[-500:] if split == "eval" else last[:-500]
     pool = [c.turns[0][2] for c in chosen if c.turns]
@@ -244,8 +244,6 @@ def simulate_into_store(
 
 
 def _imported(external_id: str, game: SelfPlay, version: str, settings: Settings):
-    from bot.store_data import Imported
-
     return Imported(
         external_id,
         f"simulated:{game.persona}",

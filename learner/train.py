@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from bot.errors import RapportError
+from bot.policy import load_model
 from learner import kl_control
 from learner.config import TrainConfig
 from learner.data import TERMINAL, Dataset, Window, collate
@@ -264,7 +265,7 @@ def train(
     """Train ``models.q`` in place for ``config.steps`` steps; return the last metrics.
     ``observe(step, model)``, if given, sees the network after every step (a learning
     curve measured on held-out prompts, in bench/learning_loop.py)."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator  # heavy; loads only when a run trains
 
     if not dataset.train:
         raise TrainingError("the dataset has no training windows: import or chat, then score")
@@ -341,8 +342,6 @@ def train(
 
 def prepare_models(prior_path: Path, config: TrainConfig) -> Models:
     """Q/Psi/G start from the prior's weights; the target is a copy; the prior is frozen."""
-    from bot.policy import load_model
-
     q, _ = load_model(prior_path)
     prior = copy.deepcopy(q).requires_grad_(False)
     target = None if config.algo == "bc" else copy.deepcopy(q).requires_grad_(False)

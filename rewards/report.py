@@ -20,6 +20,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bot.errors import RapportError  # noqa: E402
 from bot.store import Store  # noqa: E402
 from rewards.suite import COMBINED, SIGNAL_NAMES  # noqa: E402
 
@@ -122,8 +123,6 @@ def write_report(store: Store, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     ids, columns = signal_matrix(store)
     if not ids:
-        from bot.errors import RapportError
-
         raise RapportError("no scored bot turns yet: run `rapport score` first")
     plot_distributions(columns, folder / "distributions.png")
     plot_correlations(columns, folder / "correlations.png")

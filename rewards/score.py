@@ -63,6 +63,7 @@ def contexts_of(turns: list[dict]) -> list[tuple[dict, Context]]:
 def learned_signal(folder: Path | None = None):
     """The ``learned_reward`` signal of the reward model in ``folder`` (default: the
     newest trained one), or None when there is none."""
+    # torch and the reward model load only when one is used
     from rewards.learned_reward import latest_reward_model, learned_reward_signal
 
     folder = folder or latest_reward_model(rapport_home() / "reward_models")

@@ -14,8 +14,8 @@ import torch
 
 from bot.config import load_config
 from bot.gate import sane, threshold_checks
+from bot.model_files import ModelRejected
 from bot.registry import (
-    ModelRejected,
     base_version,
     deploy,
     deployment_stack,
