@@ -35,7 +35,7 @@ SIGNALS = (
 SIGNAL_NAMES = tuple(signal.__name__ for signal in SIGNALS)
 COMBINED = "combined"
 # Bump when any signal's definition changes: scores of an older version are redone.
-SCORER_VERSION = "1"
+SCORER_VERSION = "2"  # 2: bot_question by syntax, more laughter (issue 14)
 
 
 def score_contexts(contexts) -> dict[str, list[float]]:

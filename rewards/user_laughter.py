@@ -3,7 +3,8 @@
 Scores: the next user turn. Formula: 1.0 if the reply contains laughter, else 0.0 (no
 reply: 0). Jaques et al. 2019 count "ha", "lol" and similar by substring, which fires on
 "that", "what" and "have"; here laughter is matched on whole tokens: haha/hehe/hihi and
-their variants (hahaha, ahaha, hahah), lol/lool/lolol, lmao/lmaooo/lmfao, rofl, xd,
+their variants (hahaha, ahaha, hahah, bahaha, ahah, hah, heh, "ha ha"), lol/lool/lolol,
+lmao/lmaooo/lmfao, rofl, xd,
 non-English laughter (jaja, jeje, kkkk, 5555, wwww, 哈哈, ㅋㅋ), the emoticons :D and
 XD, and laughing emoji (😂🤣😆😹😅😁😄).
 
@@ -20,7 +21,10 @@ from rewards.context import Context
 
 LAUGH_TOKEN = re.compile(
     r"""^(?:
-        a?(?:h+a+){2,}h*        # haha, hahaha, ahaha, hahah
+        b?a?(?:h+a+){2,}h*      # haha, hahaha, ahaha, hahah, bahaha
+      | a+h+a+h+[ah]*           # ahah, ahahah
+      | h+a+h+                  # hah (hah hah: two tokens)
+      | h+e+h+                  # heh, hehh
       | (?:h+e+){2,}h*          # hehe
       | (?:h+i+){2,}h*          # hihi
       | l+o+l+(?:o+l+)*z*       # lol, lool, lolol, lolz
@@ -35,7 +39,10 @@ LAUGH_TOKEN = re.compile(
     )$""",
     re.VERBOSE,
 )
-LAUGH_ANYWHERE = re.compile(r"[😂🤣😆😹😅😁😄]|哈哈|呵呵|ㅋㅋ|ㅎㅎ|(?<![\w:])[:;xX]-?D+(?!\w)")
+LAUGH_ANYWHERE = re.compile(
+    r"[😂🤣😆😹😅😁😄]|哈哈|呵呵|ㅋㅋ|ㅎㅎ|(?<![\w:])[:;xX]-?D+(?!\w)"
+    r"|(?i:(?<!\w)ha(?:[\s-]+ha)+(?!\w))"  # ha ha, ha-ha ("ha" alone is not laughter)
+)
 TOKEN = re.compile(r"[^\W_]+", re.UNICODE)
 
 

@@ -108,6 +108,12 @@ class TestUserLaughter:
         "haha.",
         "lolol ok",
         "哈哈哈",
+        "heh",  # spaced or varied laughter, found missing in the chitchat corpus
+        "hehe nice",
+        "ahah",
+        "hah hah",
+        "Ha ha, very funny",
+        "bahahaha no way",
     ]
     NOT = [
         "that is what I have",
@@ -122,6 +128,10 @@ class TestUserLaughter:
         "holy cow",
         "Haskell is a language",
         "LOLA is my cat's name",
+        "aha, I see",
+        "Hahn is a surname",
+        "the",
+        "he",
     ]
 
     @pytest.mark.parametrize("reply", LAUGHS)
@@ -148,6 +158,16 @@ class TestBotQuestion:
         "Are you okay",
         "Nice! Have you been there before",
         "Which one is your favourite",
+        # chat drops the "?": questions by their syntax (found in the chitchat corpus)
+        "yup\nhow are you",
+        "hmm what should I tell you about",
+        "What about you!",
+        "Why did you say that.",
+        "what kind of music",
+        "is he cute",
+        "what's your favourite film",
+        "Argh that reminds me: have you seen it",
+        "What makes you choose nursing",
     ]
     STATEMENTS = [
         "I like cats.",
@@ -160,6 +180,19 @@ class TestBotQuestion:
         "Hola amigo",
         "The question is hard.",
         LONG,
+        # exclamations and clauses that open with an interrogative word
+        "What a game that was!",
+        "How lovely.",
+        "Where we used to live, winters were long",
+        "Why not, I'll come",
+        "When I was 11, we moved to Utah",
+        "How I met your mother is so funny",
+        "which is kinda expensive",
+        "so do I",
+        "Do it now",
+        # a "?" that asks nothing
+        "see https://example.com/page?id=3",
+        "in C you write `a ? b : c`",
     ]
 
     @pytest.mark.parametrize("bot", QUESTIONS)
