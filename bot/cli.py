@@ -839,6 +839,7 @@ def on_interrupt(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    _ON_INTERRUPT.clear()
     try:
         code = cli.main(args=argv, prog_name="rapport", standalone_mode=False)
     except (click.exceptions.Abort, KeyboardInterrupt):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -382,6 +383,8 @@ def test_train_errors_are_one_line(rapport_home, tiny_model_dir):
     )
     assert first.returncode == 0, first.stderr
     (run,) = list((rapport_home / "runs").iterdir())
+    shutil.rmtree(run / "model")  # as if killed before it finished, with a damaged checkpoint
+    (run / "checkpoint").mkdir()
     (run / "checkpoint" / "state.pt").write_bytes(b"not a checkpoint")
     result = run_rapport("train", "--resume", run.name, "--steps", "4", timeout=300)
     assert result.returncode == 1
