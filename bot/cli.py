@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import getpass
 import logging
+import sqlite3
 import sys
 from itertools import islice
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from bot.check import check
 from bot.config import Config, load_config, rapport_home
 from bot.corpora import CHITCHAT_PLATFORM, BadLine, chitchat_conversations, jsonl_conversations
 from bot.errors import RapportError
@@ -814,6 +816,25 @@ def db_status(config: Config) -> None:
         click.echo(f"schema version: {version} ({name})")
         for table, count in store.counts().items():
             click.echo(f"{table:<14} {count:>10,}")
+
+
+@db.command("check")
+@click.pass_obj
+def db_check(config: Config) -> None:
+    """Integrity, orphan rows, schema version and WAL size, in one verdict line (read-only;
+    exit status 1 on a problem)."""
+    path = config.database_path()
+    if not Path(path).exists():
+        raise RapportError(
+            f"no database at {path} yet: `rapport chat` or `rapport import` makes one"
+        )
+    try:
+        verdict = check(path).verdict()
+    except sqlite3.DatabaseError as e:
+        verdict = f"PROBLEM: {path} is not a readable database ({e}); restore a backup"
+    click.echo(verdict)
+    if verdict.startswith("PROBLEM"):
+        sys.exit(1)
 
 
 @db.command("backup")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sqlite3
 
 import pytest
 
@@ -157,3 +158,40 @@ def test_every_command_that_writes_a_named_file_follows_one_rule(rapport_home, t
     with Store(tmp_path / "backup.out", key=b"k" * 32) as copy:
         assert [m.text for m in copy.messages(conv)] == ["keep me", "kept"]
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_db_check_gives_one_verdict_line_and_fails_on_damage(rapport_home):
+    db = rapport_home / "rapport.db"
+    missing = run_rapport("db", "check")
+    assert missing.returncode == 1 and "no database at" in missing.stderr
+    with Store(db) as store:
+        user = store.ensure_user("terminal", "me")
+        conv = store.start_conversation(user, "terminal")
+        bot = store.add_message(conv, "bot", "hello")
+        store.vote(bot, user, 1)
+        version, name = store.schema_version()
+    healthy = run_rapport("db", "check")
+    assert healthy.returncode == 0, healthy.stderr
+    assert healthy.stdout.startswith(
+        f"ok: integrity ok, no orphan rows, schema {version} ({name}); WAL "
+    )
+    raw = sqlite3.connect(db)
+    raw.execute("PRAGMA foreign_keys = OFF")
+    raw.execute("DELETE FROM messages WHERE id = ?", [bot])  # the vote is left orphaned
+    raw.execute(
+        "INSERT INTO _sqlite_migrations (migration_set, name, applied_at) "
+        "VALUES ('rapport', 'm999_from_the_future', '2027-01-01')"
+    )
+    raw.commit()
+    raw.close()
+    damaged = run_rapport("db", "check")
+    assert damaged.returncode == 1
+    line = damaged.stdout.strip()
+    assert line.startswith("PROBLEM: orphan rows: 1 in votes; schema has migrations")
+    assert "m999_from_the_future" in line and "Traceback" not in damaged.stderr
+    db.write_bytes(b"\0garbage" * 512)
+    for suffix in ("-wal", "-shm"):
+        (rapport_home / f"rapport.db{suffix}").unlink(missing_ok=True)
+    corrupt = run_rapport("db", "check")
+    assert corrupt.returncode == 1
+    assert corrupt.stdout.startswith(f"PROBLEM: {db} is not a readable database")
