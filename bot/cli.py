@@ -18,6 +18,7 @@ import getpass
 import logging
 import sqlite3
 import sys
+import warnings
 from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -860,6 +861,9 @@ def on_interrupt(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # torch's own deprecation inside its export machinery (when the sentence embedder is
+    # traced on the first `rapport score`): nothing a user can act on
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
     _ON_INTERRUPT.clear()
     try:
         code = cli.main(args=argv, prog_name="rapport", standalone_mode=False)

@@ -164,7 +164,7 @@ class WeightsConfig:
     user_sentiment_transition: float = _help("Weight of user_sentiment_transition.", 0.5)
     user_laughter: float = _help("Weight of user_laughter.", 1.0)
     user_reply_length: float = _help("Weight of user_reply_length.", 0.5)
-    conversation_length: float = _help("Weight of conversation_length.", 0.5)
+    user_continued: float = _help("Weight of user_continued (the user replied, per turn).", 0.5)
     bot_question: float = _help("Weight of bot_question.", 0.5)
     bot_sentiment: float = _help("Weight of bot_sentiment.", 0.5)
     bot_repetition: float = _help("Weight of bot_repetition (a penalty, <= 0).", 1.0)
@@ -184,8 +184,16 @@ class ScoringConfig:
         256,
     )
 
+    idle_minutes: float = _help(
+        "A live conversation with no turn for this long has ended: `rapport score` marks it "
+        "so, and its last bot turn, unanswered, then counts as the end of the conversation "
+        "(until then it is not scored). The user's next message starts a new conversation.",
+        60.0,
+    )
+
     def validate(self) -> None:
         _require(self.batch_conversations >= 1, "scoring.batch_conversations must be >= 1")
+        _require(self.idle_minutes > 0, "scoring.idle_minutes must be > 0")
 
 
 @dataclass

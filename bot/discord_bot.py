@@ -152,7 +152,7 @@ class RapportHandlers:
         now = time.monotonic()
         current = self.conversations.get(key)
         if current is not None and now - current.last_used > self.settings.idle_minutes * 60:
-            current.session.new_conversation()
+            await asyncio.to_thread(current.session.new_conversation, "idle")
         if current is None:
             session = await asyncio.to_thread(
                 Session, self.store, self.policy_source, PLATFORM, str(user_id), str(channel_id)
@@ -235,7 +235,7 @@ def register_commands(client) -> None:
     async def new(interaction: discord.Interaction) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
         session = await session_for(interaction)
-        session.new_conversation()
+        await asyncio.to_thread(session.new_conversation)  # a store write: off the loop
         await interaction.followup.send("Fresh start! What's on your mind?", ephemeral=True)
 
     @client.tree.command(name="forget", description="Delete everything you said and voted.")

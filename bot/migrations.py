@@ -206,3 +206,18 @@ def m007_deployments(db: Database) -> None:
         not_null={"version", "action", "who", "forced", "at"},
         foreign_keys=[("version", "models", "version"), ("gate_check_id", "gate_checks", "id")],
     )
+
+
+@migrations()
+def m008_conversation_ends(db: Database) -> None:
+    # A conversation's end: when and why (new, quit, eof, idle, imported, simulated).
+    # NULL while it is live: a bot turn with no user reply yet is not "the user left".
+    db["conversations"].add_column("ended", str)
+    db["conversations"].add_column("end_reason", str)
+    # Corpora and self-play are finished logs; live chats end when `rapport score` finds
+    # them idle (scoring.idle_minutes) or their platform ends them.
+    db.execute(
+        "UPDATE conversations SET ended = started, end_reason = "
+        "CASE platform WHEN 'simulated' THEN 'simulated' ELSE 'imported' END "
+        "WHERE external_id IS NOT NULL"
+    )

@@ -78,12 +78,20 @@ class Session:
     def opted_out(self) -> bool:
         return self.store.is_opted_out(self.user_id)
 
-    def new_conversation(self) -> None:
-        """Forget the turn history; the next message starts a new logged conversation."""
+    def new_conversation(self, reason: str = "new") -> None:
+        """End the logged conversation (``reason``: new, idle, ...) and forget the turn
+        history; the next message starts a new logged conversation."""
+        self.end(reason)
         self.conversation_id = None
         self.history = []
         self.bot_message_ids = []
         self._told_opted_out = False
+
+    def end(self, reason: str) -> None:
+        """Mark the logged conversation ended (quit, eof, idle, new): from then on a bot
+        turn the user never answered counts as the end of the conversation."""
+        if self.conversation_id is not None:
+            self.store.end_conversation(self.conversation_id, reason)
 
     def _conversation(self, model_version: str) -> int | None:
         if self.opted_out:
@@ -101,6 +109,10 @@ class Session:
         text = clean_text(text)
         policy = self.policy_source()
         self.notice = None
+        if self.conversation_id is not None and self.store.conversation_ended(
+            self.conversation_id
+        ):  # ended while idle (`rapport score`, scoring.idle_minutes): a fresh start
+            self.new_conversation()
         conversation = self._conversation(policy.version)
         if conversation is None and not self._told_opted_out:
             self.notice = OPTED_OUT_NOTICE

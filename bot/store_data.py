@@ -214,15 +214,18 @@ class LearningData:
                     "VALUES (?, ?, ?, 0)",
                     [user_id, platform, now()],
                 )
-                cursor = db.execute(
+                started = conv.started or now()
+                cursor = db.execute(  # a corpus or self-play conversation is finished
                     "INSERT INTO conversations (user_id, platform, started, external_id, "
-                    "model_version) VALUES (?, ?, ?, ?, ?)",
+                    "model_version, ended, end_reason) VALUES (?, ?, ?, ?, ?, ?, ?)",
                     [
                         user_id,
                         platform,
-                        conv.started or now(),
+                        started,
                         conv.external_id,
                         conv.model_version,
+                        started,
+                        "simulated" if platform == "simulated" else "imported",
                     ],
                 )
                 created = now()
@@ -268,6 +271,38 @@ class LearningData:
         )
         return [r["id"] for r in rows]
 
+    def conversation_ended(self, conversation_id: int) -> bool:
+        rows = self._read("SELECT ended FROM conversations WHERE id = ?", [conversation_id])
+        return bool(rows and rows[0]["ended"])
+
+    def end_conversation(self, conversation_id: int, reason: str) -> None:
+        """Mark a live conversation ended (a second end keeps the first)."""
+        with self._write() as db:
+            db.execute(
+                "UPDATE conversations SET ended = ?, end_reason = ? WHERE id = ? AND ended IS NULL",
+                [now(), reason, conversation_id],
+            )
+
+    def end_idle_conversations(self, idle_minutes: float) -> int:
+        """End every live conversation whose last turn is older than ``idle_minutes``
+        (ended at that last turn); return how many."""
+        cutoff = (datetime.now(UTC) - timedelta(minutes=idle_minutes)).isoformat(
+            timespec="microseconds"
+        )
+        with self._write() as db:
+            cursor = db.execute(
+                """
+                UPDATE conversations SET end_reason = 'idle', ended = coalesce(
+                    (SELECT MAX(m.created) FROM messages m
+                     WHERE m.conversation_id = conversations.id), started)
+                WHERE ended IS NULL AND coalesce(
+                    (SELECT MAX(m.created) FROM messages m
+                     WHERE m.conversation_id = conversations.id), started) < ?
+                """,
+                [cutoff],
+            )
+            return cursor.rowcount
+
     def bot_turn_count(self, conversation_ids: list[int]) -> int:
         """How many bot turns these conversations have (what scoring them will score)."""
         total = 0
@@ -291,7 +326,7 @@ class LearningData:
             f"""
             SELECT m.id, m.conversation_id, m.turn_index, m.role, m.author, m.text,
                 (SELECT GROUP_CONCAT(value) FROM votes v WHERE v.message_id = m.id) AS votes,
-                {FINGERPRINT} AS fingerprint
+                {FINGERPRINT} AS fingerprint, {ENDED} AS ended
             FROM messages m WHERE m.conversation_id IN ({marks})
             ORDER BY m.conversation_id, m.turn_index
             """,
@@ -302,6 +337,17 @@ class LearningData:
             row["votes"] = tuple(int(v) for v in row["votes"].split(",")) if row["votes"] else ()
             turns[row["conversation_id"]].append(row)
         return turns
+
+    def clear_scores(self, message_ids: list[int]) -> None:
+        """Forget the rewards and scoring marks of these bot turns (not scorable now)."""
+        if not message_ids:
+            return
+        with self._write() as db:
+            for start in range(0, len(message_ids), 500):
+                chunk = message_ids[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                db.execute(f"DELETE FROM rewards WHERE message_id IN ({marks})", chunk)
+                db.execute(f"DELETE FROM scoring WHERE message_id IN ({marks})", chunk)
 
     def save_scores(
         self,
@@ -374,7 +420,8 @@ class LearningData:
     ) -> list[dict[str, Any]]:
         """Every conversation with at least one scored bot turn (of ``selection``), for a
         dataset builder:
-        [{"id", "platform", "turns": [{"id", "role", "author", "text", "reward", "cut"}]}]
+        [{"id", "platform", "ended", "turns": [{"id", "role", "author", "text", "reward",
+        "cut"}]}]
         where ``reward`` is the bot turn's ``reward_name`` value (None if unscored) and
         ``cut`` says the reply was stopped by the length limit or an interruption, not
         ended by the model (its generation settings record it)."""
@@ -386,7 +433,7 @@ class LearningData:
         rows = self._read(
             f"""
             SELECT m.id, m.conversation_id, m.role, m.author, m.text, c.platform,
-                   r.value AS reward,
+                   r.value AS reward, c.ended IS NOT NULL AS ended,
                    coalesce(json_extract(m.generation, '$.cut'), 0)
                    OR coalesce(json_extract(m.generation, '$.interrupted'), 0) AS cut
             FROM messages m JOIN conversations c ON c.id = m.conversation_id
@@ -400,7 +447,12 @@ class LearningData:
         for row in rows:
             conv = conversations.setdefault(
                 row["conversation_id"],
-                {"id": row["conversation_id"], "platform": row["platform"], "turns": []},
+                {
+                    "id": row["conversation_id"],
+                    "platform": row["platform"],
+                    "ended": bool(row["ended"]),
+                    "turns": [],
+                },
             )
             conv["turns"].append(
                 {k: row[k] for k in ("id", "role", "author", "text", "reward", "cut")}
@@ -452,12 +504,14 @@ class LearningData:
         return str(self.backup(destination))
 
 
+# Whether the conversation of ``messages m`` has ended (1) or is live (0).
+ENDED = "(SELECT c.ended IS NOT NULL FROM conversations c WHERE c.id = m.conversation_id)"
 # A bot turn's surroundings, as SQL over ``messages m``: the conversation's length and
-# the turn's votes. Stored when the turn is scored; any change means score it again.
-FINGERPRINT = """(
+# end, and the turn's votes. Stored when the turn is scored; any change: score it again.
+FINGERPRINT = f"""(
     (SELECT COUNT(*) FROM messages x WHERE x.conversation_id = m.conversation_id) || ':' ||
     (SELECT COUNT(*) || ',' || COALESCE(SUM(value), 0) || ',' || COALESCE(MAX(created), '')
-     FROM votes v WHERE v.message_id = m.id))"""
+     FROM votes v WHERE v.message_id = m.id) || ':' || {ENDED})"""
 
 
 @dataclass(frozen=True)

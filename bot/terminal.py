@@ -59,6 +59,7 @@ class Terminal:
             try:
                 line = self.read_line("\x1b[1myou ›\x1b[0m " if self.interactive else "")
             except EOFError:
+                self.session.end("eof")
                 if self.interactive:
                     self.say("\nbye")
                 return
@@ -106,6 +107,7 @@ class Terminal:
         name, *args = line.split()
         try:
             if name in ("/quit", "/exit"):
+                self.session.end("quit")
                 self.say("bye")
                 return "quit"
             if name in ("/up", "/down"):

@@ -152,12 +152,21 @@ def conversation_windows(
     cuts = [bool(t.get("cut")) for t in conversation["turns"]]
     bots = [k for k, t in enumerate(turns) if t.role == "bot"]
     trained = [k for k in bots if rewards[k] is not None]
+    # A live conversation whose user has answered the last bot turn goes on: its next
+    # state is the bot about to reply (a bootstrap), not the end.
+    live = not conversation.get("ended", True) and turns and turns[-1].role == "user"
+
+    def following(end: int) -> tuple[int, bool]:
+        """(stop, bootstrap into a next bot turn?) of a window whose turns end at end."""
+        later = [k for k in bots if k >= end]
+        if later:
+            return later[0], True
+        return (len(turns), True) if live else (end, False)
 
     def length(start: int, end: int) -> int:
-        later = [k for k in bots if k >= end]
-        stop = later[0] if later else end
+        stop, next_bot = following(end)
         ids = encode_chat(
-            tokenizer, system_prompt, turns[start:stop], add_generation_prompt=bool(later)
+            tokenizer, system_prompt, turns[start:stop], add_generation_prompt=next_bot
         )
         return len(ids)
 
@@ -177,12 +186,9 @@ def conversation_windows(
         if length(start, end) > max_tokens:  # even one turn does not fit: skip it
             i += 1
             continue
-        later = [k for k in bots if k >= end]
-        stop = later[0] if later else end
+        stop, next_bot = following(end)
         trained_here = [r if first <= k < end else None for k, r in enumerate(rewards)]
-        window = _window(
-            tokenizer, system_prompt, turns, trained_here, start, stop, bool(later), cuts
-        )
+        window = _window(tokenizer, system_prompt, turns, trained_here, start, stop, next_bot, cuts)
         window.conversation_id = conversation["id"]
         windows.append(window)
         i = j

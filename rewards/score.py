@@ -38,15 +38,21 @@ class ScoreSummary:
 
 
 def contexts_of(turns: list[dict]) -> list[tuple[dict, Context]]:
-    """(bot message row, its Context) for every bot turn of one conversation."""
+    """(bot message row, its Context) for every bot turn of one conversation that can be
+    scored now: in a live conversation (rows with ``ended`` false) a bot turn the user has
+    not answered yet is left out, to be scored once the user replies or the conversation
+    ends (until then "no reply" does not mean "the user left")."""
     out = []
     earlier_bot: list[str] = []
+    ended = all(bool(t.get("ended", True)) for t in turns)
     for i, turn in enumerate(turns):
         if turn["role"] != "bot":
             continue
         prev_user = turns[i - 1]["text"] if i > 0 and turns[i - 1]["role"] == "user" else None
         following = turns[i + 1] if i + 1 < len(turns) else None
         next_user = following["text"] if following and following["role"] == "user" else None
+        if next_user is None and not ended and following is None:
+            break  # the last turn of a live conversation: the user may still answer
         context = Context(
             bot=turn["text"],
             prev_user=prev_user,
@@ -75,12 +81,13 @@ def scorer_version(learned=None) -> str:
 
 
 def score_batch(store: Store, conversation_ids: list[int], learned=None) -> int:
-    """Score every bot turn of these conversations and commit; return how many."""
-    pairs = [
-        pair
-        for turns in store.conversation_turns(conversation_ids).values()
-        for pair in contexts_of(turns)
-    ]
+    """Score every bot turn of these conversations that can be scored now and commit;
+    return how many. A turn still waiting for the user's answer loses any older score."""
+    conversations = store.conversation_turns(conversation_ids).values()
+    pairs = [pair for turns in conversations for pair in contexts_of(turns)]
+    scored = {turn["id"] for turn, _ in pairs}
+    waiting = [t["id"] for ts in conversations for t in ts if t["role"] == "bot"]
+    store.clear_scores([m for m in waiting if m not in scored])
     if not pairs:
         return 0
     contexts = [context for _, context in pairs]
@@ -117,9 +124,11 @@ def score_store(
     progress: Callable[[int], None] | None = None,
     learned=None,
 ) -> ScoreSummary:
-    """Score what needs scoring, in batches, then refit the combined reward.
+    """End the conversations idle for ``scoring.idle_minutes``, score what needs scoring,
+    in batches, then refit the combined reward.
     ``learned``: the :func:`learned_signal` to score too, if any. ``progress(k)``: k
     more bot turns scored."""
+    store.end_idle_conversations(config.scoring.idle_minutes)
     pending = store.conversations_to_score(scorer_version(learned))
     size = config.scoring.batch_conversations
     bot_turns = 0

@@ -10,9 +10,9 @@ from __future__ import annotations
 from rewards.bot_question import bot_question
 from rewards.bot_repetition import bot_repetition
 from rewards.bot_sentiment import bot_sentiment
-from rewards.conversation_length import conversation_length
 from rewards.embedding_similarity import embedding_similarity
 from rewards.manual_vote import manual_vote
+from rewards.user_continued import user_continued
 from rewards.user_laughter import user_laughter
 from rewards.user_reply_length import user_reply_length
 from rewards.user_sentiment import user_sentiment
@@ -24,7 +24,7 @@ SIGNALS = (
     user_sentiment_transition,
     user_laughter,
     user_reply_length,
-    conversation_length,
+    user_continued,
     bot_question,
     bot_sentiment,
     bot_repetition,
@@ -35,7 +35,7 @@ SIGNALS = (
 SIGNAL_NAMES = tuple(signal.__name__ for signal in SIGNALS)
 COMBINED = "combined"
 # Bump when any signal's definition changes: scores of an older version are redone.
-SCORER_VERSION = "2"  # 2: bot_question by syntax, more laughter (issue 14)
+SCORER_VERSION = "2"  # 2: bot_question by syntax, more laughter, user_continued (issue 14)
 
 
 def score_contexts(contexts) -> dict[str, list[float]]:

@@ -176,3 +176,17 @@ def test_a_run_can_learn_from_a_platform_a_date_range_or_the_latest_n(store):
     assert Selection() == TrainConfig().selection()  # the default reads everything
     with pytest.raises(Exception, match="since must be a date like 2026-11-30, not 'last week'"):
         TrainConfig(since="last week").validate()
+
+
+def test_a_live_conversation_the_user_answered_bootstraps_instead_of_ending(tokenizer):
+    """A bot turn is terminal only when its conversation ended with it; in a live chat
+    whose user has answered, its next state is the bot about to reply again."""
+    chat = conversation(turn("user", "hi"), turn("bot", "hello there", 1.0), turn("user", "how?"))
+    (ended,) = conversation_windows(tokenizer, SYS, {**chat, "ended": True}, 256)
+    (live,) = conversation_windows(tokenizer, SYS, {**chat, "ended": False}, 256)
+    last = max(i for i, m in enumerate(ended.mask) if m)
+    assert ended.next_pos[last] == TERMINAL
+    last = max(i for i, m in enumerate(live.mask) if m)
+    assert live.next_pos[last] == len(live.input_ids) - 1  # after the user's answer
+    assert tokenizer.decode(live.input_ids).rstrip().endswith("assistant")
+    assert live.reward[last] == ended.reward[last] == 1.0

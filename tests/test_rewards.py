@@ -16,10 +16,10 @@ from rewards.bot_question import bot_question
 from rewards.bot_repetition import bot_repetition
 from rewards.bot_sentiment import bot_sentiment
 from rewards.context import Context
-from rewards.conversation_length import conversation_length
 from rewards.embedding_similarity import embedding_similarity
 from rewards.manual_vote import manual_vote
 from rewards.suite import SIGNALS
+from rewards.user_continued import user_continued
 from rewards.user_laughter import user_laughter
 from rewards.user_reply_length import user_reply_length
 from rewards.user_sentiment import user_sentiment
@@ -311,9 +311,13 @@ class TestEngagement:
         )
         assert values == [3.0, 30.0, 0.0]
 
-    def test_conversation_length_grows_with_turns_left(self):
-        values = conversation_length([Context("x", user_turns_after=n) for n in (0, 1, 5)])
-        assert values[0] == 0.0 and 0 < values[1] < values[2]
+    def test_user_continued_is_per_turn_whatever_comes_later(self):
+        """1 when the user answered this turn, 0 when the conversation ended with it; how
+        many turns follow does not count (the learner's return sums the later ones)."""
+        values = user_continued(
+            [Context("x", next_user="ok", user_turns_after=n) for n in (1, 5)] + [Context("x")]
+        )
+        assert values == [1.0, 1.0, 0.0]
 
 
 class TestManualVote:

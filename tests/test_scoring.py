@@ -35,8 +35,9 @@ def test_combined_is_the_weighted_sum_of_z_scores():
     assert combine({"a": 3.0, "b": 0.0}, stats, {"a": 2.0, "b": 0.0}) == pytest.approx(2.0)
 
 
-def chat_log(store: Store) -> dict[str, int]:
-    """A small labelled log: ids of the bot turns by what the user did next."""
+def chat_log(store: Store, ended: bool = True) -> dict[str, int]:
+    """A small labelled log: ids of the bot turns by what the user did next; the user
+    then left (``ended``) or may still answer the last turn."""
     user = store.ensure_user("terminal", "ann")
     conv = store.start_conversation(user, "terminal")
     ids = {}
@@ -48,6 +49,8 @@ def chat_log(store: Store) -> dict[str, int]:
     ids["last"] = store.add_message(conv, "bot", "Sorry! Corgis are lovely.")
     store.vote(ids["liked"], user, 1)
     store.vote(ids["disliked"], user, -1)
+    if ended:
+        store.end_conversation(conv, "quit")
     return ids
 
 
@@ -87,6 +90,7 @@ def test_score_progress_counts_bot_turns_not_conversations(store):
     short = store.start_conversation(user, "terminal")
     store.add_message(short, "user", "hi")
     store.add_message(short, "bot", "hello")
+    store.end_conversation(short, "quit")
     pending = store.conversations_to_score(SCORER_VERSION)
     assert store.bot_turn_count(pending) == 4
     config = Config()
@@ -94,6 +98,32 @@ def test_score_progress_counts_bot_turns_not_conversations(store):
     steps: list[int] = []
     summary = score_store(store, config, progress=steps.append)
     assert sorted(steps) == [1, 3] and summary.bot_turns == 4
+
+
+def test_a_live_conversations_unanswered_turn_waits_for_the_reply_or_the_end(store):
+    """The last bot turn of a live chat is not "the user left": it is not scored (no
+    reply-dependent signal at its end value) until the user answers it (continued: 1) or
+    the conversation ends (continued: 0), by /quit or after scoring.idle_minutes idle."""
+    ids = chat_log(store, ended=False)
+    config = Config()
+    assert score_store(store, config).bot_turns == 2
+    assert store.rewards(ids["last"]) == {}
+    assert store.rewards(ids["liked"])["user_continued"] == 1.0
+    conv = store.message(ids["last"]).conversation_id
+    store.add_message(conv, "user", "lol yes they are 😂")
+    score_store(store, config)
+    assert store.rewards(ids["last"])["user_continued"] == 1.0
+    assert store.rewards(ids["last"])["user_laughter"] == 1.0
+    waiting = store.add_message(conv, "bot", "Do you walk him every day?")
+    score_store(store, config)
+    assert store.rewards(waiting) == {}  # still live: the user may answer
+    config.scoring.idle_minutes = 1e-6  # a minute-long wait, shortened
+    time.sleep(0.01)
+    score_store(store, config)
+    assert store.conversation_ended(conv)
+    assert store.rewards(waiting)["user_continued"] == 0.0  # ended with it: the user left
+    (reason,) = store.db.execute("SELECT end_reason FROM conversations").fetchone()
+    assert reason == "idle"
 
 
 def test_ctrl_c_says_what_was_saved_and_how_to_go_on(store, rapport_home, monkeypatch, capsys):

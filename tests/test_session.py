@@ -140,6 +140,21 @@ def test_new_conversation_splits_the_log(session, store):
     session.respond("second chat")
     assert session.conversation_id != first
     assert store.messages(session.conversation_id)[0].text == "second chat"
+    assert store.conversation_ended(first) and not store.conversation_ended(
+        session.conversation_id
+    )  # the first ended at /new; the second is live
+
+
+def test_a_conversation_ended_while_idle_goes_on_as_a_new_one(session, store):
+    """`rapport score` ends a chat idle for scoring.idle_minutes; the user's next message
+    starts a new logged conversation instead of adding to the ended one."""
+    session.respond("before the break")
+    first = session.conversation_id
+    store.end_conversation(first, "idle")
+    session.respond("after the break")
+    assert session.conversation_id != first
+    assert [m.text for m in store.messages(first) if m.role == "user"] == ["before the break"]
+    assert store.messages(session.conversation_id)[0].text == "after the break"
 
 
 def test_opted_out_users_get_replies_but_nothing_is_logged(session, store):

@@ -19,6 +19,8 @@ EXPECTED_COLUMNS = {
         "started",
         "model_version",
         "external_id",
+        "ended",
+        "end_reason",
     ],
     "messages": [
         "id",
@@ -80,7 +82,7 @@ def test_fresh_in_memory_database_has_exactly_the_expected_columns():
     assert tables == set(EXPECTED_COLUMNS)
     for table, columns in EXPECTED_COLUMNS.items():
         assert [c.name for c in store.db[table].columns] == columns, table
-    assert store.schema_version() == (7, "m007_deployments")
+    assert store.schema_version() == (8, "m008_conversation_ends")
 
 
 def test_reopening_applies_nothing_twice(tmp_path):
@@ -97,6 +99,7 @@ def test_reopening_applies_nothing_twice(tmp_path):
         "m005_imports_and_scoring",
         "m006_platform_messages",
         "m007_deployments",
+        "m008_conversation_ends",
     ]
 
 
@@ -120,7 +123,36 @@ def test_database_from_older_schema_upgrades_and_keeps_its_rows(tmp_path):
     old.close()
 
     with Store(path) as store:
-        assert store.schema_version() == (7, "m007_deployments")
+        assert store.schema_version() == (8, "m008_conversation_ends")
         assert store.messages(1)[0].text == "hello from an old version"
         store.vote(1, "u_1", 1)  # a table the old schema did not have
         assert store.votes(1) == {"u_1": 1}
+
+
+def test_conversation_ends_arrive_for_finished_logs_and_leave_live_chats_open(tmp_path):
+    """m008: imported and simulated conversations are finished logs (ended when they
+    started); a chat of a live platform stays open until it is ended."""
+    path = tmp_path / "old.db"
+    old = Database(path)
+    migrations.apply(old, stop_before="m008_conversation_ends")
+    old["users"].insert({"id": "u_1", "platform": "x", "created": "t", "opted_out": 0})
+    rows = [(1, "chitchat", "c1"), (2, "simulated", "s1"), (3, "terminal", None)]
+    for cid, platform, external in rows:
+        old["conversations"].insert(
+            {
+                "id": cid,
+                "user_id": "u_1",
+                "platform": platform,
+                "started": "t0",
+                "external_id": external,
+            }
+        )
+    old.close()
+    with Store(path) as store:
+        ends = store.db.execute("SELECT id, ended, end_reason FROM conversations ORDER BY id")
+        assert ends.fetchall() == [(1, "t0", "imported"), (2, "t0", "simulated"), (3, None, None)]
+        store.end_conversation(3, "quit")
+        store.end_conversation(3, "idle")  # the first end stands
+        assert store.db.execute("SELECT end_reason FROM conversations WHERE id = 3").fetchone() == (
+            "quit",
+        )

@@ -69,6 +69,8 @@ def test_piped_chat_transcript_and_logged_rows(tiny_model_dir, rapport_home):
     with Store(rapport_home / "rapport.db") as store:
         conversations = [r["id"] for r in store.db["conversations"].rows]
         assert len(conversations) == 2  # split at /new
+        ends = store.db.execute("SELECT end_reason FROM conversations ORDER BY id").fetchall()
+        assert ends == [("new",), ("quit",)]  # so their last bot turns can be scored
         first = store.messages(conversations[0])
         second = store.messages(conversations[1])
         assert [(m.role, m.turn_index) for m in first] == [
