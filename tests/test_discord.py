@@ -303,3 +303,5 @@ def test_an_idle_conversation_ends_and_the_next_message_starts_a_new_one(store):
     conversation.last_used -= 61  # a minute and a second of silence
     asyncio.run(client.on_message(fake_message("back again", user, channel)))
     assert store.counts()["conversations"] == 2
+    ends = store.db.execute("SELECT end_reason FROM conversations ORDER BY id").fetchall()
+    assert ends == [("idle",), (None,)]  # the first ended idle; the second is live
