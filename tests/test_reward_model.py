@@ -61,6 +61,7 @@ def fill_preference_log(store, n: int, seed: int = 0) -> None:
         reply = f"it was {word}" if rng.random() < 0.5 else f"{word}, really"
         message = store.add_message(conversation, "bot", reply)
         store.vote(message, user, 1 if liked else -1)
+        store.end_conversation(conversation, "quit")  # voted, then left
 
 
 def test_ensemble_ranks_held_out_pairs_above_chance_and_reports_spread(

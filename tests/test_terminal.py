@@ -189,12 +189,17 @@ def test_interactive_ctrl_c_stops_a_reply_and_the_chat_goes_on(tiny_model_dir, r
     try:
         tty = PtyReader(fd)
         assert b"/up or /down" in tty.expect("you ›")
-        os.write(fd, b"tell me a very long story\r")
-        tty.expect("rapport ›")
-        time.sleep(1.0)
-        os.write(fd, b"\x03")  # Ctrl-C while the reply is being written
-        tty.expect("[stopped]")
-        tty.expect("you ›")
+        # The random tiny model may sample an end-of-turn before the Ctrl-C arrives (then
+        # the Ctrl-C lands at the prompt); ask again until one reply is interrupted.
+        for _ in range(6):
+            os.write(fd, b"tell me a very long story\r")
+            tty.expect("rapport ›")
+            time.sleep(0.6)
+            os.write(fd, b"\x03")  # Ctrl-C while the reply is being written
+            if b"[stopped]" in tty.expect("you ›"):
+                break
+        else:
+            raise AssertionError("no reply was interrupted in 6 tries")
         os.write(fd, b"/quit\r")
         tty.expect("bye")
     finally:
@@ -204,4 +209,5 @@ def test_interactive_ctrl_c_stops_a_reply_and_the_chat_goes_on(tiny_model_dir, r
         (conv,) = [r["id"] for r in store.db["conversations"].rows]
         rows = store.messages(conv)
         assert rows[0].text == "tell me a very long story"
-        assert rows[1].role == "bot" and rows[1].generation["interrupted"] is True
+        interrupted = [r for r in rows if r.role == "bot" and r.generation.get("interrupted")]
+        assert len(interrupted) == 1 and interrupted[0] == rows[-1]  # the last, then /quit

@@ -36,6 +36,7 @@ def fill_voted_log(store, n: int = 24, seed: int = 0) -> None:
         store.vote(message, user, 1 if reply == LIKED else -1)
         store.add_message(conversation, "user", INJECTION)
         store.add_message(conversation, "bot", "tell me more")
+        store.end_conversation(conversation, "quit")
 
 
 def conversation(turns, votes=(), reward=None, cid=1):
