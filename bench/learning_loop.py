@@ -7,7 +7,9 @@
    ``bot_question`` alone, the paper's exploit case; (b) ``combined``, the default
    implicit reward. Rows: the KL-control family (psi, kl_q, g, batch_q) and the peers a
    researcher would try first: filtered behaviour cloning (``bc`` on the turns above
-   average) and trl's KTO (liked = reward above the mean).
+   average) and trl's KTO (liked = reward above the mean). Two rows compare learners at
+   equal KL from the prior: ``bc@psi`` trains bc until its KL reaches psi's (a KL budget,
+   ``rapport train --kl-budget``), ``psi@bc`` trains psi on until it reaches bc's.
 3. Every trained version and the prior are evaluated together (``rapport eval``) on
    held-out openers none of them trained on: (a) one reply to each of ``--eval-n``
    distinct openers; (b) ``--eval-n-b`` conversations of ``--eval-turns-b`` bot turns,
@@ -41,7 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-ALGOS = ("psi", "kl_q", "g", "batch_q", "bc", "kto")
+ALGOS = ("psi", "kl_q", "g", "batch_q", "bc", "kto", "bc@psi", "psi@bc")
+MATCHED_STEPS = 4  # "A@B" may train up to this many times --steps to reach B's KL
 REWARDS = ("bot_question", "combined")
 COLUMNS = ("targeted", "bot_question", "kl_to_prior", "perplexity", "distinct_2")
 
@@ -178,19 +181,21 @@ def train_all(args, config, store, prior_dir, reward, prior_bf16, tokenizer) -> 
 
     target = "bot_question" if reward == "bot_question" else "combined"
     out = {}
-    for algo in args.algos.split(","):
+    for name in args.algos.split(","):
+        algo, _, matched = name.partition("@")
         began = time.perf_counter()
         train_config = TrainConfig(
             algo=algo,
             reward=reward,
-            steps=args.steps,
+            steps=args.steps * (MATCHED_STEPS if matched else 1),
             batch_size=args.batch_size,
             max_tokens=args.max_tokens,
             lr=args.lr,
             seed=args.seed,
             checkpoint_every=10_000,
-            log_every=max(1, args.curve_every or 10),
+            log_every=KL_EVERY,
             pairs_from="combined" if algo == "kto" else "votes",
+            kl_budget=out[matched]["kl_window"] if matched else 0.0,
         )
         curve = Curve(args, config, target, prior_bf16, tokenizer)
         if args.curve_every and algo != "kto":  # trl's trainer has its own loop
@@ -198,7 +203,12 @@ def train_all(args, config, store, prior_dir, reward, prior_bf16, tokenizer) -> 
                 curve.measure(0, prior_bf16)
                 _START[reward] = curve.points[0]
             curve.points = [_START[reward]]
-        print(f"[{reward}] training {algo} for {args.steps} steps", file=sys.stderr, flush=True)
+        steps = f"up to {train_config.steps} steps, to KL {train_config.kl_budget:.3f}"
+        print(
+            f"[{reward}] training {name} for {steps if matched else f'{args.steps} steps'}",
+            file=sys.stderr,
+            flush=True,
+        )
         version, folder, metrics = run_training(
             store,
             prior_dir,
@@ -207,15 +217,35 @@ def train_all(args, config, store, prior_dir, reward, prior_bf16, tokenizer) -> 
             train_config,
             observe=curve.observe if args.curve_every and algo != "kto" else None,
         )
-        out[algo] = {
+        out[name] = {
             "version": version,
             "folder": str(folder),
             "metrics": metrics,
+            "kl_window": kl_window(folder),
             "curve": curve.points,
             "seconds": time.perf_counter() - began,
         }
-        print(f"  {algo}: {metrics}", file=sys.stderr, flush=True)
+        print(f"  {name}: {metrics}", file=sys.stderr, flush=True)
     return out
+
+
+# Every learner measures its KL to the prior on its training batches every KL_EVERY
+# steps; "A@B" trains A until the mean of its last measurements (the window of
+# learner.train.KL_BUDGET_WINDOW) reaches B's at the end of B's run: the same statistic
+# on both sides, so A and B are compared at equal KL.
+KL_EVERY = 2
+
+
+def kl_window(folder) -> float:
+    """The mean of a finished run's last KL measurements (0.0 for trl's runs)."""
+    from learner.train import KL_BUDGET_WINDOW
+
+    path = Path(folder).parent / "metrics.jsonl"
+    if not path.exists():
+        return 0.0
+    kls = [json.loads(line).get("kl_to_prior") for line in path.read_text().splitlines() if line]
+    kls = [k for k in kls if k is not None][-KL_BUDGET_WINDOW:]
+    return sum(kls) / len(kls) if kls else 0.0
 
 
 _START = {}  # reward -> the learning curves' first point (the prior's)
@@ -290,7 +320,8 @@ def plot(curves: dict, path: Path) -> None:
         axes[0][j].set_ylabel("targeted reward (held-out)")
         axes[1][j].set_ylabel("KL(π‖prior) per token")
         axes[1][j].set_xlabel("training step")
-        axes[0][j].legend(fontsize=8)
+        if any(curves[reward].values()):
+            axes[0][j].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
 

@@ -274,6 +274,8 @@ def _learner_help(name: str) -> str:
     "--max-conversations", type=int, default=None, help=_learner_help("max_conversations")
 )
 @click.option("--min-reward", type=float, default=None, help=_learner_help("min_reward"))
+@click.option("--kl-budget", type=float, default=None, help=_learner_help("kl_budget"))
+@click.option("--log-every", type=int, default=None, help=_learner_help("log_every"))
 @click.option("--checkpoint-every", type=int, default=None, help=_learner_help("checkpoint_every"))
 @click.option("--model", "model", default=None, help="Prior: folder or version (default: config).")
 @click.option("--resume", default=None, metavar="RUN", help="Resume the named run.")
@@ -303,6 +305,11 @@ def train(config: Config, algo: str, model: str | None, resume: str | None, **op
             store, prior_path, spec, config, train_config, resume=resume, resume_steps=resume_steps
         )
     click.echo(f"trained {version}: {folder}")
+    if metrics.get("stopped") == "kl_budget":
+        click.echo(
+            f"stopped at step {metrics['step']} of {train_config.steps}: KL to the prior "
+            f"reached the budget of {train_config.kl_budget:g} nats/token"
+        )
     click.echo(
         "final: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
     )

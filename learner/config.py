@@ -125,6 +125,12 @@ class TrainConfig:
         "preparation (a prior forward over every window) grows with it: ~5 min for the "
         "7,168 chitchat conversations on 2 CPU cores.",
     )
+    kl_budget: float = _f(
+        0.0,
+        "Stop early once KL(π‖prior) per bot token on the training batches (the mean of "
+        "the last 3 measurements, taken every log_every steps) reaches this; 0: no budget. "
+        "Compares learners at equal distance from the prior, e.g. bc held to psi's KL.",
+    )
     seed: int = _f(0, "Seed for data order, dropout and initialisation.")
     checkpoint_every: int = _f(50, "Save a resumable checkpoint every N steps.")
     log_every: int = _f(10, "Compute KL to the prior (an extra forward) every N steps.")
@@ -153,6 +159,12 @@ class TrainConfig:
             (self.pairs_from in PAIRS_FROM, f"pairs_from must be one of {', '.join(PAIRS_FROM)}"),
             (self.context_turns >= 1, "context_turns must be >= 1"),
             (self.max_conversations >= 0, "max_conversations must be >= 0"),
+            (self.kl_budget >= 0, "kl_budget must be >= 0 (0: no budget)"),
+            (
+                not self.kl_budget or self.algo in TOKEN_LEVEL,
+                f"kl_budget applies to {', '.join(TOKEN_LEVEL)} (trl's trainers have none)",
+            ),
+            (self.log_every >= 1, "log_every must be >= 1"),
         ]
         for ok, message in checks:
             if not ok:

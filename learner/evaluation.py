@@ -158,7 +158,8 @@ def measures_of(games, signals, stats, weights, prior, policy, tokenizer, system
     fluency = fluency_inputs(games, tokenizer, system_prompt)
     ppl = iter(perplexities(prior, *zip(*fluency, strict=True)) if fluency else [])
     kl_seqs, kl_pos = zip(*kl_inputs(games, tokenizer, system_prompt), strict=True)
-    kls = kl_per_tokens(policy, prior, kl_seqs, kl_pos)
+    # the prior's own row is 0 by definition: two forwards saved
+    kls = [0.0] * len(games) if policy is prior else kl_per_tokens(policy, prior, kl_seqs, kl_pos)
     measures = []
     for game, sig, kl in zip(games, signals, kls, strict=True):
         replies = game.bot_turns

@@ -5,7 +5,9 @@ there is one, several GPUs under ``accelerate launch``), then for each step one 
 one loss, one optimiser step and a Polyak update of the target network, metrics to
 JSONL, and a checkpoint every N steps that holds everything needed to resume exactly
 (weights, target weights, optimiser, scheduler, RNG states; the data position is the
-step number, because the batch order is a pure function of seed and step).
+step number, because the batch order is a pure function of seed and step). A KL budget
+(``config.kl_budget``) ends a run early, once the policy is that far from the prior:
+how learners are compared at equal KL.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from learner import kl_control
 from learner.config import TrainConfig
 from learner.data import TERMINAL, Dataset, Window, collate
 from learner.runs import CHECKPOINT
+
+KL_BUDGET_WINDOW = 3  # config.kl_budget reads the mean of this many KL measurements
 
 
 class TrainingError(RapportError):
@@ -174,14 +178,15 @@ def turn_rewards(batch) -> torch.Tensor:
     return batch["reward"][ends]
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop the lines of steps after the checkpoint (they are redone)."""
+def _truncate_metrics(path: Path, step: int) -> list[dict]:
+    """On resume, drop the lines of steps after the checkpoint (they are redone); return
+    the lines kept."""
     if not path.exists():
-        return
-    kept = [
-        line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step
-    ]
-    path.write_text("".join(line + "\n" for line in kept))
+        return []
+    kept = [json.loads(line) for line in path.read_text().splitlines() if line]
+    kept = [m for m in kept if m["step"] <= step]
+    path.write_text("".join(json.dumps(m) + "\n" for m in kept))
+    return kept
 
 
 def polyak(target: torch.nn.Module, online: torch.nn.Module, tau: float) -> None:
@@ -289,9 +294,13 @@ def train(
     (run_dir / "train_config.json").write_text(config.to_json())
     unwrapped = Models(accelerator.unwrap_model(models.q), models.target, models.prior)
     start = load_checkpoint(run_dir, unwrapped, optimizer, scheduler) if resume else 0
-    _truncate_metrics(run_dir / "metrics.jsonl", start)
+    logged = _truncate_metrics(run_dir / "metrics.jsonl", start)
     loss_fn = bc_loss if config.algo == "bc" else kl_control_loss
-    metrics: dict = {}
+    metrics: dict = logged[-1] if logged else {}
+    # the last KL measurements, for config.kl_budget (a resumed run reads them back)
+    recent_kl = [m["kl_to_prior"] for m in logged if "kl_to_prior" in m][-KL_BUDGET_WINDOW:]
+    if "stopped" in metrics:
+        start = config.steps  # it ended on its budget; nothing left to train
     with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as log:
         for step in range(start, config.steps):
             began = time.perf_counter()
@@ -324,6 +333,9 @@ def train(
             }
             if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
                 metrics["kl_to_prior"] = kl_to_prior(models, batch, config)
+                recent_kl = [*recent_kl[-(KL_BUDGET_WINDOW - 1) :], metrics["kl_to_prior"]]
+                if config.kl_budget and sum(recent_kl) / len(recent_kl) >= config.kl_budget:
+                    metrics["stopped"] = "kl_budget"
             if not math.isfinite(metrics["loss"]):
                 raise TrainingError(f"the loss diverged at step {step + 1}; lower --lr")
             if not accelerator.is_main_process:
@@ -334,8 +346,11 @@ def train(
                 progress(step + 1, metrics)
             if observe:
                 observe(step + 1, accelerator.unwrap_model(models.q))
-            if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+            last = step + 1 == config.steps or "stopped" in metrics
+            if (step + 1) % config.checkpoint_every == 0 or last:
                 save_checkpoint(run_dir, step + 1, models, optimizer, scheduler, accelerator)
+            if "stopped" in metrics:
+                break
     models.q = accelerator.unwrap_model(models.q)
     return metrics
 

@@ -226,6 +226,33 @@ def test_a_negated_reward_moves_the_other_way_and_a_larger_scale_further(
     assert stronger["p_great"] > base["p_great"] and stronger["kl"] > base["kl"]
 
 
+def test_a_kl_budget_stops_a_run_once_it_is_that_far_from_the_prior(rewarded, toy_prior, tmp_path):
+    """How learners are compared at equal KL: bc held to a third of the KL its full run
+    reached stops early, on the budget, nearer the prior; resuming it trains no further."""
+    full = rewarded["bc"]
+    budget = full["metrics"]["kl_to_prior"] / 3
+    held = run(toy_prior, tmp_path, "bc", kl_budget=budget, log_every=1)
+    metrics = held["metrics"]
+    assert metrics["stopped"] == "kl_budget" and 1 < metrics["step"] < 100, metrics
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1]["step"] == metrics["step"] and len(logged) == metrics["step"]
+    last = [m["kl_to_prior"] for m in logged[-3:]]
+    before = [m["kl_to_prior"] for m in logged[-4:-1]]
+    assert sum(last) / len(last) >= budget > sum(before) / len(before), logged[-4:]
+    assert held["kl"] < full["kl"] and held["p_great"] < full["p_great"]
+    weights = {k: v.clone() for k, v in held["models"].q.state_dict().items()}
+    again = train(
+        held["config"],
+        held["dataset"],
+        held["models"],
+        tmp_path,
+        pad_id=held["tokenizer"].pad_token_id,
+        resume=True,
+    )
+    assert again["step"] == metrics["step"] and again["stopped"] == "kl_budget"
+    assert all(torch.equal(v, held["models"].q.state_dict()[k]) for k, v in weights.items())
+
+
 @pytest.mark.parametrize("algo", TOKEN_LEVEL)
 def test_serving_samples_from_the_distribution_the_learner_trained(algo, rewarded, tmp_path):
     """What Policy.load serves is what the learner meant (softmax of the saved network's
