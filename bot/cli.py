@@ -66,12 +66,31 @@ def cli(ctx: click.Context, config_path: str | None, overrides: tuple[str, ...])
     ctx.obj = load_config(config_path, overrides)
 
 
-def load_policy(config: Config, store: Store, seed: int | None = None) -> Policy:
+def load_policy(config: Config, store: Store, seed: int | None = None, ranker=None) -> Policy:
     """The one way every command loads the model it serves (config ``model.path``)."""
     from bot.policy import Policy
 
     registered = {m["version"]: m["path"] for m in store.models()}
-    return Policy.load(config.model, config.generation, registered=registered, seed=seed)
+    return Policy.load(
+        config.model, config.generation, registered=registered, seed=seed, ranker=ranker
+    )
+
+
+def best_of_ranker(config: Config):
+    """Best-of-N's ranking model (the newest trained reward model), or None: with
+    ``generation.best_of`` 1, or when none is trained (one line says so)."""
+    if config.generation.best_of <= 1:
+        return None
+    from rewards.rank import RewardRanker
+
+    ranker = RewardRanker.latest(rapport_home() / "reward_models")
+    if ranker is None:
+        click.echo(
+            f"generation.best_of is {config.generation.best_of}, but no reward model is "
+            "trained yet (`rapport reward-model train`): replying with one sample",
+            err=True,
+        )
+    return ranker
 
 
 def policy_source(config: Config, store: Store, *, pinned: bool, seed: int | None = None):
@@ -79,10 +98,13 @@ def policy_source(config: Config, store: Store, *, pinned: bool, seed: int | Non
     followed between replies (hot reload; see :mod:`bot.registry`)."""
     from bot.registry import DeployedPolicy
 
+    ranker = best_of_ranker(config)
     if pinned:
-        policy = load_policy(config, store, seed)
+        policy = load_policy(config, store, seed, ranker)
         return lambda: policy
-    return DeployedPolicy(store, config, seed=seed, report=lambda m: click.echo(m, err=True))
+    return DeployedPolicy(
+        store, config, seed=seed, ranker=ranker, report=lambda m: click.echo(m, err=True)
+    )
 
 
 @cli.command()

@@ -141,12 +141,25 @@ class GenerationConfig:
         "(small models loop without it).",
         1.1,
     )
+    best_of: int = _help(
+        "Sample this many replies at once and send the one the learned reward ranks "
+        "highest (best-of-N, as Chai 2023 deployed it); 1 is off. Needs a reward model "
+        "(`rapport reward-model train`); without one the bot replies with one sample.",
+        1,
+    )
+    best_of_caution: float = _help(
+        "Best-of-N ranks by mean - caution x spread of the reward ensemble, so a reply the "
+        "members disagree on is not chosen for one lucky high score.",
+        1.0,
+    )
 
     def validate(self) -> None:
         _require(self.temperature >= 0, "generation.temperature must be >= 0")
         _require(0 < self.top_p <= 1, "generation.top_p must be in (0, 1]")
         _require(self.max_new_tokens >= 1, "generation.max_new_tokens must be >= 1")
         _require(self.repetition_penalty > 0, "generation.repetition_penalty must be > 0")
+        _require(1 <= self.best_of <= 16, "generation.best_of must be in [1, 16]")
+        _require(self.best_of_caution >= 0, "generation.best_of_caution must be >= 0")
 
 
 @dataclass

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -182,7 +182,7 @@ class Settings:
 
     @classmethod
     def from_config(cls, config: GenerationConfig) -> Settings:
-        return cls(**asdict(config))
+        return cls(**{f: getattr(config, f) for f in cls.__dataclass_fields__})
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -231,6 +231,9 @@ class Policy:
         model_config: ModelConfig,
         settings: Settings,
         seed: int | None = None,
+        best_of: int = 1,
+        ranker: Ranker | None = None,
+        caution: float = 1.0,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -240,6 +243,10 @@ class Policy:
         self.settings = settings
         self.stop_ids = set(tokenizer.all_special_ids)
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        # best-of-N (bot.session): N candidates ranked by ``ranker``; off without one
+        self.best_of = best_of if ranker is not None else 1
+        self.ranker = ranker
+        self.caution = caution
 
     @classmethod
     def load(
@@ -249,6 +256,7 @@ class Policy:
         *,
         registered: dict[str, str] | None = None,
         seed: int | None = None,
+        ranker: Ranker | None = None,
     ) -> Policy:
         spec = model_config.path
         path = resolve_model_path(spec, registered)
@@ -262,6 +270,9 @@ class Policy:
             model_config=model_config,
             settings=Settings.from_config(generation),
             seed=seed,
+            best_of=generation.best_of,
+            ranker=ranker,
+            caution=generation.best_of_caution,
         )
 
     def prompt_ids(self, turns: Sequence[Turn]) -> list[int]:
@@ -316,6 +327,59 @@ class Policy:
 
     def reply(self, turns: Sequence[Turn]) -> str:
         return clean_reply("".join(self.stream(turns)))
+
+    @torch.inference_mode()
+    def sample_replies(self, turns: Sequence[Turn], n: int) -> list[Candidate]:
+        """``n`` replies to the same conversation, sampled together: one prefill, its
+        cache repeated ``n`` times, then one batched forward per token until every row
+        has ended. Each row samples as :meth:`stream_tokens` does (the same settings,
+        stop tokens and length limit), so a candidate is a reply the bot could send."""
+        prompt = self.prompt_ids(turns)
+        device = self.model.device
+        out = self.model(
+            input_ids=torch.tensor([prompt], device=device), use_cache=True, logits_to_keep=1
+        )
+        cache = out.cache
+        cache.batch_repeat_interleave(n)
+        logits = out.logits[:, -1].expand(n, -1)
+        seen = [torch.tensor(prompt) for _ in range(n)]
+        tokens: list[list[int]] = [[] for _ in range(n)]
+        ended = [False] * n
+        for _ in range(self.settings.max_new_tokens):
+            step = []
+            for row in range(n):
+                token = tokens[row][-1] if tokens[row] else prompt[-1]
+                if not ended[row]:
+                    token = sample_next(logits[row], seen[row], self.settings, self.generator)
+                    if token in self.stop_ids:
+                        ended[row] = True
+                    else:
+                        tokens[row].append(token)
+                        seen[row] = torch.cat([seen[row], torch.tensor([token])])
+                step.append(token)  # an ended row's input is ignored from then on
+            if all(ended):
+                break
+            out = self.model(
+                input_ids=torch.tensor(step, device=device)[:, None], cache=cache, use_cache=True
+            )
+            cache, logits = out.cache, out.logits[:, -1]
+        return [
+            Candidate(clean_reply(self.tokenizer.decode(ids, skip_special_tokens=True)), not done)
+            for ids, done in zip(tokens, ended, strict=True)
+        ]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One of best-of-N's sampled replies (cleaned; empty when it was only debris)."""
+
+    text: str
+    cut: bool  # the length limit ended it
+
+
+# Best-of-N's ranking: (the user turn answered, candidate replies) -> (mean, spread) of
+# the learned reward of each candidate (rewards.rank.RewardRanker; spread 0 for one model).
+Ranker = Callable[[str, list[str]], list[tuple[float, float]]]
 
 
 def clean_reply(text: str) -> str:

@@ -37,7 +37,13 @@ from bot.config import Config
 from bot.errors import InvalidInput, RapportError
 from bot.gate import run_gate
 from bot.model_files import ModelRejected, verify_folder
-from bot.policy import DEFAULT_MODEL_NAME, Policy, default_model_dir, default_model_folder
+from bot.policy import (
+    DEFAULT_MODEL_NAME,
+    Policy,
+    Ranker,
+    default_model_dir,
+    default_model_folder,
+)
 from bot.store import Store
 
 log = logging.getLogger(__name__)
@@ -183,9 +189,11 @@ class DeployedPolicy:
         config: Config,
         *,
         seed: int | None = None,
+        ranker: Ranker | None = None,
         report: Callable[[str], None] = log.warning,
     ) -> None:
         self.store, self.config, self.seed, self.report = store, config, seed, report
+        self.ranker = ranker  # best-of-N's ranking, the same for every version served
         self._lock = threading.Lock()
         self.failed: str | None = None
         deployed = store.deployed_version()
@@ -197,13 +205,16 @@ class DeployedPolicy:
                 config.generation,
                 registered={m["version"]: m["path"] for m in store.models()},
                 seed=seed,
+                ranker=ranker,
             )
         )
 
     def _load(self, version: str) -> Policy:
         folder = verify_folder(self.store, version)
         model_config = dataclasses.replace(self.config.model, path=str(folder))
-        policy = Policy.load(model_config, self.config.generation, seed=self.seed)
+        policy = Policy.load(
+            model_config, self.config.generation, seed=self.seed, ranker=self.ranker
+        )
         policy.version = version
         return policy
 

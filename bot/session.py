@@ -16,6 +16,9 @@ history the model sees, and it is the only caller of the store for chat:
   ``back=3`` the third-last; ``vote_message`` takes a message id (Discord reactions).
 - Opt-out: an opted-out user still gets replies, but nothing of theirs is written, and
   they are told so once per conversation (``notice``).
+- Best-of-N (``generation.best_of`` > 1 and a reward model): the policy samples N
+  replies together, the learned reward ranks them (:mod:`rewards.rank`), the chosen one
+  is shown whole and logged with every candidate and its score.
 - The policy comes from a ``policy_source`` callable, asked once per reply, so a
   frontend can hand over a newly deployed model between turns; a reply being generated
   always finishes on the model it started with.
@@ -31,6 +34,7 @@ from bot.errors import InvalidInput, NotFound
 from bot.policy import GenerationError, Policy, clean_reply
 from bot.prompt import Turn
 from bot.store import Store, clean_text
+from rewards.rank import choose
 
 log = logging.getLogger(__name__)
 
@@ -124,10 +128,15 @@ class Session:
         pieces: list[str] = []
         finish: dict = {}
         try:
-            for piece in policy.stream(self.history, finish):
-                pieces.append(piece)
-                if on_text:
-                    on_text(piece)
+            if getattr(policy, "best_of", 1) > 1:  # best-of-N needs a ranker (bot.policy)
+                pieces = self._best_of(policy, text, finish)
+                if on_text and pieces:
+                    on_text(pieces[0])
+            else:
+                for piece in policy.stream(self.history, finish):
+                    pieces.append(piece)
+                    if on_text:
+                        on_text(piece)
         except KeyboardInterrupt:
             self._finish(policy, conversation, pieces, interrupted=True)
             raise
@@ -138,8 +147,39 @@ class Session:
                 "your message was saved, try again"
             ) from None
         return self._finish(
-            policy, conversation, pieces, interrupted=False, cut=finish.get("cut", False)
+            policy,
+            conversation,
+            pieces,
+            interrupted=False,
+            cut=finish.get("cut", False),
+            best_of=finish.get("best_of"),
         )
+
+    def _best_of(self, policy: Policy, text: str, finish: dict) -> list[str]:
+        """Best-of-N: sample ``policy.best_of`` replies together, rank them with the
+        learned reward (:mod:`rewards.rank`), and return the chosen one as the only piece
+        (nothing is shown until it is chosen). ``finish`` receives its cut flag and the
+        record logged with it: every candidate with its score, and which was chosen (the
+        ranking can be learned from, and chosen vs rejected is a preference pair)."""
+        candidates = policy.sample_replies(self.history, policy.best_of)
+        texts = [c.text for c in candidates]
+        kept = [i for i, t in enumerate(texts) if t]
+        scores: list = [None] * len(texts)
+        for i, score in zip(kept, policy.ranker(text, [texts[i] for i in kept]), strict=True):
+            scores[i] = score
+        chosen = choose(texts, scores, policy.caution)
+        finish["cut"] = chosen is not None and candidates[chosen].cut
+        finish["best_of"] = {
+            "n": len(texts),
+            "chosen": chosen,
+            "caution": policy.caution,
+            "ranker": getattr(policy.ranker, "version", None),
+            "candidates": [
+                {"text": c.text, "cut": c.cut, "mean": sc and sc[0], "spread": sc and sc[1]}
+                for c, sc in zip(candidates, scores, strict=True)
+            ],
+        }
+        return [texts[chosen]] if chosen is not None else []
 
     def _finish(
         self,
@@ -149,6 +189,7 @@ class Session:
         *,
         interrupted: bool,
         cut: bool = False,
+        best_of: dict | None = None,
     ) -> Reply:
         reply = clean_reply("".join(pieces))
         if not reply:
@@ -162,6 +203,8 @@ class Session:
                 generation["interrupted"] = True
             if cut:
                 generation["cut"] = True  # stopped by max_new_tokens, not by the model
+            if best_of:
+                generation["best_of"] = best_of
             message_id = self.store.add_message(
                 conversation,
                 "bot",

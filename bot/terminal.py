@@ -17,6 +17,7 @@ A line that starts with ``//`` is sent as a message starting with ``/``.
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TextIO
@@ -79,15 +80,19 @@ class Terminal:
 
     def chat(self, text: str) -> None:
         streamed = self.interactive
+        spinner = None
         if streamed:
             print("\x1b[36mrapport ›\x1b[0m ", end="", file=self.out, flush=True)
+            if getattr(self.session.policy_source(), "best_of", 1) > 1:
+                spinner = Spinner(self.out)  # best-of-N shows nothing until it has chosen
+
+        def show(piece: str) -> None:
+            if spinner:
+                spinner.stop()
+            print(piece, end="", file=self.out, flush=True)
+
         try:
-            reply = self.session.respond(
-                text,
-                on_text=(lambda piece: print(piece, end="", file=self.out, flush=True))
-                if streamed
-                else None,
-            )
+            reply = self.session.respond(text, on_text=show if streamed else None)
         except KeyboardInterrupt:
             self.say(" [stopped]", "2")
             return
@@ -96,6 +101,9 @@ class Terminal:
                 print(file=self.out)
             self.say(f"rapport: {e}", "31")
             return
+        finally:
+            if spinner:
+                spinner.stop()
         if streamed:
             print("\x1b[2m" + CUT_MARK + "\x1b[0m" if reply.cut else "", file=self.out, flush=True)
         else:
@@ -144,6 +152,36 @@ class Terminal:
         except RapportError as e:
             self.say(f"rapport: {e}", "31")
         return None
+
+
+class Spinner:
+    """A spinner in place on the reply line until :meth:`stop` (from any thread)."""
+
+    FRAMES = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
+
+    def __init__(self, out: TextIO, every: float = 0.1) -> None:
+        self.out, self.every = out, every
+        self.stopped = threading.Event()
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._spin, daemon=True)
+        self.thread.start()
+
+    def _spin(self) -> None:
+        frame = 0
+        while not self.stopped.wait(self.every):
+            with self.lock:
+                if not self.stopped.is_set():
+                    glyph = self.FRAMES[frame % len(self.FRAMES)]
+                    print(f"\x1b[2m{glyph}\x1b[0m\b", end="", file=self.out, flush=True)
+            frame += 1
+
+    def stop(self) -> None:
+        with self.lock:
+            if self.stopped.is_set():
+                return
+            self.stopped.set()
+            print(" \b", end="", file=self.out, flush=True)  # rub out the last frame
+        self.thread.join()
 
 
 def run_terminal(session: Session, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout) -> None:
