@@ -730,7 +730,9 @@ def reward_model_train(config: Config, model: str | None, **options) -> None:
     required=True,
     help="kto | dpo | sft (trl's datasets) | jsonl | parquet (the log, votes and rewards).",
 )
-@click.option("--pairs-from", default="votes", show_default=True, help="dpo: votes | combined.")
+@click.option(
+    "--pairs-from", default="votes", show_default=True, help="kto, dpo: votes | combined | retries."
+)
 @click.option("--platform", default="", help="Only this platform's conversations.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.pass_obj

@@ -157,7 +157,9 @@ class WeightsConfig:
     (embedding similarity), the signals Jaques et al. 2019 found to track human ratings,
     weigh 1; the engagement and bot-side signals 0.5 (the paper's models learned to
     exploit questions, so they never dominate); explicit votes 2, because a person said
-    so; repetition 1, since it is a penalty (more repetition, lower value).
+    so; repetition 1, since it is a penalty (more repetition, lower value). A retry is as
+    explicit as a 👎, so user_retry weighs -2: the signal is 1 on a retried reply, and
+    the negative weight makes it a penalty.
     """
 
     user_sentiment: float = _help("Weight of user_sentiment.", 1.0)
@@ -165,6 +167,9 @@ class WeightsConfig:
     user_laughter: float = _help("Weight of user_laughter.", 1.0)
     user_reply_length: float = _help("Weight of user_reply_length.", 0.5)
     user_continued: float = _help("Weight of user_continued (the user replied, per turn).", 0.5)
+    user_retry: float = _help(
+        "Weight of user_retry (1 on a reply the user retried): negative, a penalty.", -2.0
+    )
     bot_question: float = _help("Weight of bot_question.", 0.5)
     bot_sentiment: float = _help("Weight of bot_sentiment.", 0.5)
     bot_repetition: float = _help("Weight of bot_repetition (a penalty, <= 0).", 1.0)

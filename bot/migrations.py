@@ -11,7 +11,8 @@ Tables (DESIGN.md, "Storage"):
 - ``conversations``: who, where (keyed hash of the channel), when, which model version.
 - ``messages``: one row a turn; ``role`` is ``user`` or ``bot``; ``author`` says whether
   a person or a model wrote it (imported corpora have human-written "bot" turns); bot turns
-  carry the model version and the generation settings (JSON).
+  carry the model version and the generation settings (JSON); a bot turn the user
+  retried names the reply that replaced it (``replaced_by``).
 - ``votes``: +1/-1 by one user on one bot message; a later vote replaces the earlier.
 - ``rewards``: one value per (message, reward name) with the scorer version.
 - ``models``, ``training_runs``: model versions and the runs that made them.
@@ -221,3 +222,11 @@ def m008_conversation_ends(db: Database) -> None:
         "CASE platform WHEN 'simulated' THEN 'simulated' ELSE 'imported' END "
         "WHERE external_id IS NOT NULL"
     )
+
+
+@migrations()
+def m009_retries(db: Database) -> None:
+    # A reply the user asked to retry (/retry, 🔁) stays in the log, pointing at the reply
+    # that replaced it; the conversation as the bot and the learner see it is the turns
+    # no reply replaced. (kept, replaced) is a preference pair.
+    db["messages"].add_column("replaced_by", int, fk="messages", fk_col="id")

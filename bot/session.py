@@ -12,6 +12,11 @@ history the model sees, and it is the only caller of the store for chat:
   session stays usable. A ``KeyboardInterrupt`` while generating (Ctrl-C in the
   terminal) keeps and logs what was already shown, marked ``interrupted``, then
   propagates so the frontend can say so.
+- ``retry()`` asks for another reply to the user turn the latest reply answered (the
+  terminal's ``/retry``, a 🔁 reaction on Discord). The old reply stays in the log,
+  marked replaced by the new one, and leaves the history the model sees; its votes stay
+  on it. Only the latest reply of a live conversation can be retried; when generating
+  fails or is stopped before any text, the old reply stays the conversation's.
 - Votes go on the bot's own replies: ``vote(value, back=1)`` is the last reply,
   ``back=3`` the third-last; ``vote_message`` takes a message id (Discord reactions).
 - Opt-out: an opted-out user still gets replies, but nothing of theirs is written, and
@@ -120,7 +125,46 @@ class Session:
         if conversation is not None:
             self.store.add_message(conversation, "user", text)
         self.history.append(Turn("user", text))
+        return self._generate(policy, conversation, on_text)
 
+    def retry(
+        self, on_text: Callable[[str], None] | None = None, message_id: int | None = None
+    ) -> Reply:
+        """Another reply to the user turn the latest reply answered (see module doc).
+        ``message_id``: the reply the user asked to retry (a Discord reaction), refused
+        unless it is the latest one."""
+        if message_id is not None and message_id not in self.bot_message_ids[-1:]:
+            raise InvalidInput("only the latest reply of a conversation can be retried")
+        if not self.history or self.history[-1].role != "bot":
+            raise NotFound(
+                "no reply to retry yet"
+                if not any(t.role == "bot" for t in self.history)
+                else "your last message has no reply to retry; send it again"
+            )
+        if self.conversation_id is not None and self.store.conversation_ended(self.conversation_id):
+            raise InvalidInput("this conversation has ended; say something to start a new one")
+        policy = self.policy_source()
+        self.notice = None
+        conversation = None if self.opted_out else self.conversation_id
+        replaced = self.bot_message_ids[-1] if conversation is not None else None
+        old = self.history.pop()
+        try:
+            return self._generate(
+                policy, conversation, on_text, replaces=replaced, saved="the last reply stays"
+            )
+        finally:
+            if not self.history or self.history[-1].role != "bot":
+                self.history.append(old)  # nothing came of it: the old reply stays
+
+    def _generate(
+        self,
+        policy: Policy,
+        conversation: int | None,
+        on_text: Callable[[str], None] | None,
+        replaces: int | None = None,
+        saved: str = "your message was saved",
+    ) -> Reply:
+        """Generate a reply to the history, stream it, log it (see module doc)."""
         pieces: list[str] = []
         finish: dict = {}
         try:
@@ -129,16 +173,20 @@ class Session:
                 if on_text:
                     on_text(piece)
         except KeyboardInterrupt:
-            self._finish(policy, conversation, pieces, interrupted=True)
+            self._finish(policy, conversation, pieces, interrupted=True, replaces=replaces)
             raise
         except Exception as e:
             log.exception("generation failed")
             raise GenerationError(
-                f"the model failed to reply ({type(e).__name__}: {e}); "
-                "your message was saved, try again"
+                f"the model failed to reply ({type(e).__name__}: {e}); {saved}, try again"
             ) from None
         return self._finish(
-            policy, conversation, pieces, interrupted=False, cut=finish.get("cut", False)
+            policy,
+            conversation,
+            pieces,
+            interrupted=False,
+            cut=finish.get("cut", False),
+            replaces=replaces,
         )
 
     def _finish(
@@ -149,6 +197,7 @@ class Session:
         *,
         interrupted: bool,
         cut: bool = False,
+        replaces: int | None = None,
     ) -> Reply:
         reply = clean_reply("".join(pieces))
         if not reply:
@@ -168,7 +217,10 @@ class Session:
                 reply,
                 model_version=policy.version,
                 generation=generation,
+                replaces=replaces,
             )
+            if replaces is not None:
+                self.bot_message_ids.remove(replaces)
             self.bot_message_ids.append(message_id)
         self.history.append(Turn("bot", reply))
         return Reply(reply, message_id, policy.version, interrupted, cut)

@@ -84,6 +84,7 @@ class Message:
     created: str
     model_version: str | None
     generation: dict[str, Any] | None
+    replaced_by: int | None = None  # the reply that replaced this one (a retry)
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Message:
@@ -282,12 +283,15 @@ class Store(LearningData):
         author: str | None = None,
         model_version: str | None = None,
         generation: dict[str, Any] | None = None,
+        replaces: int | None = None,
     ) -> int:
         """Append a turn to a conversation and commit it; return the message id.
 
         ``user_id`` defaults to the conversation's user (for a bot turn: the user it
         answers). ``author`` defaults to ``person`` for user turns and ``model`` for bot
-        turns; imported corpora pass ``person`` for their "bot" side.
+        turns; imported corpora pass ``person`` for their "bot" side. ``replaces``: a
+        retry, the id of the conversation's latest message, a bot turn, which is marked
+        replaced by the new one in the same transaction.
         """
         if role not in ROLES:
             raise InvalidInput(f"role must be one of {', '.join(ROLES)}, got {role!r}")
@@ -311,6 +315,8 @@ class Store(LearningData):
                 "SELECT COALESCE(MAX(turn_index) + 1, 0) FROM messages WHERE conversation_id = ?",
                 [conversation_id],
             ).fetchone()
+            if replaces is not None:
+                _check_replaceable(db, replaces, conversation_id, turn_index, role)
             cursor = db.execute(
                 "INSERT INTO messages (conversation_id, turn_index, role, author, user_id, "
                 "text, created, model_version, generation) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -326,6 +332,10 @@ class Store(LearningData):
                     generation_json,
                 ],
             )
+            if replaces is not None:
+                db.execute(
+                    "UPDATE messages SET replaced_by = ? WHERE id = ?", [cursor.lastrowid, replaces]
+                )
             return int(cursor.lastrowid)
 
     def message(self, message_id: int) -> Message:
@@ -427,6 +437,22 @@ class Store(LearningData):
                 raise StoreError(_explain(e, str(destination))) from None
         os.replace(tmp, destination)
         return destination
+
+
+def _check_replaceable(
+    db: Database, message_id: int, conversation_id: int, turn_index: int, role: str
+):
+    """A retry replaces the latest turn of its conversation, a bot turn, with a bot turn."""
+    row = db.execute(
+        "SELECT conversation_id, turn_index, role, replaced_by FROM messages WHERE id = ?",
+        [message_id],
+    ).fetchone()
+    if row is None:
+        raise NotFound(f"no message {message_id} to replace")
+    if role != "bot" or row[2] != "bot" or row[3] is not None:
+        raise InvalidInput(f"message {message_id} is not a reply that can be retried")
+    if row[0] != conversation_id or row[1] != turn_index - 1:
+        raise InvalidInput("only the latest reply of a conversation can be retried")
 
 
 def _load_key(db_path: str) -> bytes:

@@ -22,11 +22,12 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from bot.errors import RapportError
-from bot.session import CUT_MARK, Session
+from bot.session import CUT_MARK, Reply, Session
 
 HELP = """\
 /up [N]     thumbs up the last reply (or the Nth-last)
 /down [N]   thumbs down the last reply (or the Nth-last)
+/retry      another reply instead of the last one (both are saved)
 /new        start a new conversation
 /model      show which model version is answering
 /optout     stop logging your messages   /optin  allow it again
@@ -36,7 +37,8 @@ HELP = """\
 
 GREETING = """\
 Hi! I'm rapport, a chat bot that learns from how people react.
-Rate my replies with /up or /down (/up 3 rates the 3rd-last); /help lists commands.
+Rate my replies with /up or /down (/up 3 rates the 3rd-last), or ask for another with
+/retry; /help lists commands.
 Your messages are saved to improve the bot; /optout stops that, /forget deletes them."""
 
 
@@ -78,15 +80,19 @@ class Terminal:
             self.chat(line[1:] if line.startswith("//") else line)
 
     def chat(self, text: str) -> None:
+        self.show_reply(lambda on_text: self.session.respond(text, on_text=on_text))
+
+    def show_reply(self, generate: Callable[[Callable[[str], None] | None], Reply]) -> None:
+        """Run ``generate(on_text)`` (a reply or a retry) and show the reply: streamed
+        when interactive, one line when piped; errors are one line."""
         streamed = self.interactive
         if streamed:
             print("\x1b[36mrapport ›\x1b[0m ", end="", file=self.out, flush=True)
         try:
-            reply = self.session.respond(
-                text,
-                on_text=(lambda piece: print(piece, end="", file=self.out, flush=True))
+            reply = generate(
+                (lambda piece: print(piece, end="", file=self.out, flush=True))
                 if streamed
-                else None,
+                else None
             )
         except KeyboardInterrupt:
             self.say(" [stopped]", "2")
@@ -116,6 +122,11 @@ class Terminal:
                 self.session.vote(value, back)
                 which = "last reply" if back == 1 else f"reply {back} back"
                 self.say(f"voted {'👍' if value > 0 else '👎'} on the {which}")
+            elif name == "/retry":
+                if args:
+                    self.say("/retry takes no arguments: it replaces the last reply")
+                    return None
+                self.show_reply(lambda on_text: self.session.retry(on_text=on_text))
             elif name == "/new":
                 self.session.new_conversation()
                 self.say("(new conversation)")

@@ -15,6 +15,7 @@ from rewards.manual_vote import manual_vote
 from rewards.user_continued import user_continued
 from rewards.user_laughter import user_laughter
 from rewards.user_reply_length import user_reply_length
+from rewards.user_retry import user_retry
 from rewards.user_sentiment import user_sentiment
 from rewards.user_sentiment_transition import user_sentiment_transition
 from rewards.word_similarity import word_similarity
@@ -25,6 +26,7 @@ SIGNALS = (
     user_laughter,
     user_reply_length,
     user_continued,
+    user_retry,
     bot_question,
     bot_sentiment,
     bot_repetition,
@@ -35,7 +37,9 @@ SIGNALS = (
 SIGNAL_NAMES = tuple(signal.__name__ for signal in SIGNALS)
 COMBINED = "combined"
 # Bump when any signal's definition changes: scores of an older version are redone.
-SCORER_VERSION = "2"  # 2: bot_question by syntax, more laughter, user_continued (issue 14)
+# 2: bot_question by syntax, more laughter, user_continued (issue 14)
+# 3: user_retry, and retried replies leave the conversation's path (issue 14)
+SCORER_VERSION = "3"
 
 
 def score_contexts(contexts) -> dict[str, list[float]]:

@@ -22,6 +22,7 @@ from rewards.suite import SIGNALS
 from rewards.user_continued import user_continued
 from rewards.user_laughter import user_laughter
 from rewards.user_reply_length import user_reply_length
+from rewards.user_retry import user_retry
 from rewards.user_sentiment import user_sentiment
 from rewards.user_sentiment_transition import user_sentiment_transition
 from rewards.word_similarity import word_similarity
@@ -34,6 +35,7 @@ ODD_CONTEXTS = [
     Context(bot="¿Cómo estás hoy?", prev_user="Hola amigo", next_user="jajaja muy bien"),
     Context(bot="今日は何をしましたか？", prev_user="こんにちは", next_user="wwww 楽しかった"),
     Context(bot="Hi there!"),  # end of conversation: no user reply, no prompt
+    Context(bot="Hi there!", prev_user="hello", replaced=True),  # retried: no reply
 ]
 
 
@@ -89,7 +91,7 @@ class TestOpenVinoBackend:
 
 def test_signal_names_are_stable_and_unique():
     names = [s.__name__ for s in SIGNALS]
-    assert len(set(names)) == len(names) == 11
+    assert len(set(names)) == len(names) == 12
 
 
 class TestUserLaughter:
@@ -318,6 +320,21 @@ class TestEngagement:
             [Context("x", next_user="ok", user_turns_after=n) for n in (1, 5)] + [Context("x")]
         )
         assert values == [1.0, 1.0, 0.0]
+
+
+class TestUserRetry:
+    def test_one_on_a_retried_reply_only(self):
+        """The replaced reply carries the retry, whatever its text; the reply kept after
+        it, one the user answered and one at the end of a conversation do not."""
+        values = user_retry(
+            [
+                Context("Sure! 😂", prev_user="joke please", replaced=True),
+                Context("", replaced=True),
+                Context("x", prev_user="joke please", next_user="haha"),
+                Context("x"),
+            ]
+        )
+        assert values == [1.0, 1.0, 0.0, 0.0]
 
 
 class TestManualVote:

@@ -294,3 +294,47 @@ def test_report_without_scores_is_one_line(rapport_home, tmp_path):
         result.stderr.strip()
         == "rapport: error: no scored bot turns yet: run `rapport score` first"
     )
+
+
+def test_a_retried_reply_gets_user_retry_and_leaves_the_path(store):
+    """A retry in a live chat: the replaced reply is scored at once (the retry was the
+    user's answer: user_retry 1, no reply), the kept one answers the same user turn and
+    is followed by the user's reply; neither sees the replaced one as an earlier turn."""
+    user = store.ensure_user("terminal", "ann")
+    conv = store.start_conversation(user, "terminal")
+    store.add_message(conv, "user", "any plans for the weekend?")
+    replaced = store.add_message(conv, "bot", "The stock market fell today.")
+    store.vote(replaced, user, -1)
+    kept = store.add_message(conv, "bot", "Hiking, I hope! You?", replaces=replaced)
+    store.add_message(conv, "user", "haha same, hiking")
+    last = store.add_message(conv, "bot", "Where do you hike?")
+    pairs = {t["id"]: c for t, c in contexts_of(store.conversation_turns([conv])[conv])}
+    assert set(pairs) == {replaced, kept}  # the last turn waits for the user's answer
+    assert pairs[replaced].replaced and pairs[replaced].next_user is None
+    assert pairs[replaced].prev_user == "any plans for the weekend?"
+    assert pairs[kept].prev_user == "any plans for the weekend?"
+    assert pairs[kept].next_user == "haha same, hiking" and pairs[kept].earlier_bot == ()
+
+    score_store(store, Config())
+    assert store.rewards(replaced)["user_retry"] == 1.0
+    assert store.rewards(replaced)["manual_vote"] == -1.0  # its vote stayed on it
+    assert store.rewards(kept)["user_retry"] == 0.0
+    assert store.rewards(replaced)["combined"] < store.rewards(kept)["combined"]
+    store.end_conversation(conv, "quit")
+    score_store(store, Config())
+    assert store.rewards(last)["user_retry"] == 0.0
+    path = store.training_conversations()[0]["turns"]
+    assert [t["id"] for t in path if t["role"] == "bot"] == [kept, last]
+
+
+def test_only_the_latest_reply_can_be_replaced(store):
+    from bot.errors import InvalidInput
+
+    user = store.ensure_user("terminal", "ann")
+    conv = store.start_conversation(user, "terminal")
+    store.add_message(conv, "user", "hi")
+    old = store.add_message(conv, "bot", "hello")
+    store.add_message(conv, "user", "how are you?")
+    with pytest.raises(InvalidInput, match="only the latest reply"):
+        store.add_message(conv, "bot", "fine", replaces=old)
+    assert store.counts()["messages"] == 3
