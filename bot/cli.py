@@ -794,13 +794,14 @@ def report_eval(config: Config, results: str, out: str | None) -> None:
 )
 @click.pass_obj
 def report_rewards(config: Config, out: str | None) -> None:
-    """Distributions, correlations, agreement with votes, and examples per signal."""
+    """Distributions, correlations, agreement with votes, ratings, examples per signal."""
 
-    from rewards.report import write_report
+    from rewards.report import ratings_summary, write_report
 
     folder = Path(out) if out else rapport_home() / "reports" / "rewards"
     with open_store(config) as store:
         index = write_report(store, folder)
+        click.echo(f"ratings: {ratings_summary(store)}")
     click.echo(f"wrote {index}")
 
 

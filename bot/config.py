@@ -159,7 +159,8 @@ class WeightsConfig:
     exploit questions, so they never dominate); explicit votes 2, because a person said
     so; repetition 1, since it is a penalty (more repetition, lower value). A retry is as
     explicit as a 👎, so user_retry weighs -2: the signal is 1 on a retried reply, and
-    the negative weight makes it a penalty.
+    the negative weight makes it a penalty. user_rating weighs 0 until ratings are
+    common enough to trust (see its module).
     """
 
     user_sentiment: float = _help("Weight of user_sentiment.", 1.0)
@@ -169,6 +170,11 @@ class WeightsConfig:
     user_continued: float = _help("Weight of user_continued (the user replied, per turn).", 0.5)
     user_retry: float = _help(
         "Weight of user_retry (1 on a reply the user retried): negative, a penalty.", -2.0
+    )
+    user_rating: float = _help(
+        "Weight of user_rating (the end-of-chat rating, on the last bot turn); 0 until "
+        "ratings are common and agree with the other signals (rewards/user_rating.py).",
+        0.0,
     )
     bot_question: float = _help("Weight of bot_question.", 0.5)
     bot_sentiment: float = _help("Weight of bot_sentiment.", 0.5)

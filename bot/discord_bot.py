@@ -22,8 +22,9 @@ Design
   logged, and a vote on the old one's messages still lands on the old one. 🔁 on an
   older reply gets one line saying only the latest can be retried; 🔁 from someone with
   no conversation here (another user's reply, or one from before a restart) is ignored.
-- Slash commands /new, /forget, /optout, /optin, /about answer ephemerally; those that
-  touch the database defer first, so Discord's 3-second limit is never hit.
+- Slash commands /new, /forget, /optout, /optin, /about and /rate (1-5 on five
+  questions, checked by Discord itself) answer ephemerally; those that touch the
+  database defer first, so Discord's 3-second limit is never hit.
 - The token comes from DISCORD_TOKEN or the configured file only, and is never printed
   or logged; a missing or rejected token is one line.
 """
@@ -43,7 +44,7 @@ from discord import app_commands
 
 from bot.config import DiscordConfig
 from bot.errors import RapportError
-from bot.session import Reply, Session
+from bot.session import RATING_PROMPTS, Reply, Session
 from bot.store import Store
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ PLATFORM = "discord"
 LIMIT = 2000
 VOTES = {"👍": 1, "👎": -1}
 RETRY = "🔁"
+RatingAnswer = app_commands.Range[int, 1, 5]  # Discord refuses anything else
 ABOUT = (
     "I'm rapport, a chat bot that learns what people enjoy from how they react. "
     "I log our messages, your 👍/👎/🔁 reactions and which model version answered, under a "
@@ -314,7 +316,36 @@ def register_commands(client) -> None:
         version = (await asyncio.to_thread(client.policy_source)).version
         await interaction.followup.send(ABOUT.format(version=version), ephemeral=True)
 
-    client.commands_by_name = {c.name: c for c in (new, forget, optout, optin, about)}
+    @client.tree.command(name="rate", description="Rate our conversation, 1 (poor) to 5 (great).")
+    @app_commands.describe(**RATING_PROMPTS)
+    async def rate(
+        interaction: discord.Interaction,
+        overall: RatingAnswer,
+        fluency: RatingAnswer,
+        diversity: RatingAnswer,
+        relatedness: RatingAnswer,
+        empathy: RatingAnswer,
+    ) -> None:
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        session = await session_for(interaction)
+        answers = dict(
+            overall=overall,
+            fluency=fluency,
+            diversity=diversity,
+            relatedness=relatedness,
+            empathy=empathy,
+        )
+        try:
+            replaced = await asyncio.to_thread(session.rate, answers)
+        except RapportError as e:
+            await interaction.followup.send(f"Not rated: {e}", ephemeral=True)
+            return
+        await interaction.followup.send(
+            "Thanks for rating!" + (" (This replaces your earlier rating.)" if replaced else ""),
+            ephemeral=True,
+        )
+
+    client.commands_by_name = {c.name: c for c in (new, forget, optout, optin, about, rate)}
 
 
 class RapportClient(RapportHandlers, discord.Client):

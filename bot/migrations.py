@@ -15,6 +15,7 @@ Tables (DESIGN.md, "Storage"):
   retried names the reply that replaced it (``replaced_by``).
 - ``votes``: +1/-1 by one user on one bot message; a later vote replaces the earlier.
 - ``rewards``: one value per (message, reward name) with the scorer version.
+- ``ratings``: one end-of-chat rating set (1-5 per question) per conversation.
 - ``models``, ``training_runs``: model versions and the runs that made them.
 """
 
@@ -230,3 +231,32 @@ def m009_retries(db: Database) -> None:
     # that replaced it; the conversation as the bot and the learner see it is the turns
     # no reply replaced. (kept, replaced) is a preference pair.
     db["messages"].add_column("replaced_by", int, fk="messages", fk_col="id")
+
+
+@migrations()
+def m010_ratings(db: Database) -> None:
+    # End-of-chat ratings, 1-5, on the questions of the human evaluation of Jaques et al.
+    # 2019; one set per conversation (a second rating replaces the first).
+    db["ratings"].create(
+        {
+            "conversation_id": int,
+            "user_id": str,
+            "overall": int,
+            "fluency": int,
+            "diversity": int,
+            "relatedness": int,
+            "empathy": int,
+            "created": str,
+        },
+        pk="conversation_id",
+        not_null={
+            "user_id",
+            "overall",
+            "fluency",
+            "diversity",
+            "relatedness",
+            "empathy",
+            "created",
+        },
+        foreign_keys=[("conversation_id", "conversations", "id"), ("user_id", "users", "id")],
+    )

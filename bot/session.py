@@ -19,6 +19,10 @@ history the model sees, and it is the only caller of the store for chat:
   fails or is stopped before any text, the old reply stays the conversation's.
 - Votes go on the bot's own replies: ``vote(value, back=1)`` is the last reply,
   ``back=3`` the third-last; ``vote_message`` takes a message id (Discord reactions).
+- ``rate(answers)`` stores the user's end-of-chat rating (1-5 on each of
+  :data:`RATING_PROMPTS`' questions) of the conversation, or of the one that just ended
+  (``/rate`` right after ``/new`` rates the finished chat); a second one replaces it.
+  :func:`parse_rating` turns typed answers into one, or a one-line error.
 - Opt-out: an opted-out user still gets replies, but nothing of theirs is written, and
   they are told so once per conversation (``notice``).
 - The policy comes from a ``policy_source`` callable, asked once per reply, so a
@@ -36,6 +40,7 @@ from bot.errors import InvalidInput, NotFound
 from bot.policy import GenerationError, Policy, clean_reply
 from bot.prompt import Turn
 from bot.store import Store, clean_text
+from bot.store_ratings import RATING_QUESTIONS
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +48,32 @@ CUT_MARK = " […]"
 OPTED_OUT_NOTICE = (
     "You opted out of logging: this conversation is not saved. /optin allows it again."
 )
+
+
+# The questions of the end-of-chat rating, as people are asked them (1-5 each).
+RATING_PROMPTS = {
+    "overall": "Overall, how good was this conversation?",
+    "fluency": "How fluent and natural were my replies?",
+    "diversity": "How varied were my replies (not repeating myself)?",
+    "relatedness": "How well did my replies relate to what you said?",
+    "empathy": "How well did I understand how you felt?",
+}
+assert tuple(RATING_PROMPTS) == RATING_QUESTIONS
+
+
+def parse_rating(answers: list[str]) -> dict[str, int]:
+    """Typed answers, one a question in order, as a rating; a one-line error otherwise.
+
+    >>> parse_rating("4 5 3 4 4".split())["empathy"]
+    4
+    """
+    how = f"five whole numbers 1-5, for {', '.join(RATING_QUESTIONS)} (e.g. 4 5 3 4 4)"
+    if len(answers) != len(RATING_QUESTIONS):
+        raise InvalidInput(f"a rating is {how}; got {len(answers)}")
+    bad = [a for a in answers if not (a.strip().isdigit() and 1 <= int(a) <= 5)]
+    if bad:
+        raise InvalidInput(f"{bad[0].strip() or 'nothing'!r} is not a rating: give {how}")
+    return {q: int(a) for q, a in zip(RATING_QUESTIONS, answers, strict=True)}
 
 
 @dataclass
@@ -69,6 +100,7 @@ class Session:
     channel: str = ""
     user_id: str = field(init=False)
     conversation_id: int | None = field(init=False, default=None)
+    previous_conversation_id: int | None = field(init=False, default=None)  # for /rate
     history: list[Turn] = field(init=False, default_factory=list)
     bot_message_ids: list[int] = field(init=False, default_factory=list)
     notice: str | None = field(init=False, default=None)
@@ -87,6 +119,8 @@ class Session:
         """End the logged conversation (``reason``: new, idle, ...) and forget the turn
         history; the next message starts a new logged conversation."""
         self.end(reason)
+        if self.conversation_id is not None:
+            self.previous_conversation_id = self.conversation_id
         self.conversation_id = None
         self.history = []
         self.bot_message_ids = []
@@ -247,10 +281,21 @@ class Session:
     def vote_message(self, message_id: int, value: int) -> None:
         self.store.vote(message_id, self.user_id, value)
 
+    def rate(self, answers: dict[str, int]) -> bool:
+        """Rate this conversation, or the one that just ended (see module doc); return
+        whether it replaced an earlier rating."""
+        if self.opted_out:
+            raise InvalidInput("you opted out of logging, so ratings are not recorded")
+        conversation = self.conversation_id or self.previous_conversation_id
+        if conversation is None:
+            raise NotFound("no conversation to rate yet; chat first")
+        return self.store.rate(conversation, self.user_id, answers)
+
     def forget_me(self) -> dict[str, int]:
         """Delete everything this user ever said or voted, then start afresh."""
         deleted = self.store.forget(self.user_id)
         self.new_conversation()
+        self.previous_conversation_id = None  # forgotten: nothing left to rate
         self.user_id = self.store.ensure_user(self.platform, self.platform_user_id)
         return deleted
 

@@ -43,6 +43,7 @@ from sqlite_utils import Database
 from bot.errors import InvalidInput, NotFound, OptedOut, StoreError
 from bot.migrations import migrations
 from bot.store_data import LearningData, now
+from bot.store_ratings import Ratings
 
 ROLES = ("user", "bot")
 AUTHORS = ("person", "model")
@@ -51,6 +52,7 @@ TABLES = (
     "conversations",
     "messages",
     "votes",
+    "ratings",
     "rewards",
     "scoring",
     "reward_stats",
@@ -92,7 +94,7 @@ class Message:
         return cls(**{**row, "generation": generation})
 
 
-class Store(LearningData):
+class Store(LearningData, Ratings):
     """Open (creating and migrating if needed) the database at ``path``.
 
     ``path`` may be ``":memory:"`` for tests. ``key`` is the pseudonym key; by default it
@@ -235,6 +237,11 @@ class Store(LearningData):
                 ),
                 "votes": db.execute(
                     f"DELETE FROM votes WHERE user_id = :u OR message_id IN {gone}", params
+                ),
+                "ratings": db.execute(
+                    "DELETE FROM ratings WHERE user_id = :u OR conversation_id IN "
+                    "(SELECT id FROM conversations WHERE user_id = :u)",
+                    params,
                 ),
                 "messages": db.execute(f"DELETE FROM messages WHERE id IN {gone}", params),
                 "conversations": db.execute("DELETE FROM conversations WHERE user_id = :u", params),

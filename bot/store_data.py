@@ -318,7 +318,8 @@ class LearningData:
 
     def conversation_turns(self, conversation_ids: list[int]) -> dict[int, list[dict]]:
         """The messages of several conversations, in order, replaced replies too (with
-        ``replaced_by``), each with its votes and the fingerprint the scorer records:
+        ``replaced_by``), each with its votes, its conversation's ``rating`` (the
+        answers, () if unrated) and the fingerprint the scorer records:
         {conversation id: [message dicts]}."""
         if not conversation_ids:
             return {}
@@ -326,7 +327,7 @@ class LearningData:
         rows = self._read(
             f"""
             SELECT m.id, m.conversation_id, m.turn_index, m.role, m.author, m.text,
-                m.replaced_by,
+                m.replaced_by, {RATING} AS rating,
                 (SELECT GROUP_CONCAT(value) FROM votes v WHERE v.message_id = m.id) AS votes,
                 {FINGERPRINT} AS fingerprint, {ENDED} AS ended
             FROM messages m WHERE m.conversation_id IN ({marks})
@@ -337,6 +338,7 @@ class LearningData:
         turns: dict[int, list[dict]] = {cid: [] for cid in conversation_ids}
         for row in rows:
             row["votes"] = tuple(int(v) for v in row["votes"].split(",")) if row["votes"] else ()
+            row["rating"] = tuple(int(v) for v in row["rating"].split(",")) if row["rating"] else ()
             turns[row["conversation_id"]].append(row)
         return turns
 
@@ -512,12 +514,17 @@ class LearningData:
 
 # Whether the conversation of ``messages m`` has ended (1) or is live (0).
 ENDED = "(SELECT c.ended IS NOT NULL FROM conversations c WHERE c.id = m.conversation_id)"
-# A bot turn's surroundings, as SQL over ``messages m``: the conversation's length and
-# end, and the turn's votes. Stored when the turn is scored; any change: score it again.
+# The conversation's end-of-chat rating answers, comma-separated (NULL if unrated).
+RATING = """(SELECT overall || ',' || fluency || ',' || diversity || ',' || relatedness
+    || ',' || empathy FROM ratings g WHERE g.conversation_id = m.conversation_id)"""
+# A bot turn's surroundings, as SQL over ``messages m``: the conversation's length, end
+# and rating, and the turn's votes. Stored when the turn is scored; any change: score
+# it again.
 FINGERPRINT = f"""(
     (SELECT COUNT(*) FROM messages x WHERE x.conversation_id = m.conversation_id) || ':' ||
     (SELECT COUNT(*) || ',' || COALESCE(SUM(value), 0) || ',' || COALESCE(MAX(created), '')
-     FROM votes v WHERE v.message_id = m.id) || ':' || {ENDED})"""
+     FROM votes v WHERE v.message_id = m.id) || ':' || {ENDED} || ':' ||
+    COALESCE((SELECT created FROM ratings g WHERE g.conversation_id = m.conversation_id), ''))"""
 
 
 @dataclass(frozen=True)

@@ -22,12 +22,13 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from bot.errors import RapportError
-from bot.session import CUT_MARK, Reply, Session
+from bot.session import CUT_MARK, RATING_PROMPTS, Reply, Session, parse_rating
 
 HELP = """\
 /up [N]     thumbs up the last reply (or the Nth-last)
 /down [N]   thumbs down the last reply (or the Nth-last)
 /retry      another reply instead of the last one (both are saved)
+/rate       rate this conversation 1-5 on five questions (or /rate 4 5 3 4 4)
 /new        start a new conversation
 /model      show which model version is answering
 /optout     stop logging your messages   /optin  allow it again
@@ -127,6 +128,8 @@ class Terminal:
                     self.say("/retry takes no arguments: it replaces the last reply")
                     return None
                 self.show_reply(lambda on_text: self.session.retry(on_text=on_text))
+            elif name == "/rate":
+                self.rate(args)
             elif name == "/new":
                 self.session.new_conversation()
                 self.say("(new conversation)")
@@ -155,6 +158,20 @@ class Terminal:
         except RapportError as e:
             self.say(f"rapport: {e}", "31")
         return None
+
+    def rate(self, args: list[str]) -> None:
+        """/rate: five answers on the line, or (interactive) one question at a time."""
+        if not args and self.interactive:
+            self.say("Rate this conversation, 1 (poor) to 5 (great):", "2")
+            try:
+                args = [self.read_line(f"{prompt} ") for prompt in RATING_PROMPTS.values()]
+            except (EOFError, KeyboardInterrupt):
+                self.say("\n(not rated)", "2")
+                return
+        answers = parse_rating(args)
+        replaced = self.session.rate(answers)
+        said = ", ".join(f"{q} {v}" for q, v in answers.items())
+        self.say(f"rated: {said}" + (" (replaces your earlier rating)" if replaced else ""))
 
 
 def run_terminal(session: Session, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout) -> None:

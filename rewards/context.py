@@ -15,7 +15,9 @@ class Context:
     ``user_turns_after`` how many user turns follow in the conversation,
     ``votes`` the explicit +1/-1 votes on this bot turn, and ``replaced`` whether the
     user asked for another reply instead of this one (a retry: the conversation went on
-    from the new reply, so this one has no ``next_user``).
+    from the new reply, so this one has no ``next_user``), and ``rating`` the user's
+    end-of-chat rating answers (1-5 each) on the conversation's last bot turn, () on
+    every other turn and when the conversation is not rated.
     """
 
     bot: str
@@ -25,3 +27,4 @@ class Context:
     user_turns_after: int = 0
     votes: tuple[int, ...] = field(default=())
     replaced: bool = False
+    rating: tuple[int, ...] = ()

@@ -45,9 +45,11 @@ def contexts_of(turns: list[dict]) -> list[tuple[dict, Context]]:
 
     A reply a retry replaced (``replaced_by`` set) is off the conversation's path: it is
     scored at once (the retry was the user's answer to it), with the user turn it
-    answered and no reply; the turns around it see the path only, as the bot did."""
+    answered and no reply; the turns around it see the path only, as the bot did. The
+    conversation's end-of-chat rating goes with its last bot turn on the path."""
     path = [t for t in turns if not t.get("replaced_by")]
     position = {t["id"]: k for k, t in enumerate(path)}
+    last_bot = next((t["id"] for t in reversed(path) if t["role"] == "bot"), None)
     ended = all(bool(t.get("ended", True)) for t in turns)
     out = []
     earlier_bot: list[str] = []
@@ -74,6 +76,7 @@ def contexts_of(turns: list[dict]) -> list[tuple[dict, Context]]:
             user_turns_after=sum(t["role"] == "user" for t in rest),
             votes=turn["votes"],
             replaced=replaced,
+            rating=tuple(turn.get("rating") or ()) if turn["id"] == last_bot else (),
         )
         out.append((turn, context))
         if not replaced:

@@ -14,6 +14,7 @@ from rewards.embedding_similarity import embedding_similarity
 from rewards.manual_vote import manual_vote
 from rewards.user_continued import user_continued
 from rewards.user_laughter import user_laughter
+from rewards.user_rating import user_rating
 from rewards.user_reply_length import user_reply_length
 from rewards.user_retry import user_retry
 from rewards.user_sentiment import user_sentiment
@@ -27,6 +28,7 @@ SIGNALS = (
     user_reply_length,
     user_continued,
     user_retry,
+    user_rating,
     bot_question,
     bot_sentiment,
     bot_repetition,
@@ -39,7 +41,8 @@ COMBINED = "combined"
 # Bump when any signal's definition changes: scores of an older version are redone.
 # 2: bot_question by syntax, more laughter, user_continued (issue 14)
 # 3: user_retry, and retried replies leave the conversation's path (issue 14)
-SCORER_VERSION = "3"
+# 4: user_rating (end-of-chat ratings), and a rating rescores its conversation
+SCORER_VERSION = "4"
 
 
 def score_contexts(contexts) -> dict[str, list[float]]:

@@ -370,3 +370,32 @@ def test_a_retry_reaction_sends_a_new_reply_and_logs_both(store):
         "you too",
         "Nice!",
     ]
+
+
+def test_slash_rate_stores_one_rating_per_conversation_and_says_so(store):
+    client = client_for(store, ScriptedPolicy())
+    channel, user = fake_channel(dm=True), fake_user()
+    rate = client.commands_by_name["rate"]
+    assert [p.name for p in rate.parameters] == [
+        "overall", "fluency", "diversity", "relatedness", "empathy"
+    ]  # fmt: skip
+    assert {(p.min_value, p.max_value) for p in rate.parameters} == {(1, 5)}  # Discord checks
+
+    interaction = fake_interaction(user, channel)
+    asyncio.run(rate.callback(interaction, 4, 5, 3, 4, 4))
+    assert interaction.followup.send.await_args.args[0] == (
+        "Not rated: no conversation to rate yet; chat first"
+    )
+    asyncio.run(client.on_message(fake_message("hi", user, channel)))
+    for answers in ((4, 5, 3, 4, 4), (2, 3, 3, 3, 3)):
+        interaction = fake_interaction(user, channel)
+        asyncio.run(rate.callback(interaction, *answers))
+        interaction.response.defer.assert_awaited_once()
+        assert interaction.followup.send.await_args.kwargs["ephemeral"] is True
+    assert interaction.followup.send.await_args.args[0] == (
+        "Thanks for rating! (This replaces your earlier rating.)"
+    )
+    (conversation,) = [r["id"] for r in store.db["conversations"].rows]
+    assert store.rating(conversation) == dict(
+        overall=2, fluency=3, diversity=3, relatedness=3, empathy=3
+    )

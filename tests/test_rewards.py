@@ -21,6 +21,7 @@ from rewards.manual_vote import manual_vote
 from rewards.suite import SIGNALS
 from rewards.user_continued import user_continued
 from rewards.user_laughter import user_laughter
+from rewards.user_rating import user_rating
 from rewards.user_reply_length import user_reply_length
 from rewards.user_retry import user_retry
 from rewards.user_sentiment import user_sentiment
@@ -36,6 +37,7 @@ ODD_CONTEXTS = [
     Context(bot="今日は何をしましたか？", prev_user="こんにちは", next_user="wwww 楽しかった"),
     Context(bot="Hi there!"),  # end of conversation: no user reply, no prompt
     Context(bot="Hi there!", prev_user="hello", replaced=True),  # retried: no reply
+    Context(bot="Bye!", prev_user="see you", rating=(5, 4, 3, 2, 1)),  # the rated last turn
 ]
 
 
@@ -91,7 +93,7 @@ class TestOpenVinoBackend:
 
 def test_signal_names_are_stable_and_unique():
     names = [s.__name__ for s in SIGNALS]
-    assert len(set(names)) == len(names) == 12
+    assert len(set(names)) == len(names) == 13
 
 
 class TestUserLaughter:
@@ -335,6 +337,20 @@ class TestUserRetry:
             ]
         )
         assert values == [1.0, 1.0, 0.0, 0.0]
+
+
+class TestUserRating:
+    def test_the_mean_answer_mapped_to_minus_one_to_one_on_rated_turns_only(self):
+        values = user_rating(
+            [
+                Context("x", rating=(5, 5, 5, 5, 5)),
+                Context("x", rating=(1, 1, 1, 1, 1)),
+                Context("x", rating=(3, 4, 2, 3, 3)),
+                Context("x", rating=(4, 5, 4, 5, 4)),
+                Context("x", next_user="lol"),
+            ]
+        )
+        assert values == [1.0, -1.0, 0.0, pytest.approx(0.7), 0.0]
 
 
 class TestManualVote:

@@ -273,13 +273,23 @@ def test_score_killed_midway_then_rerun_scores_each_turn_exactly_once(rapport_ho
 
 def test_report_writes_valid_pngs_and_an_html_page_that_shows_them(rapport_home, tmp_path):
     with Store(rapport_home / "rapport.db") as store:
-        for _ in range(3):
-            chat_log(store)
+        chats = [chat_log(store) for _ in range(3)]
+        user = store.ensure_user("terminal", "ann")
+        for ids, answers in zip(chats, ((4, 5, 3, 4, 4), (2, 4, 2, 3, 5)), strict=False):
+            store.rate(store.message(ids["last"]).conversation_id, user, dict(zip(
+                ("overall", "fluency", "diversity", "relatedness", "empathy"), answers,
+                strict=True,
+            )))  # fmt: skip
         score_store(store, Config())
     out = tmp_path / "report"
     result = run_rapport("report", "rewards", "--out", str(out))
     assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == (
+        "ratings: 2 rated conversations; mean answers: overall 3.00, fluency 4.50, "
+        "diversity 2.50, relatedness 3.50, empathy 4.50"
+    )
     page = (out / "index.html").read_text()
+    assert "<td>fluency</td><td>4.50</td>" in page
     for png in ("distributions.png", "correlations.png", "vote_agreement.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f'src="{png}"' in page
@@ -338,3 +348,26 @@ def test_only_the_latest_reply_can_be_replaced(store):
     with pytest.raises(InvalidInput, match="only the latest reply"):
         store.add_message(conv, "bot", "fine", replaces=old)
     assert store.counts()["messages"] == 3
+
+
+def test_a_rating_scores_the_conversations_last_bot_turn_once_it_arrives(store):
+    """user_rating: (mean answer − 3) / 2 on the last bot turn of the path (not on a
+    retried reply after it, not on earlier turns); a rating after scoring rescores."""
+    ids = chat_log(store)
+    conv = store.message(ids["last"]).conversation_id
+    user = store.ensure_user("terminal", "ann")
+    score_store(store, Config())
+    assert store.rewards(ids["last"])["user_rating"] == 0.0  # not rated yet
+    answers = dict(
+        zip(
+            ("overall", "fluency", "diversity", "relatedness", "empathy"),
+            (5, 5, 4, 5, 4),
+            strict=True,
+        )
+    )
+    store.rate(conv, user, answers)
+    assert store.conversations_to_score(SCORER_VERSION) == [conv]
+    score_store(store, Config())
+    assert store.rewards(ids["last"])["user_rating"] == pytest.approx(0.8)
+    assert store.rewards(ids["liked"])["user_rating"] == 0.0
+    assert store.rewards(ids["disliked"])["user_rating"] == 0.0

@@ -7,7 +7,7 @@ import pytest
 from bot.config import Config
 from bot.errors import InvalidInput, NotFound
 from bot.policy import GenerationError, Policy, Settings
-from bot.session import OPTED_OUT_NOTICE, Session
+from bot.session import OPTED_OUT_NOTICE, Session, parse_rating
 
 
 @pytest.fixture(scope="module")
@@ -285,3 +285,43 @@ def test_retry_when_opted_out_replies_and_logs_nothing(session, store):
     assert reply.text and reply.message_id is None
     assert store.counts()["messages"] == 0
     assert [t.role for t in session.history] == ["user", "bot"]
+
+
+@pytest.mark.parametrize(
+    "typed, message",
+    [
+        (["4", "5", "3", "4", "6"], "'6' is not a rating"),
+        (["4", "5", "3", "4", "0"], "'0' is not a rating"),
+        (["4", "five", "3", "4", "4"], "'five' is not a rating"),
+        (["4", "4.5", "3", "4", "4"], "'4.5' is not a rating"),
+        (["4", "", "3", "4", "4"], "'nothing' is not a rating"),
+        ([], "a rating is five whole numbers 1-5, .* got 0"),
+        (["4", "5"], "got 2"),
+    ],
+)
+def test_a_rating_that_is_not_five_answers_1_to_5_is_one_line_and_not_stored(
+    session, store, typed, message
+):
+    session.respond("hi")
+    with pytest.raises(InvalidInput, match=message) as e:
+        session.rate(parse_rating(typed))
+    assert "\n" not in str(e.value)
+    assert store.counts()["ratings"] == 0
+
+
+def test_one_rating_a_conversation_the_second_replaces_the_first(session, store):
+    with pytest.raises(NotFound, match="no conversation to rate yet"):
+        session.rate(parse_rating("4 4 4 4 4".split()))
+    session.respond("hi")
+    assert session.rate(parse_rating("4 5 3 4 4".split())) is False
+    assert session.rate(parse_rating("2 2 2 2 1".split())) is True
+    first = session.conversation_id
+    assert store.rating(first) == dict(overall=2, fluency=2, diversity=2, relatedness=2, empathy=1)
+    session.new_conversation()  # /rate right after /new rates the chat that ended
+    session.rate(parse_rating("5 5 5 5 5".split()))
+    assert store.rating(first)["overall"] == 5 and store.counts()["ratings"] == 1
+    session.respond("a new chat")
+    session.rate(parse_rating("3 3 3 3 3".split()))
+    assert store.rating(session.conversation_id)["overall"] == 3
+    assert store.counts()["ratings"] == 2
+    assert session.forget_me()["ratings"] == 2

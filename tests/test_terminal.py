@@ -246,3 +246,26 @@ def test_piped_retry_logs_both_replies_and_exports_the_pair(tiny_model_dir, rapp
     assert row["prompt"][-1] == {"role": "user", "content": "hello bot"}
     assert row["chosen"] == [{"role": "assistant", "content": new.text}]
     assert row["rejected"] == [{"role": "assistant", "content": old.text}]
+
+
+def test_piped_rate_validates_and_stores_one_rating_a_conversation(tiny_model_dir, rapport_home):
+    how = "five whole numbers 1-5, for overall, fluency, diversity, relatedness, empathy"
+    lines = ["/rate 4 5 3 4 4", "hi", "/rate 4 5 x 4 4", "/rate", "/rate 4 5 3 4 9"]
+    lines += ["/rate 4 5 3 4 4", "/rate 5 5 5 5 5", "/quit"]
+    result = chat_process(tiny_model_dir, lines)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout.splitlines()
+    assert len(out) == 8, out
+    assert out[0] == "rapport: no conversation to rate yet; chat first"
+    assert out[2] == f"rapport: 'x' is not a rating: give {how} (e.g. 4 5 3 4 4)"
+    assert out[3] == f"rapport: a rating is {how} (e.g. 4 5 3 4 4); got 0"
+    assert out[4] == f"rapport: '9' is not a rating: give {how} (e.g. 4 5 3 4 4)"
+    assert out[5] == "rated: overall 4, fluency 5, diversity 3, relatedness 4, empathy 4"
+    assert out[6] == (
+        "rated: overall 5, fluency 5, diversity 5, relatedness 5, empathy 5 "
+        "(replaces your earlier rating)"
+    )
+    with Store(rapport_home / "rapport.db") as store:
+        (conversation,) = [r["id"] for r in store.db["conversations"].rows]
+        assert store.counts()["ratings"] == 1
+        assert set(store.rating(conversation).values()) == {5}
