@@ -160,7 +160,8 @@ class WeightsConfig:
     so; repetition 1, since it is a penalty (more repetition, lower value). A retry is as
     explicit as a 👎, so user_retry weighs -2: the signal is 1 on a retried reply, and
     the negative weight makes it a penalty. user_rating weighs 0 until ratings are
-    common enough to trust (see its module).
+    common enough to trust (see its module), and so does user_reply_latency, whose sign
+    is unclear (a quick answer, or a long one that took time to type).
     """
 
     user_sentiment: float = _help("Weight of user_sentiment.", 1.0)
@@ -170,6 +171,11 @@ class WeightsConfig:
     user_continued: float = _help("Weight of user_continued (the user replied, per turn).", 0.5)
     user_retry: float = _help(
         "Weight of user_retry (1 on a reply the user retried): negative, a penalty.", -2.0
+    )
+    user_reply_latency: float = _help(
+        "Weight of user_reply_latency (log seconds until the user replied, live chats "
+        "only); 0: which way it points is unclear (rewards/user_reply_latency.py).",
+        0.0,
     )
     user_rating: float = _help(
         "Weight of user_rating (the end-of-chat rating, on the last bot turn); 0 until "

@@ -319,7 +319,8 @@ class LearningData:
     def conversation_turns(self, conversation_ids: list[int]) -> dict[int, list[dict]]:
         """The messages of several conversations, in order, replaced replies too (with
         ``replaced_by``), each with its votes, its conversation's ``rating`` (the
-        answers, () if unrated) and the fingerprint the scorer records:
+        answers, () if unrated), ``created``, ``live`` (a chat, not an imported or
+        simulated log: its times are real) and the fingerprint the scorer records:
         {conversation id: [message dicts]}."""
         if not conversation_ids:
             return {}
@@ -327,7 +328,9 @@ class LearningData:
         rows = self._read(
             f"""
             SELECT m.id, m.conversation_id, m.turn_index, m.role, m.author, m.text,
-                m.replaced_by, {RATING} AS rating,
+                m.replaced_by, m.created, {RATING} AS rating,
+                (SELECT c.external_id IS NULL FROM conversations c
+                 WHERE c.id = m.conversation_id) AS live,
                 (SELECT GROUP_CONCAT(value) FROM votes v WHERE v.message_id = m.id) AS votes,
                 {FINGERPRINT} AS fingerprint, {ENDED} AS ended
             FROM messages m WHERE m.conversation_id IN ({marks})

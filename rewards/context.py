@@ -17,7 +17,8 @@ class Context:
     user asked for another reply instead of this one (a retry: the conversation went on
     from the new reply, so this one has no ``next_user``), and ``rating`` the user's
     end-of-chat rating answers (1-5 each) on the conversation's last bot turn, () on
-    every other turn and when the conversation is not rated.
+    every other turn and when the conversation is not rated; ``reply_seconds`` how long
+    the user took to reply, on live chats only (None otherwise).
     """
 
     bot: str
@@ -28,3 +29,4 @@ class Context:
     votes: tuple[int, ...] = field(default=())
     replaced: bool = False
     rating: tuple[int, ...] = ()
+    reply_seconds: float | None = None

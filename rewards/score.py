@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from datetime import datetime
 from pathlib import Path
 
 from bot.config import Config, rapport_home
@@ -77,11 +78,20 @@ def contexts_of(turns: list[dict]) -> list[tuple[dict, Context]]:
             votes=turn["votes"],
             replaced=replaced,
             rating=tuple(turn.get("rating") or ()) if turn["id"] == last_bot else (),
+            reply_seconds=seconds_between(turn, after) if next_user is not None else None,
         )
         out.append((turn, context))
         if not replaced:
             earlier_bot.append(turn["text"])
     return out
+
+
+def seconds_between(turn: dict, reply: dict) -> float | None:
+    """Seconds from a bot turn to the user's reply, on live chats (None elsewhere)."""
+    if not turn.get("live") or not turn.get("created") or not reply.get("created"):
+        return None
+    delta = datetime.fromisoformat(reply["created"]) - datetime.fromisoformat(turn["created"])
+    return delta.total_seconds()
 
 
 def learned_signal(folder: Path | None = None):

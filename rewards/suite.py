@@ -15,6 +15,7 @@ from rewards.manual_vote import manual_vote
 from rewards.user_continued import user_continued
 from rewards.user_laughter import user_laughter
 from rewards.user_rating import user_rating
+from rewards.user_reply_latency import user_reply_latency
 from rewards.user_reply_length import user_reply_length
 from rewards.user_retry import user_retry
 from rewards.user_sentiment import user_sentiment
@@ -26,6 +27,7 @@ SIGNALS = (
     user_sentiment_transition,
     user_laughter,
     user_reply_length,
+    user_reply_latency,
     user_continued,
     user_retry,
     user_rating,
@@ -42,7 +44,8 @@ COMBINED = "combined"
 # 2: bot_question by syntax, more laughter, user_continued (issue 14)
 # 3: user_retry, and retried replies leave the conversation's path (issue 14)
 # 4: user_rating (end-of-chat ratings), and a rating rescores its conversation
-SCORER_VERSION = "4"
+# 5: user_reply_latency
+SCORER_VERSION = "5"
 
 
 def score_contexts(contexts) -> dict[str, list[float]]:

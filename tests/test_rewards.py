@@ -22,6 +22,7 @@ from rewards.suite import SIGNALS
 from rewards.user_continued import user_continued
 from rewards.user_laughter import user_laughter
 from rewards.user_rating import user_rating
+from rewards.user_reply_latency import user_reply_latency
 from rewards.user_reply_length import user_reply_length
 from rewards.user_retry import user_retry
 from rewards.user_sentiment import user_sentiment
@@ -38,6 +39,7 @@ ODD_CONTEXTS = [
     Context(bot="Hi there!"),  # end of conversation: no user reply, no prompt
     Context(bot="Hi there!", prev_user="hello", replaced=True),  # retried: no reply
     Context(bot="Bye!", prev_user="see you", rating=(5, 4, 3, 2, 1)),  # the rated last turn
+    Context(bot="ok", prev_user="hi", next_user="hey", reply_seconds=-5.0),  # clock skew
 ]
 
 
@@ -93,7 +95,7 @@ class TestOpenVinoBackend:
 
 def test_signal_names_are_stable_and_unique():
     names = [s.__name__ for s in SIGNALS]
-    assert len(set(names)) == len(names) == 13
+    assert len(set(names)) == len(names) == 14
 
 
 class TestUserLaughter:
@@ -337,6 +339,20 @@ class TestUserRetry:
             ]
         )
         assert values == [1.0, 1.0, 0.0, 0.0]
+
+
+class TestUserReplyLatency:
+    def test_log_seconds_clipped_at_ten_minutes_and_zero_without_a_timed_reply(self):
+        values = user_reply_latency(
+            [
+                Context("x", next_user="hi", reply_seconds=9.0),
+                Context("x", next_user="hi", reply_seconds=86_400.0),  # came back next day
+                Context("x", next_user="hi", reply_seconds=-2.0),  # clocks disagree
+                Context("x", next_user="hi"),  # an imported log: no real times
+                Context("x", reply_seconds=None),  # no reply
+            ]
+        )
+        assert values == [pytest.approx(math.log(10)), pytest.approx(math.log(601)), 0.0, 0.0, 0.0]
 
 
 class TestUserRating:

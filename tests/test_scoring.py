@@ -371,3 +371,35 @@ def test_a_rating_scores_the_conversations_last_bot_turn_once_it_arrives(store):
     assert store.rewards(ids["last"])["user_rating"] == pytest.approx(0.8)
     assert store.rewards(ids["liked"])["user_rating"] == 0.0
     assert store.rewards(ids["disliked"])["user_rating"] == 0.0
+
+
+def test_reply_latency_is_read_from_live_chats_only(store):
+    """user_reply_latency: ln(1 + seconds) from the bot turn to the user's reply in a
+    chat; an imported log's timestamps are not answer times, so it scores 0 there."""
+    from bot.store_data import Imported
+
+    ids = chat_log(store)
+    times = {  # the bot turns at 12:00:00, the user's replies 9 and 99 seconds later
+        ids["liked"]: "2026-01-01T12:00:00.000000+00:00",
+        ids["liked"] + 1: "2026-01-01T12:00:09.000000+00:00",
+        ids["disliked"]: "2026-01-01T12:01:00.000000+00:00",
+        ids["disliked"] + 1: "2026-01-01T12:02:39.000000+00:00",
+    }
+    for message_id, created in times.items():
+        store.db.execute("UPDATE messages SET created = ? WHERE id = ?", [created, message_id])
+    store.import_conversations(
+        "chitchat",
+        [
+            Imported(
+                "c1",
+                "bob",
+                (("user", "person", "hi"), ("bot", "person", "yo"), ("user", "person", "ok")),
+            )
+        ],
+    )
+    score_store(store, Config())
+    assert store.rewards(ids["liked"])["user_reply_latency"] == pytest.approx(math.log(10))
+    assert store.rewards(ids["disliked"])["user_reply_latency"] == pytest.approx(math.log(100))
+    assert store.rewards(ids["last"])["user_reply_latency"] == 0.0  # never answered
+    (imported,) = [r[0] for r in store.db.execute("SELECT id FROM messages WHERE text = 'yo'")]
+    assert store.rewards(imported)["user_reply_latency"] == 0.0
