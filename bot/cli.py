@@ -759,7 +759,9 @@ def reward_model_train(config: Config, model: str | None, **options) -> None:
     required=True,
     help="kto | dpo | sft (trl's datasets) | jsonl | parquet (the log, votes and rewards).",
 )
-@click.option("--pairs-from", default="votes", show_default=True, help="dpo: votes | combined.")
+@click.option(
+    "--pairs-from", default="votes", show_default=True, help="kto, dpo: votes | combined | retries."
+)
 @click.option("--platform", default="", help="Only this platform's conversations.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.pass_obj
@@ -821,13 +823,14 @@ def report_eval(config: Config, results: str, out: str | None) -> None:
 )
 @click.pass_obj
 def report_rewards(config: Config, out: str | None) -> None:
-    """Distributions, correlations, agreement with votes, and examples per signal."""
+    """Distributions, correlations, agreement with votes, ratings, examples per signal."""
 
-    from rewards.report import write_report
+    from rewards.report import ratings_summary, write_report
 
     folder = Path(out) if out else rapport_home() / "reports" / "rewards"
     with open_store(config) as store:
         index = write_report(store, folder)
+        click.echo(f"ratings: {ratings_summary(store)}")
     click.echo(f"wrote {index}")
 
 

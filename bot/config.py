@@ -170,7 +170,11 @@ class WeightsConfig:
     (embedding similarity), the signals Jaques et al. 2019 found to track human ratings,
     weigh 1; the engagement and bot-side signals 0.5 (the paper's models learned to
     exploit questions, so they never dominate); explicit votes 2, because a person said
-    so; repetition 1, since it is a penalty (more repetition, lower value).
+    so; repetition 1, since it is a penalty (more repetition, lower value). A retry is as
+    explicit as a 👎, so user_retry weighs -2: the signal is 1 on a retried reply, and
+    the negative weight makes it a penalty. user_rating weighs 0 until ratings are
+    common enough to trust (see its module), and so does user_reply_latency, whose sign
+    is unclear (a quick answer, or a long one that took time to type).
     """
 
     user_sentiment: float = _help("Weight of user_sentiment.", 1.0)
@@ -178,6 +182,19 @@ class WeightsConfig:
     user_laughter: float = _help("Weight of user_laughter.", 1.0)
     user_reply_length: float = _help("Weight of user_reply_length.", 0.5)
     user_continued: float = _help("Weight of user_continued (the user replied, per turn).", 0.5)
+    user_retry: float = _help(
+        "Weight of user_retry (1 on a reply the user retried): negative, a penalty.", -2.0
+    )
+    user_reply_latency: float = _help(
+        "Weight of user_reply_latency (log seconds until the user replied, live chats "
+        "only); 0: which way it points is unclear (rewards/user_reply_latency.py).",
+        0.0,
+    )
+    user_rating: float = _help(
+        "Weight of user_rating (the end-of-chat rating, on the last bot turn); 0 until "
+        "ratings are common and agree with the other signals (rewards/user_rating.py).",
+        0.0,
+    )
     bot_question: float = _help("Weight of bot_question.", 0.5)
     bot_sentiment: float = _help("Weight of bot_sentiment.", 0.5)
     bot_repetition: float = _help("Weight of bot_repetition (a penalty, <= 0).", 1.0)

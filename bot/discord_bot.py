@@ -13,12 +13,18 @@ Design
   per-session lock keeps one user's messages in order.
 - A reply longer than Discord's 2,000 characters is split at paragraph, line, sentence
   or word boundaries and sent as several messages, logged as one bot turn; every part is
-  linked to that turn in the store, so a reaction on any part is a vote. 👍 and 👎 are
-  added to the last part. Reactions are read from the raw events, so messages that are
-  no longer cached count too; removing a reaction withdraws that vote; the bot's own
+  linked to that turn in the store, so a reaction on any part is a vote. 👍, 👎 and 🔁
+  are added to the last part. Reactions are read from the raw events, so messages that
+  are no longer cached count too; removing a reaction withdraws that vote; the bot's own
   reactions, reactions on users' messages and other emoji are not votes.
-- Slash commands /new, /forget, /optout, /optin, /about answer ephemerally; those that
-  touch the database defer first, so Discord's 3-second limit is never hit.
+- 🔁 on the latest reply of one's own live conversation is a retry
+  (:meth:`bot.session.Session.retry`): the new reply is sent to the channel, both are
+  logged, and a vote on the old one's messages still lands on the old one. 🔁 on an
+  older reply gets one line saying only the latest can be retried; 🔁 from someone with
+  no conversation here (another user's reply, or one from before a restart) is ignored.
+- Slash commands /new, /forget, /optout, /optin, /about and /rate (1-5 on five
+  questions, checked by Discord itself) answer ephemerally; those that touch the
+  database defer first, so Discord's 3-second limit is never hit.
 - The token comes from DISCORD_TOKEN or the configured file only, and is never printed
   or logged; a missing or rejected token is one line.
 """
@@ -38,7 +44,7 @@ from discord import app_commands
 
 from bot.config import DiscordConfig
 from bot.errors import RapportError
-from bot.session import Session
+from bot.session import RATING_PROMPTS, Reply, Session
 from bot.store import Store
 
 log = logging.getLogger(__name__)
@@ -46,9 +52,11 @@ log = logging.getLogger(__name__)
 PLATFORM = "discord"
 LIMIT = 2000
 VOTES = {"👍": 1, "👎": -1}
+RETRY = "🔁"
+RatingAnswer = app_commands.Range[int, 1, 5]  # Discord refuses anything else
 ABOUT = (
     "I'm rapport, a chat bot that learns what people enjoy from how they react. "
-    "I log our messages, your 👍/👎 reactions and which model version answered, under a "
+    "I log our messages, your 👍/👎/🔁 reactions and which model version answered, under a "
     "pseudonym (a keyed hash of your Discord id), to retrain myself offline. "
     "/optout stops the logging, /forget deletes everything of yours. Model: {version}."
 )
@@ -106,6 +114,7 @@ class Conversation:
     session: Session
     last_used: float
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    channel: discord.abc.Messageable | None = None  # where it is held (a retry answers there)
 
 
 class RapportHandlers:
@@ -171,6 +180,7 @@ class RapportHandlers:
             await message.reply("You're writing faster than I can think. Give me a minute?")
             return
         conversation = await self.conversation(message.channel.id, message.author.id)
+        conversation.channel = message.channel
         async with conversation.lock:
             try:
                 async with message.channel.typing():
@@ -179,27 +189,40 @@ class RapportHandlers:
                 log.error("reply failed in channel %s: %s", message.channel.id, e)
                 await message.reply(f"Sorry, I couldn't answer that: {e}")
                 return
-            parts = split_message(reply.shown)
-            sent = [await message.reply(parts[0], mention_author=False)]
-            for part in parts[1:]:
-                sent.append(await message.channel.send(part))
-            if reply.message_id is not None:
-                await asyncio.to_thread(
-                    self.store.link_platform_message,
-                    PLATFORM,
-                    [str(m.id) for m in sent],
-                    reply.message_id,
-                )
-                for emoji in VOTES:
-                    await sent[-1].add_reaction(emoji)
-            if conversation.session.notice:
-                await message.channel.send(conversation.session.notice)
+            first = await message.reply(split_message(reply.shown)[0], mention_author=False)
+            await self.deliver(conversation, reply, first)
+
+    async def deliver(
+        self, conversation: Conversation, reply: Reply, first: discord.Message | None = None
+    ) -> None:
+        """Send a reply's parts (``first``: its first part, already sent), link them to the
+        logged turn, add the reaction buttons, and pass on the session's notice."""
+        channel = conversation.channel
+        parts = split_message(reply.shown)
+        sent = [first or await channel.send(parts[0])]
+        for part in parts[1:]:
+            sent.append(await channel.send(part))
+        if reply.message_id is not None:
+            await asyncio.to_thread(
+                self.store.link_platform_message,
+                PLATFORM,
+                [str(m.id) for m in sent],
+                reply.message_id,
+            )
+            for emoji in (*VOTES, RETRY):
+                await sent[-1].add_reaction(emoji)
+        if conversation.session.notice:
+            await channel.send(conversation.session.notice)
 
     # -- votes ----------------------------------------------------------------------
 
     async def vote_from(self, payload: discord.RawReactionActionEvent, added: bool) -> None:
         if self.user is not None and payload.user_id == self.user.id:
-            return  # the bot's own 👍/👎
+            return  # the bot's own 👍/👎/🔁
+        if str(payload.emoji) == RETRY:
+            if added:  # taking a 🔁 back undoes nothing: both replies were shown
+                await self.retry_from(payload)
+            return
         value = VOTES.get(str(payload.emoji))
         if value is None:
             return  # some other emoji
@@ -216,6 +239,27 @@ class RapportHandlers:
             self.store.vote(message_id, user, value)
         elif self.store.votes(message_id).get(user) == value:
             self.store.vote(message_id, user, 0)  # withdrawn
+
+    async def retry_from(self, payload: discord.RawReactionActionEvent) -> None:
+        """🔁: another reply instead of the latest one (see module doc)."""
+        if (payload.channel_id, payload.user_id) not in self.conversations:
+            return  # no conversation of this user here: not theirs to retry
+        message_id = await asyncio.to_thread(
+            self.store.message_for_platform, PLATFORM, str(payload.message_id)
+        )
+        if message_id is None:
+            return  # not one of the bot's replies
+        conversation = await self.conversation(payload.channel_id, payload.user_id)
+        if conversation.channel is None:
+            return  # no message of theirs seen since the conversation started
+        async with conversation.lock:
+            try:
+                async with conversation.channel.typing():
+                    reply = await asyncio.to_thread(conversation.session.retry, None, message_id)
+            except RapportError as e:
+                await conversation.channel.send(f"I can't retry that: {e}")
+                return
+            await self.deliver(conversation, reply)
 
     async def on_raw_reaction_add(self, payload: discord.RawReactionActionEvent) -> None:
         await self.vote_from(payload, added=True)
@@ -272,7 +316,36 @@ def register_commands(client) -> None:
         version = (await asyncio.to_thread(client.policy_source)).version
         await interaction.followup.send(ABOUT.format(version=version), ephemeral=True)
 
-    client.commands_by_name = {c.name: c for c in (new, forget, optout, optin, about)}
+    @client.tree.command(name="rate", description="Rate our conversation, 1 (poor) to 5 (great).")
+    @app_commands.describe(**RATING_PROMPTS)
+    async def rate(
+        interaction: discord.Interaction,
+        overall: RatingAnswer,
+        fluency: RatingAnswer,
+        diversity: RatingAnswer,
+        relatedness: RatingAnswer,
+        empathy: RatingAnswer,
+    ) -> None:
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        session = await session_for(interaction)
+        answers = dict(
+            overall=overall,
+            fluency=fluency,
+            diversity=diversity,
+            relatedness=relatedness,
+            empathy=empathy,
+        )
+        try:
+            replaced = await asyncio.to_thread(session.rate, answers)
+        except RapportError as e:
+            await interaction.followup.send(f"Not rated: {e}", ephemeral=True)
+            return
+        await interaction.followup.send(
+            "Thanks for rating!" + (" (This replaces your earlier rating.)" if replaced else ""),
+            ephemeral=True,
+        )
+
+    client.commands_by_name = {c.name: c for c in (new, forget, optout, optin, about, rate)}
 
 
 class RapportClient(RapportHandlers, discord.Client):

@@ -11,9 +11,11 @@ Tables (DESIGN.md, "Storage"):
 - ``conversations``: who, where (keyed hash of the channel), when, which model version.
 - ``messages``: one row a turn; ``role`` is ``user`` or ``bot``; ``author`` says whether
   a person or a model wrote it (imported corpora have human-written "bot" turns); bot turns
-  carry the model version and the generation settings (JSON).
+  carry the model version and the generation settings (JSON); a bot turn the user
+  retried names the reply that replaced it (``replaced_by``).
 - ``votes``: +1/-1 by one user on one bot message; a later vote replaces the earlier.
 - ``rewards``: one value per (message, reward name) with the scorer version.
+- ``ratings``: one end-of-chat rating set (1-5 per question) per conversation.
 - ``models``, ``training_runs``: model versions and the runs that made them.
 """
 
@@ -220,4 +222,41 @@ def m008_conversation_ends(db: Database) -> None:
         "UPDATE conversations SET ended = started, end_reason = "
         "CASE platform WHEN 'simulated' THEN 'simulated' ELSE 'imported' END "
         "WHERE external_id IS NOT NULL"
+    )
+
+
+@migrations()
+def m009_retries(db: Database) -> None:
+    # A reply the user asked to retry (/retry, 🔁) stays in the log, pointing at the reply
+    # that replaced it; the conversation as the bot and the learner see it is the turns
+    # no reply replaced. (kept, replaced) is a preference pair.
+    db["messages"].add_column("replaced_by", int, fk="messages", fk_col="id")
+
+
+@migrations()
+def m010_ratings(db: Database) -> None:
+    # End-of-chat ratings, 1-5, on the questions of the human evaluation of Jaques et al.
+    # 2019; one set per conversation (a second rating replaces the first).
+    db["ratings"].create(
+        {
+            "conversation_id": int,
+            "user_id": str,
+            "overall": int,
+            "fluency": int,
+            "diversity": int,
+            "relatedness": int,
+            "empathy": int,
+            "created": str,
+        },
+        pk="conversation_id",
+        not_null={
+            "user_id",
+            "overall",
+            "fluency",
+            "diversity",
+            "relatedness",
+            "empathy",
+            "created",
+        },
+        foreign_keys=[("conversation_id", "conversations", "id"), ("user_id", "users", "id")],
     )

@@ -12,8 +12,17 @@ history the model sees, and it is the only caller of the store for chat:
   session stays usable. A ``KeyboardInterrupt`` while generating (Ctrl-C in the
   terminal) keeps and logs what was already shown, marked ``interrupted``, then
   propagates so the frontend can say so.
+- ``retry()`` asks for another reply to the user turn the latest reply answered (the
+  terminal's ``/retry``, a 🔁 reaction on Discord). The old reply stays in the log,
+  marked replaced by the new one, and leaves the history the model sees; its votes stay
+  on it. Only the latest reply of a live conversation can be retried; when generating
+  fails or is stopped before any text, the old reply stays the conversation's.
 - Votes go on the bot's own replies: ``vote(value, back=1)`` is the last reply,
   ``back=3`` the third-last; ``vote_message`` takes a message id (Discord reactions).
+- ``rate(answers)`` stores the user's end-of-chat rating (1-5 on each of
+  :data:`RATING_PROMPTS`' questions) of the conversation, or of the one that just ended
+  (``/rate`` right after ``/new`` rates the finished chat); a second one replaces it.
+  :func:`parse_rating` turns typed answers into one, or a one-line error.
 - Opt-out: an opted-out user still gets replies, but nothing of theirs is written, and
   they are told so once per conversation (``notice``).
 - Best-of-N (``generation.best_of`` > 1 and a reward model): the policy samples N
@@ -34,6 +43,7 @@ from bot.errors import InvalidInput, NotFound
 from bot.policy import GenerationError, Policy, clean_reply
 from bot.prompt import Turn
 from bot.store import Store, clean_text
+from bot.store_ratings import RATING_QUESTIONS
 from rewards.rank import choose
 
 log = logging.getLogger(__name__)
@@ -42,6 +52,32 @@ CUT_MARK = " […]"
 OPTED_OUT_NOTICE = (
     "You opted out of logging: this conversation is not saved. /optin allows it again."
 )
+
+
+# The questions of the end-of-chat rating, as people are asked them (1-5 each).
+RATING_PROMPTS = {
+    "overall": "Overall, how good was this conversation?",
+    "fluency": "How fluent and natural were my replies?",
+    "diversity": "How varied were my replies (not repeating myself)?",
+    "relatedness": "How well did my replies relate to what you said?",
+    "empathy": "How well did I understand how you felt?",
+}
+assert tuple(RATING_PROMPTS) == RATING_QUESTIONS
+
+
+def parse_rating(answers: list[str]) -> dict[str, int]:
+    """Typed answers, one a question in order, as a rating; a one-line error otherwise.
+
+    >>> parse_rating("4 5 3 4 4".split())["empathy"]
+    4
+    """
+    how = f"five whole numbers 1-5, for {', '.join(RATING_QUESTIONS)} (e.g. 4 5 3 4 4)"
+    if len(answers) != len(RATING_QUESTIONS):
+        raise InvalidInput(f"a rating is {how}; got {len(answers)}")
+    bad = [a for a in answers if not (a.strip().isdigit() and 1 <= int(a) <= 5)]
+    if bad:
+        raise InvalidInput(f"{bad[0].strip() or 'nothing'!r} is not a rating: give {how}")
+    return {q: int(a) for q, a in zip(RATING_QUESTIONS, answers, strict=True)}
 
 
 @dataclass
@@ -68,6 +104,7 @@ class Session:
     channel: str = ""
     user_id: str = field(init=False)
     conversation_id: int | None = field(init=False, default=None)
+    previous_conversation_id: int | None = field(init=False, default=None)  # for /rate
     history: list[Turn] = field(init=False, default_factory=list)
     bot_message_ids: list[int] = field(init=False, default_factory=list)
     notice: str | None = field(init=False, default=None)
@@ -86,6 +123,8 @@ class Session:
         """End the logged conversation (``reason``: new, idle, ...) and forget the turn
         history; the next message starts a new logged conversation."""
         self.end(reason)
+        if self.conversation_id is not None:
+            self.previous_conversation_id = self.conversation_id
         self.conversation_id = None
         self.history = []
         self.bot_message_ids = []
@@ -124,12 +163,51 @@ class Session:
         if conversation is not None:
             self.store.add_message(conversation, "user", text)
         self.history.append(Turn("user", text))
+        return self._generate(policy, conversation, on_text)
 
+    def retry(
+        self, on_text: Callable[[str], None] | None = None, message_id: int | None = None
+    ) -> Reply:
+        """Another reply to the user turn the latest reply answered (see module doc).
+        ``message_id``: the reply the user asked to retry (a Discord reaction), refused
+        unless it is the latest one."""
+        if message_id is not None and message_id not in self.bot_message_ids[-1:]:
+            raise InvalidInput("only the latest reply of a conversation can be retried")
+        if not self.history or self.history[-1].role != "bot":
+            raise NotFound(
+                "no reply to retry yet"
+                if not any(t.role == "bot" for t in self.history)
+                else "your last message has no reply to retry; send it again"
+            )
+        if self.conversation_id is not None and self.store.conversation_ended(self.conversation_id):
+            raise InvalidInput("this conversation has ended; say something to start a new one")
+        policy = self.policy_source()
+        self.notice = None
+        conversation = None if self.opted_out else self.conversation_id
+        replaced = self.bot_message_ids[-1] if conversation is not None else None
+        old = self.history.pop()
+        try:
+            return self._generate(
+                policy, conversation, on_text, replaces=replaced, saved="the last reply stays"
+            )
+        finally:
+            if not self.history or self.history[-1].role != "bot":
+                self.history.append(old)  # nothing came of it: the old reply stays
+
+    def _generate(
+        self,
+        policy: Policy,
+        conversation: int | None,
+        on_text: Callable[[str], None] | None,
+        replaces: int | None = None,
+        saved: str = "your message was saved",
+    ) -> Reply:
+        """Generate a reply to the history, stream it, log it (see module doc)."""
         pieces: list[str] = []
         finish: dict = {}
         try:
             if getattr(policy, "best_of", 1) > 1:  # best-of-N needs a ranker (bot.policy)
-                pieces = self._best_of(policy, text, finish)
+                pieces = self._best_of(policy, finish)
                 if on_text and pieces:
                     on_text(pieces[0])
             else:
@@ -138,13 +216,12 @@ class Session:
                     if on_text:
                         on_text(piece)
         except KeyboardInterrupt:
-            self._finish(policy, conversation, pieces, interrupted=True)
+            self._finish(policy, conversation, pieces, interrupted=True, replaces=replaces)
             raise
         except Exception as e:
             log.exception("generation failed")
             raise GenerationError(
-                f"the model failed to reply ({type(e).__name__}: {e}); "
-                "your message was saved, try again"
+                f"the model failed to reply ({type(e).__name__}: {e}); {saved}, try again"
             ) from None
         return self._finish(
             policy,
@@ -153,15 +230,17 @@ class Session:
             interrupted=False,
             cut=finish.get("cut", False),
             best_of=finish.get("best_of"),
+            replaces=replaces,
         )
 
-    def _best_of(self, policy: Policy, text: str, finish: dict) -> list[str]:
+    def _best_of(self, policy: Policy, finish: dict) -> list[str]:
         """Best-of-N: sample ``policy.best_of`` replies together, rank them with the
         learned reward (:mod:`rewards.rank`), and return the chosen one as the only piece
         (nothing is shown until it is chosen). ``finish`` receives its cut flag and the
         record logged with it: every candidate with its score, and which was chosen (the
         ranking can be learned from, and chosen vs rejected is a preference pair)."""
         candidates = policy.sample_replies(self.history, policy.best_of)
+        text = self.history[-1].text  # the user turn they answer
         texts = [c.text for c in candidates]
         kept = [i for i, t in enumerate(texts) if t]
         scores: list = [None] * len(texts)
@@ -190,6 +269,7 @@ class Session:
         interrupted: bool,
         cut: bool = False,
         best_of: dict | None = None,
+        replaces: int | None = None,
     ) -> Reply:
         reply = clean_reply("".join(pieces))
         if not reply:
@@ -211,7 +291,10 @@ class Session:
                 reply,
                 model_version=policy.version,
                 generation=generation,
+                replaces=replaces,
             )
+            if replaces is not None:
+                self.bot_message_ids.remove(replaces)
             self.bot_message_ids.append(message_id)
         self.history.append(Turn("bot", reply))
         return Reply(reply, message_id, policy.version, interrupted, cut)
@@ -238,10 +321,21 @@ class Session:
     def vote_message(self, message_id: int, value: int) -> None:
         self.store.vote(message_id, self.user_id, value)
 
+    def rate(self, answers: dict[str, int]) -> bool:
+        """Rate this conversation, or the one that just ended (see module doc); return
+        whether it replaced an earlier rating."""
+        if self.opted_out:
+            raise InvalidInput("you opted out of logging, so ratings are not recorded")
+        conversation = self.conversation_id or self.previous_conversation_id
+        if conversation is None:
+            raise NotFound("no conversation to rate yet; chat first")
+        return self.store.rate(conversation, self.user_id, answers)
+
     def forget_me(self) -> dict[str, int]:
         """Delete everything this user ever said or voted, then start afresh."""
         deleted = self.store.forget(self.user_id)
         self.new_conversation()
+        self.previous_conversation_id = None  # forgotten: nothing left to rate
         self.user_id = self.store.ensure_user(self.platform, self.platform_user_id)
         return deleted
 

@@ -43,6 +43,7 @@ from sqlite_utils import Database
 from bot.errors import InvalidInput, NotFound, OptedOut, StoreError
 from bot.migrations import migrations
 from bot.store_data import LearningData, now
+from bot.store_ratings import Ratings
 
 ROLES = ("user", "bot")
 AUTHORS = ("person", "model")
@@ -51,6 +52,7 @@ TABLES = (
     "conversations",
     "messages",
     "votes",
+    "ratings",
     "rewards",
     "scoring",
     "reward_stats",
@@ -84,6 +86,7 @@ class Message:
     created: str
     model_version: str | None
     generation: dict[str, Any] | None
+    replaced_by: int | None = None  # the reply that replaced this one (a retry)
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Message:
@@ -91,7 +94,7 @@ class Message:
         return cls(**{**row, "generation": generation})
 
 
-class Store(LearningData):
+class Store(LearningData, Ratings):
     """Open (creating and migrating if needed) the database at ``path``.
 
     ``path`` may be ``":memory:"`` for tests. ``key`` is the pseudonym key; by default it
@@ -235,6 +238,11 @@ class Store(LearningData):
                 "votes": db.execute(
                     f"DELETE FROM votes WHERE user_id = :u OR message_id IN {gone}", params
                 ),
+                "ratings": db.execute(
+                    "DELETE FROM ratings WHERE user_id = :u OR conversation_id IN "
+                    "(SELECT id FROM conversations WHERE user_id = :u)",
+                    params,
+                ),
                 "messages": db.execute(f"DELETE FROM messages WHERE id IN {gone}", params),
                 "conversations": db.execute("DELETE FROM conversations WHERE user_id = :u", params),
                 "users": db.execute("DELETE FROM users WHERE id = :u", params),
@@ -282,12 +290,15 @@ class Store(LearningData):
         author: str | None = None,
         model_version: str | None = None,
         generation: dict[str, Any] | None = None,
+        replaces: int | None = None,
     ) -> int:
         """Append a turn to a conversation and commit it; return the message id.
 
         ``user_id`` defaults to the conversation's user (for a bot turn: the user it
         answers). ``author`` defaults to ``person`` for user turns and ``model`` for bot
-        turns; imported corpora pass ``person`` for their "bot" side.
+        turns; imported corpora pass ``person`` for their "bot" side. ``replaces``: a
+        retry, the id of the conversation's latest message, a bot turn, which is marked
+        replaced by the new one in the same transaction.
         """
         if role not in ROLES:
             raise InvalidInput(f"role must be one of {', '.join(ROLES)}, got {role!r}")
@@ -311,6 +322,8 @@ class Store(LearningData):
                 "SELECT COALESCE(MAX(turn_index) + 1, 0) FROM messages WHERE conversation_id = ?",
                 [conversation_id],
             ).fetchone()
+            if replaces is not None:
+                _check_replaceable(db, replaces, conversation_id, turn_index, role)
             cursor = db.execute(
                 "INSERT INTO messages (conversation_id, turn_index, role, author, user_id, "
                 "text, created, model_version, generation) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -326,6 +339,10 @@ class Store(LearningData):
                     generation_json,
                 ],
             )
+            if replaces is not None:
+                db.execute(
+                    "UPDATE messages SET replaced_by = ? WHERE id = ?", [cursor.lastrowid, replaces]
+                )
             return int(cursor.lastrowid)
 
     def message(self, message_id: int) -> Message:
@@ -427,6 +444,22 @@ class Store(LearningData):
                 raise StoreError(_explain(e, str(destination))) from None
         os.replace(tmp, destination)
         return destination
+
+
+def _check_replaceable(
+    db: Database, message_id: int, conversation_id: int, turn_index: int, role: str
+):
+    """A retry replaces the latest turn of its conversation, a bot turn, with a bot turn."""
+    row = db.execute(
+        "SELECT conversation_id, turn_index, role, replaced_by FROM messages WHERE id = ?",
+        [message_id],
+    ).fetchone()
+    if row is None:
+        raise NotFound(f"no message {message_id} to replace")
+    if role != "bot" or row[2] != "bot" or row[3] is not None:
+        raise InvalidInput(f"message {message_id} is not a reply that can be retried")
+    if row[0] != conversation_id or row[1] != turn_index - 1:
+        raise InvalidInput("only the latest reply of a conversation can be retried")
 
 
 def _load_key(db_path: str) -> bytes:

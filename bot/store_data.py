@@ -317,14 +317,20 @@ class LearningData:
         return total
 
     def conversation_turns(self, conversation_ids: list[int]) -> dict[int, list[dict]]:
-        """The messages of several conversations, in order, each with its votes and the
-        fingerprint the scorer records: {conversation id: [message dicts]}."""
+        """The messages of several conversations, in order, replaced replies too (with
+        ``replaced_by``), each with its votes, its conversation's ``rating`` (the
+        answers, () if unrated), ``created``, ``live`` (a chat, not an imported or
+        simulated log: its times are real) and the fingerprint the scorer records:
+        {conversation id: [message dicts]}."""
         if not conversation_ids:
             return {}
         marks = ",".join("?" * len(conversation_ids))
         rows = self._read(
             f"""
             SELECT m.id, m.conversation_id, m.turn_index, m.role, m.author, m.text,
+                m.replaced_by, m.created, {RATING} AS rating,
+                (SELECT c.external_id IS NULL FROM conversations c
+                 WHERE c.id = m.conversation_id) AS live,
                 (SELECT GROUP_CONCAT(value) FROM votes v WHERE v.message_id = m.id) AS votes,
                 {FINGERPRINT} AS fingerprint, {ENDED} AS ended
             FROM messages m WHERE m.conversation_id IN ({marks})
@@ -335,6 +341,7 @@ class LearningData:
         turns: dict[int, list[dict]] = {cid: [] for cid in conversation_ids}
         for row in rows:
             row["votes"] = tuple(int(v) for v in row["votes"].split(",")) if row["votes"] else ()
+            row["rating"] = tuple(int(v) for v in row["rating"].split(",")) if row["rating"] else ()
             turns[row["conversation_id"]].append(row)
         return turns
 
@@ -404,10 +411,13 @@ class LearningData:
         the user turns around them (for reports)."""
         query = """
             SELECT r.message_id, r.value, m.text AS bot,
-                (SELECT text FROM messages p WHERE p.conversation_id = m.conversation_id
-                 AND p.turn_index = m.turn_index - 1 AND p.role = 'user') AS prev_user,
-                (SELECT text FROM messages n WHERE n.conversation_id = m.conversation_id
-                 AND n.turn_index = m.turn_index + 1 AND n.role = 'user') AS next_user
+                (SELECT CASE p.role WHEN 'user' THEN p.text END FROM messages p
+                 WHERE p.conversation_id = m.conversation_id AND p.turn_index < m.turn_index
+                 AND p.replaced_by IS NULL ORDER BY p.turn_index DESC LIMIT 1) AS prev_user,
+                (SELECT CASE n.role WHEN 'user' THEN n.text END FROM messages n
+                 WHERE n.conversation_id = m.conversation_id AND n.turn_index > m.turn_index
+                 AND n.replaced_by IS NULL AND m.replaced_by IS NULL
+                 ORDER BY n.turn_index LIMIT 1) AS next_user
             FROM rewards r JOIN messages m ON m.id = r.message_id
             WHERE r.name = ? ORDER BY r.value {order}, r.message_id LIMIT ?
         """
@@ -419,7 +429,7 @@ class LearningData:
         self, reward_name: str = "combined", selection: Selection | None = None
     ) -> list[dict[str, Any]]:
         """Every conversation with at least one scored bot turn (of ``selection``), for a
-        dataset builder:
+        dataset builder, as the conversation went on (replies a retry replaced left out):
         [{"id", "platform", "ended", "turns": [{"id", "role", "author", "text", "reward",
         "cut"}]}]
         where ``reward`` is the bot turn's ``reward_name`` value (None if unscored) and
@@ -438,7 +448,7 @@ class LearningData:
                    OR coalesce(json_extract(m.generation, '$.interrupted'), 0) AS cut
             FROM messages m JOIN conversations c ON c.id = m.conversation_id
             LEFT JOIN rewards r ON r.message_id = m.id AND r.name = ?
-            WHERE m.conversation_id IN ({chosen})
+            WHERE m.conversation_id IN ({chosen}) AND m.replaced_by IS NULL
             ORDER BY m.conversation_id, m.turn_index
             """,
             [reward_name, *params],
@@ -463,17 +473,18 @@ class LearningData:
         self, reward_name: str = "combined", platform: str = "", selection: Selection | None = None
     ) -> list[dict[str, Any]]:
         """Every conversation (of ``platform`` and ``selection``, or all), scored or not,
-        for trl-style learners and export: like :meth:`training_conversations`, and every
-        turn also has ``votes`` (a tuple of +1/-1) and the conversation its
-        ``external_id``."""
+        for trl-style learners and export: like :meth:`training_conversations`, but with
+        the replies a retry replaced too (``replaced_by``: the id of the reply that
+        replaced a turn, None on the conversation's own turns); every turn also has
+        ``votes`` (a tuple of +1/-1) and the conversation its ``external_id``."""
         selection = selection or Selection()
         if platform:
             selection = replace(selection, platform=platform)
         chosen, params = selection.sql()
         rows = self._read(
             f"""
-            SELECT m.id, m.conversation_id, m.role, m.author, m.text, c.platform,
-                   c.external_id, r.value AS reward,
+            SELECT m.id, m.conversation_id, m.role, m.author, m.text, m.replaced_by,
+                   c.platform, c.external_id, r.value AS reward,
                    (SELECT GROUP_CONCAT(value) FROM votes v WHERE v.message_id = m.id) AS votes
             FROM messages m JOIN conversations c ON c.id = m.conversation_id
             LEFT JOIN rewards r ON r.message_id = m.id AND r.name = ?
@@ -493,7 +504,7 @@ class LearningData:
                     "turns": [],
                 },
             )
-            turn = {k: row[k] for k in ("id", "role", "author", "text", "reward")}
+            turn = {k: row[k] for k in ("id", "role", "author", "text", "reward", "replaced_by")}
             turn["votes"] = tuple(int(v) for v in row["votes"].split(",")) if row["votes"] else ()
             conv["turns"].append(turn)
         return list(conversations.values())
@@ -506,12 +517,17 @@ class LearningData:
 
 # Whether the conversation of ``messages m`` has ended (1) or is live (0).
 ENDED = "(SELECT c.ended IS NOT NULL FROM conversations c WHERE c.id = m.conversation_id)"
-# A bot turn's surroundings, as SQL over ``messages m``: the conversation's length and
-# end, and the turn's votes. Stored when the turn is scored; any change: score it again.
+# The conversation's end-of-chat rating answers, comma-separated (NULL if unrated).
+RATING = """(SELECT overall || ',' || fluency || ',' || diversity || ',' || relatedness
+    || ',' || empathy FROM ratings g WHERE g.conversation_id = m.conversation_id)"""
+# A bot turn's surroundings, as SQL over ``messages m``: the conversation's length, end
+# and rating, and the turn's votes. Stored when the turn is scored; any change: score
+# it again.
 FINGERPRINT = f"""(
     (SELECT COUNT(*) FROM messages x WHERE x.conversation_id = m.conversation_id) || ':' ||
     (SELECT COUNT(*) || ',' || COALESCE(SUM(value), 0) || ',' || COALESCE(MAX(created), '')
-     FROM votes v WHERE v.message_id = m.id) || ':' || {ENDED})"""
+     FROM votes v WHERE v.message_id = m.id) || ':' || {ENDED} || ':' ||
+    COALESCE((SELECT created FROM ratings g WHERE g.conversation_id = m.conversation_id), ''))"""
 
 
 @dataclass(frozen=True)

@@ -23,11 +23,13 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from bot.errors import RapportError
-from bot.session import CUT_MARK, Session
+from bot.session import CUT_MARK, RATING_PROMPTS, Reply, Session, parse_rating
 
 HELP = """\
 /up [N]     thumbs up the last reply (or the Nth-last)
 /down [N]   thumbs down the last reply (or the Nth-last)
+/retry      another reply instead of the last one (both are saved)
+/rate       rate this conversation 1-5 on five questions (or /rate 4 5 3 4 4)
 /new        start a new conversation
 /model      show which model version is answering
 /optout     stop logging your messages   /optin  allow it again
@@ -37,7 +39,8 @@ HELP = """\
 
 GREETING = """\
 Hi! I'm rapport, a chat bot that learns from how people react.
-Rate my replies with /up or /down (/up 3 rates the 3rd-last); /help lists commands.
+Rate my replies with /up or /down (/up 3 rates the 3rd-last), or ask for another with
+/retry; /help lists commands.
 Your messages are saved to improve the bot; /optout stops that, /forget deletes them."""
 
 
@@ -79,6 +82,11 @@ class Terminal:
             self.chat(line[1:] if line.startswith("//") else line)
 
     def chat(self, text: str) -> None:
+        self.show_reply(lambda on_text: self.session.respond(text, on_text=on_text))
+
+    def show_reply(self, generate: Callable[[Callable[[str], None] | None], Reply]) -> None:
+        """Run ``generate(on_text)`` (a reply or a retry) and show the reply: streamed
+        when interactive, one line when piped; errors are one line."""
         streamed = self.interactive
         spinner = None
         if streamed:
@@ -92,7 +100,7 @@ class Terminal:
             print(piece, end="", file=self.out, flush=True)
 
         try:
-            reply = self.session.respond(text, on_text=show if streamed else None)
+            reply = generate(show if streamed else None)
         except KeyboardInterrupt:
             self.say(" [stopped]", "2")
             return
@@ -124,6 +132,13 @@ class Terminal:
                 self.session.vote(value, back)
                 which = "last reply" if back == 1 else f"reply {back} back"
                 self.say(f"voted {'👍' if value > 0 else '👎'} on the {which}")
+            elif name == "/retry":
+                if args:
+                    self.say("/retry takes no arguments: it replaces the last reply")
+                    return None
+                self.show_reply(lambda on_text: self.session.retry(on_text=on_text))
+            elif name == "/rate":
+                self.rate(args)
             elif name == "/new":
                 self.session.new_conversation()
                 self.say("(new conversation)")
@@ -152,6 +167,20 @@ class Terminal:
         except RapportError as e:
             self.say(f"rapport: {e}", "31")
         return None
+
+    def rate(self, args: list[str]) -> None:
+        """/rate: five answers on the line, or (interactive) one question at a time."""
+        if not args and self.interactive:
+            self.say("Rate this conversation, 1 (poor) to 5 (great):", "2")
+            try:
+                args = [self.read_line(f"{prompt} ") for prompt in RATING_PROMPTS.values()]
+            except (EOFError, KeyboardInterrupt):
+                self.say("\n(not rated)", "2")
+                return
+        answers = parse_rating(args)
+        replaced = self.session.rate(answers)
+        said = ", ".join(f"{q} {v}" for q, v in answers.items())
+        self.say(f"rated: {said}" + (" (replaces your earlier rating)" if replaced else ""))
 
 
 class Spinner:

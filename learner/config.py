@@ -17,7 +17,7 @@ TOKEN_LEVEL = ("kl_q", "psi", "g", "batch_q", "bc")
 # trl's trainers as peers (learner/trl_train.py): KTO on votes, DPO on pairs, SFT.
 TRL = ("kto", "dpo", "sft")
 ALGORITHMS = TOKEN_LEVEL + TRL
-PAIRS_FROM = ("votes", "combined")
+PAIRS_FROM = ("votes", "combined", "retries")
 
 
 def _f(default, help: str):
@@ -103,9 +103,11 @@ class TrainConfig:
     )
     pairs_from: str = _f(
         "votes",
-        "kto and dpo: where preferences come from: 'votes', or 'combined' for the stored "
+        "kto and dpo: where preferences come from: 'votes'; 'combined' for the stored "
         "reward named by --reward (kto: a turn is liked when its reward is above the mean; "
-        "dpo: replies to the same context ranked by it).",
+        "dpo: replies to the same context ranked by it); or 'retries' (/retry, 🔁: the "
+        "reply kept over the one it replaced; kto: retried replies are not liked, kept "
+        "ones are).",
     )
     context_turns: int = _f(
         6,

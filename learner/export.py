@@ -8,8 +8,12 @@
   into trl's trainers.
 - ``jsonl``: one conversation a line in ``rapport import jsonl``'s format (so it
   re-imports), each turn also with its ``votes`` and bot turns with their ``rewards``.
-- ``parquet``: the same log as one flat table, a row a message, one nullable column a
-  reward signal (``reward_<name>``), for pandas or polars.
+  The turns are the conversation as it went on; a reply kept after a retry lists the
+  replies it replaced under ``replaced`` (text, votes, rewards), which the importer
+  ignores.
+- ``parquet``: the same log as one flat table, a row a message (retried replies too,
+  ``replaced`` true), one nullable column a reward signal (``reward_<name>``), for
+  pandas or polars.
 
 Texts are exported as logged: the chat template is never rendered into the files.
 """
@@ -22,11 +26,12 @@ from pathlib import Path
 from bot.errors import RapportError
 from bot.store import Store
 from learner.config import PAIRS_FROM
-from learner.trl_data import dpo_rows, kto_rows, sft_rows
+from learner.trl_data import dpo_rows, kept_replies, kto_rows, sft_rows
 from rewards.suite import COMBINED, SIGNAL_NAMES
 
 FORMATS = ("kto", "dpo", "sft", "jsonl", "parquet")
 WHAT = {"kto": "voted bot turns", "dpo": "pairs of replies to the same context", "sft": "bot turns"}
+RETRIED = "retried replies (/retry, 🔁)"
 REWARD_NAMES = (COMBINED, *SIGNAL_NAMES)
 
 
@@ -39,7 +44,7 @@ def trl_rows(
     pairs_from: str,
 ) -> list[dict]:
     if fmt == "kto":
-        return kto_rows(conversations, system_prompt, context_turns)
+        return kto_rows(conversations, system_prompt, context_turns, pairs_from)
     if fmt == "dpo":
         return dpo_rows(conversations, system_prompt, context_turns, pairs_from)
     return sft_rows(conversations, system_prompt, context_turns)
@@ -48,20 +53,37 @@ def trl_rows(
 def log_rows(store: Store, conversations: list[dict], fmt: str) -> list[dict]:
     """The whole log: a conversation a row (jsonl) or a message a row (parquet)."""
     rewards = store.reward_table(REWARD_NAMES)
+
+    def turn_row(t: dict) -> dict:
+        return {
+            "role": t["role"],
+            "author": t["author"],
+            "text": t["text"],
+            "votes": list(t["votes"]),
+            **({"rewards": rewards.get(t["id"], {})} if t["role"] == "bot" else {}),
+        }
+
     if fmt == "jsonl":
+        kept = kept_replies(conversations)
         return [
             {
                 "id": c["external_id"] or f"rapport:{c['id']}",
                 "platform": c["platform"],
                 "turns": [
                     {
-                        "role": t["role"],
-                        "author": t["author"],
-                        "text": t["text"],
-                        "votes": list(t["votes"]),
-                        **({"rewards": rewards.get(t["id"], {})} if t["role"] == "bot" else {}),
+                        **turn_row(t),
+                        **(
+                            {
+                                "replaced": [
+                                    turn_row(r) for r in c["turns"] if kept.get(r["id"]) == t["id"]
+                                ]
+                            }
+                            if t["id"] in kept.values()
+                            else {}
+                        ),
                     }
                     for t in c["turns"]
+                    if not t["replaced_by"]
                 ],
             }
             for c in conversations
@@ -75,6 +97,7 @@ def log_rows(store: Store, conversations: list[dict], fmt: str) -> list[dict]:
             "author": t["author"],
             "text": t["text"],
             "votes": list(t["votes"]),
+            "replaced": bool(t["replaced_by"]),
             **{f"reward_{n}": rewards.get(t["id"], {}).get(n) for n in REWARD_NAMES},
         }
         for c in conversations
@@ -124,7 +147,11 @@ def export(
         )
     if not rows:
         where = f" of platform {platform!r}" if platform else ""
-        what = WHAT.get(fmt, "conversations")
+        what = (
+            RETRIED
+            if pairs_from == "retries" and fmt in ("kto", "dpo")
+            else WHAT.get(fmt, "conversations")
+        )
         raise RapportError(f"nothing to export: no {what}{where} in the logs")
     write_rows(rows, path, parquet=fmt == "parquet" or path.suffix == ".parquet")
     return len(rows)

@@ -113,16 +113,18 @@ class MisclickRewardTrainer(RewardTrainer):
 
 def voted_replies(conversations: list[dict]) -> list[tuple[str, list[dict], float]]:
     """(context key, reward-model messages, mean vote) of every bot turn with a
-    non-zero mean vote."""
+    non-zero mean vote. A turn's context is the conversation's path: a reply kept after
+    a retry answers the user turn before the retried one."""
     out = []
     for conversation in conversations:
-        turns = conversation["turns"]
-        for k, turn in enumerate(turns):
+        previous = None  # the last turn no retry replaced
+        for turn in conversation["turns"]:
             score = vote_score(turn) if turn["role"] == "bot" else None
-            if not score:
-                continue
-            prev_user = turns[k - 1]["text"] if k and turns[k - 1]["role"] == "user" else None
-            out.append((prev_user or "", reward_messages(prev_user, turn["text"]), score))
+            if score:
+                prev_user = previous["text"] if previous and previous["role"] == "user" else None
+                out.append((prev_user or "", reward_messages(prev_user, turn["text"]), score))
+            if not turn.get("replaced_by"):
+                previous = turn
     return out
 
 

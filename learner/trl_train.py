@@ -7,9 +7,10 @@ Design
   prior's weights and keeps a frozen copy of the prior as the reference model (KTO,
   DPO).
 - ``kto`` (Ethayarajh et al. 2024): the voted bot turns, label = liked. ``dpo``
-  (Rafailov et al. 2023): two replies to the same context ranked by votes or by the
-  combined implicit reward. ``sft``: trl's SFTTrainer on every bot turn (loss on the
-  reply only), e.g. ``--platform chitchat`` to adapt the prior to casual chat.
+  (Rafailov et al. 2023): two replies to the same context ranked by votes, by the
+  combined implicit reward, or by a retry (the kept reply over the one it replaced).
+  ``sft``: trl's SFTTrainer on every bot turn (loss on the reply only), e.g.
+  ``--platform chitchat`` to adapt the prior to casual chat.
 - A run writes what a KL-control run writes (``metrics.jsonl``, ``model/`` with
   ``train_config.json`` and ``training.json``) and registers a new, undeployed version
   whose parent is the prior. trl's own checkpoints are off: the runs are short, and a
@@ -36,6 +37,10 @@ NO_VOTES = (
     "no voted bot turns to train on; vote with /up /down in `rapport chat` (or 👍/👎 on "
     "Discord), then train again"
 )
+NO_RETRIES = (
+    "no retried replies to train on; ask for another reply with /retry in `rapport chat` "
+    "(or 🔁 on Discord), then train again"
+)
 
 
 def training_rows(store: Store, system_prompt: str, config: TrainConfig) -> list[dict]:
@@ -48,11 +53,15 @@ def training_rows(store: Store, system_prompt: str, config: TrainConfig) -> list
             raise TrainingError(
                 NO_VOTES
                 if config.pairs_from == "votes"
+                else NO_RETRIES
+                if config.pairs_from == "retries"
                 else f"no bot turns scored with {config.reward!r}: run `rapport score` first"
             )
     elif config.algo == "dpo":
         rows = dpo_rows(conversations, system_prompt, config.context_turns, config.pairs_from)
         if not rows:
+            if config.pairs_from == "retries":
+                raise TrainingError(NO_RETRIES)
             how = (
                 "with different votes"
                 if config.pairs_from == "votes"

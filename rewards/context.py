@@ -12,8 +12,13 @@ class Context:
     ``prev_user`` is the user turn the bot answers (None if the bot spoke first),
     ``next_user`` the user's reply (None at the end of the conversation),
     ``earlier_bot`` the bot's previous turns in this conversation, oldest first,
-    ``user_turns_after`` how many user turns follow in the conversation, and
-    ``votes`` the explicit +1/-1 votes on this bot turn.
+    ``user_turns_after`` how many user turns follow in the conversation,
+    ``votes`` the explicit +1/-1 votes on this bot turn, and ``replaced`` whether the
+    user asked for another reply instead of this one (a retry: the conversation went on
+    from the new reply, so this one has no ``next_user``), and ``rating`` the user's
+    end-of-chat rating answers (1-5 each) on the conversation's last bot turn, () on
+    every other turn and when the conversation is not rated; ``reply_seconds`` how long
+    the user took to reply, on live chats only (None otherwise).
     """
 
     bot: str
@@ -22,3 +27,6 @@ class Context:
     earlier_bot: tuple[str, ...] = ()
     user_turns_after: int = 0
     votes: tuple[int, ...] = field(default=())
+    replaced: bool = False
+    rating: tuple[int, ...] = ()
+    reply_seconds: float | None = None

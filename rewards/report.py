@@ -5,7 +5,8 @@ ask of their implicit rewards.
 Writes into one folder: ``distributions.png`` (a histogram per signal),
 ``correlations.png`` (the correlation matrix of all signals and the combined reward),
 ``vote_agreement.png`` (each signal's correlation with the votes, on voted turns only)
-and ``index.html`` that shows them with the top and bottom scored examples per signal.
+and ``index.html`` that shows them with the end-of-chat ratings (count and mean answer
+per question) and the top and bottom scored examples per signal.
 """
 
 from __future__ import annotations
@@ -118,6 +119,26 @@ def _short(text: str | None, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
+def ratings_summary(store: Store) -> str:
+    """One line: how many conversations are rated, and the mean answer per question."""
+    count, means = store.rating_summary()
+    if not count:
+        return "no rated conversations yet (/rate in the terminal or on Discord)"
+    answers = ", ".join(f"{q} {m:.2f}" for q, m in means.items())
+    return f"{count:,} rated conversation{'s' if count != 1 else ''}; mean answers: {answers}"
+
+
+def ratings_html(store: Store) -> str:
+    count, means = store.rating_summary()
+    if not count:
+        return f"<p>{html.escape(ratings_summary(store))}</p>"
+    cells = "".join(f"<tr><td>{q}</td><td>{m:.2f}</td></tr>" for q, m in means.items())
+    return (
+        f"<p>{count:,} rated conversations (1 = poor, 5 = great).</p>"
+        f"<table><tr><th>question</th><th>mean</th></tr>{cells}</table>"
+    )
+
+
 def write_report(store: Store, folder: Path) -> Path:
     """Write the figures and ``index.html`` into ``folder``; return the HTML path."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -146,6 +167,7 @@ padding:4px;vertical-align:top;font-size:13px}}img{{max-width:100%;height:auto}}
 each signal with the mean vote, over the voted bot turns only (– when undefined).</p>
 <img src="vote_agreement.png" alt="correlation with votes">
 <table><tr><th>signal</th><th>r with votes</th></tr>{agreement_rows}</table>
+<h2>End-of-chat ratings</h2>{ratings_html(store)}
 <h2>Top and bottom examples</h2>{examples}
 </body></html>
 """

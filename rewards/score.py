@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from datetime import datetime
 from pathlib import Path
 
 from bot.config import Config, rapport_home
@@ -41,29 +42,56 @@ def contexts_of(turns: list[dict]) -> list[tuple[dict, Context]]:
     """(bot message row, its Context) for every bot turn of one conversation that can be
     scored now: in a live conversation (rows with ``ended`` false) a bot turn the user has
     not answered yet is left out, to be scored once the user replies or the conversation
-    ends (until then "no reply" does not mean "the user left")."""
+    ends (until then "no reply" does not mean "the user left").
+
+    A reply a retry replaced (``replaced_by`` set) is off the conversation's path: it is
+    scored at once (the retry was the user's answer to it), with the user turn it
+    answered and no reply; the turns around it see the path only, as the bot did. The
+    conversation's end-of-chat rating goes with its last bot turn on the path."""
+    path = [t for t in turns if not t.get("replaced_by")]
+    position = {t["id"]: k for k, t in enumerate(path)}
+    last_bot = next((t["id"] for t in reversed(path) if t["role"] == "bot"), None)
+    ended = all(bool(t.get("ended", True)) for t in turns)
     out = []
     earlier_bot: list[str] = []
-    ended = all(bool(t.get("ended", True)) for t in turns)
-    for i, turn in enumerate(turns):
+    previous: dict | None = None  # the last turn of the path so far
+    for turn in turns:
+        replaced = bool(turn.get("replaced_by"))
         if turn["role"] != "bot":
+            previous = turn
             continue
-        prev_user = turns[i - 1]["text"] if i > 0 and turns[i - 1]["role"] == "user" else None
-        following = turns[i + 1] if i + 1 < len(turns) else None
-        next_user = following["text"] if following and following["role"] == "user" else None
-        if next_user is None and not ended and following is None:
-            break  # the last turn of a live conversation: the user may still answer
+        prev_user = previous["text"] if previous and previous["role"] == "user" else None
+        k = None if replaced else position[turn["id"]]
+        after = path[k + 1] if k is not None and k + 1 < len(path) else None
+        next_user = after["text"] if after and after["role"] == "user" else None
+        if not replaced:
+            previous = turn
+        if next_user is None and not ended and after is None and not replaced:
+            continue  # the last turn of a live conversation: the user may still answer
+        rest = path[k + 1 :] if k is not None else []
         context = Context(
             bot=turn["text"],
             prev_user=prev_user,
             next_user=next_user,
             earlier_bot=tuple(earlier_bot),
-            user_turns_after=sum(t["role"] == "user" for t in turns[i + 1 :]),
+            user_turns_after=sum(t["role"] == "user" for t in rest),
             votes=turn["votes"],
+            replaced=replaced,
+            rating=tuple(turn.get("rating") or ()) if turn["id"] == last_bot else (),
+            reply_seconds=seconds_between(turn, after) if next_user is not None else None,
         )
         out.append((turn, context))
-        earlier_bot.append(turn["text"])
+        if not replaced:
+            earlier_bot.append(turn["text"])
     return out
+
+
+def seconds_between(turn: dict, reply: dict) -> float | None:
+    """Seconds from a bot turn to the user's reply, on live chats (None elsewhere)."""
+    if not turn.get("live") or not turn.get("created") or not reply.get("created"):
+        return None
+    delta = datetime.fromisoformat(reply["created"]) - datetime.fromisoformat(turn["created"])
+    return delta.total_seconds()
 
 
 def learned_signal(folder: Path | None = None):

@@ -14,7 +14,10 @@ from rewards.embedding_similarity import embedding_similarity
 from rewards.manual_vote import manual_vote
 from rewards.user_continued import user_continued
 from rewards.user_laughter import user_laughter
+from rewards.user_rating import user_rating
+from rewards.user_reply_latency import user_reply_latency
 from rewards.user_reply_length import user_reply_length
+from rewards.user_retry import user_retry
 from rewards.user_sentiment import user_sentiment
 from rewards.user_sentiment_transition import user_sentiment_transition
 from rewards.word_similarity import word_similarity
@@ -24,7 +27,10 @@ SIGNALS = (
     user_sentiment_transition,
     user_laughter,
     user_reply_length,
+    user_reply_latency,
     user_continued,
+    user_retry,
+    user_rating,
     bot_question,
     bot_sentiment,
     bot_repetition,
@@ -35,7 +41,11 @@ SIGNALS = (
 SIGNAL_NAMES = tuple(signal.__name__ for signal in SIGNALS)
 COMBINED = "combined"
 # Bump when any signal's definition changes: scores of an older version are redone.
-SCORER_VERSION = "2"  # 2: bot_question by syntax, more laughter, user_continued (issue 14)
+# 2: bot_question by syntax, more laughter, user_continued (issue 14)
+# 3: user_retry, and retried replies leave the conversation's path (issue 14)
+# 4: user_rating (end-of-chat ratings), and a rating rescores its conversation
+# 5: user_reply_latency
+SCORER_VERSION = "5"
 
 
 def score_contexts(contexts) -> dict[str, list[float]]:

@@ -77,10 +77,11 @@ def fake_message(content: str, author, channel, mentions=(), reference=None):
     return message
 
 
-def fake_reaction(message_id: int, user_id: int, emoji: str):
+def fake_reaction(message_id: int, user_id: int, emoji: str, channel_id: int | None = None):
     payload = NonCallableMagicMock(spec=discord.RawReactionActionEvent)
     payload.message_id = message_id
     payload.user_id = user_id
+    payload.channel_id = channel_id if channel_id is not None else next(_ids)
     payload.emoji = discord.PartialEmoji(name=emoji)
     return payload
 

@@ -92,8 +92,8 @@ def test_db_status_prints_counts_and_schema_version(rapport_home):
     result = run_rapport("db", "status")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert "schema version: 8 (m008_conversation_ends)" in lines
-    assert lines[lines.index("schema version: 8 (m008_conversation_ends)") + 3].split() == [
+    assert "schema version: 10 (m010_ratings)" in lines
+    assert lines[lines.index("schema version: 10 (m010_ratings)") + 3].split() == [
         "messages",
         "2",
     ]

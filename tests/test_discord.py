@@ -23,6 +23,16 @@ from tests.discord_fakes import (
 )
 
 
+class Replies(list):
+    """A policy that answers with its texts in turn."""
+
+    version = "scripted-v1"
+    settings = Settings(temperature=0.7, top_p=0.9, max_new_tokens=10, repetition_penalty=1.1)
+
+    def stream(self, turns, finish=None):
+        yield self.pop(0)
+
+
 class ScriptedPolicy:
     """A policy that answers with a fixed text (optionally slowly)."""
 
@@ -63,7 +73,7 @@ def test_a_dm_gets_a_reply_with_vote_buttons_and_both_turns_are_logged(store):
     asyncio.run(client.on_message(fake_message("hi bot", fake_user(), channel)))
     assert [m.content for m in channel.sent] == ["Hello there! How are you?"]
     assert channel.typing_entered
-    assert channel.sent[-1].reactions_added == ["👍", "👎"]
+    assert channel.sent[-1].reactions_added == ["👍", "👎", "🔁"]
     assert rows(store) == [("user", "hi bot"), ("bot", "Hello there! How are you?")]
     (platform,) = {r[0] for r in store.db.execute("SELECT platform FROM conversations")}
     assert platform == "discord"
@@ -305,3 +315,87 @@ def test_an_idle_conversation_ends_and_the_next_message_starts_a_new_one(store):
     assert store.counts()["conversations"] == 2
     ends = store.db.execute("SELECT end_reason FROM conversations ORDER BY id").fetchall()
     assert ends == [("idle",), (None,)]  # the first ended idle; the second is live
+
+
+def test_a_retry_reaction_sends_a_new_reply_and_logs_both(store):
+    """🔁 on the latest reply: a new reply in the channel, both logged, the old one marked
+    replaced; 👎 on the old reply's message still lands on the old one; 🔁 on an older
+    reply gets one line, and 🔁 from someone else is ignored."""
+    client = client_for(store, Replies(["Stocks fell.", "Hiking, you?", "Nice!", "spare"]))
+    channel, user, other = fake_channel(dm=True), fake_user(), fake_user()
+    asyncio.run(client.on_message(fake_message("weekend plans?", user, channel)))
+    old_message = channel.sent[-1]
+    asyncio.run(
+        client.on_raw_reaction_add(fake_reaction(old_message.id, other.id, "🔁", channel.id))
+    )
+    assert len(channel.sent) == 1  # not their conversation
+    asyncio.run(
+        client.on_raw_reaction_add(fake_reaction(old_message.id, user.id, "🔁", channel.id))
+    )
+    new_message = channel.sent[-1]
+    assert new_message.content == "Hiking, you?"
+    assert new_message.reactions_added == ["👍", "👎", "🔁"]
+    old_id, new_id = (r[0] for r in store.db.execute("SELECT id FROM messages WHERE role='bot'"))
+    assert store.message(old_id).replaced_by == new_id
+    assert store.message_for_platform("discord", str(new_message.id)) == new_id
+
+    pseudonym = store.ensure_user("discord", str(user.id))
+    asyncio.run(
+        client.on_raw_reaction_add(fake_reaction(old_message.id, user.id, "👎", channel.id))
+    )
+    asyncio.run(
+        client.on_raw_reaction_add(fake_reaction(new_message.id, user.id, "👍", channel.id))
+    )
+    assert store.votes(old_id) == {pseudonym: -1} and store.votes(new_id) == {pseudonym: 1}
+
+    asyncio.run(client.on_message(fake_message("you too", user, channel)))
+    assert channel.sent[-1].content == "Nice!"
+    asyncio.run(
+        client.on_raw_reaction_add(fake_reaction(new_message.id, user.id, "🔁", channel.id))
+    )
+    assert channel.sent[-1].content == (
+        "I can't retry that: only the latest reply of a conversation can be retried"
+    )
+    assert rows(store) == [
+        ("user", "weekend plans?"),
+        ("bot", "Stocks fell."),
+        ("bot", "Hiking, you?"),
+        ("user", "you too"),
+        ("bot", "Nice!"),
+    ]
+    session = client.conversations[(channel.id, user.id)].session
+    assert [t.text for t in session.history] == [
+        "weekend plans?",
+        "Hiking, you?",
+        "you too",
+        "Nice!",
+    ]
+
+
+def test_slash_rate_stores_one_rating_per_conversation_and_says_so(store):
+    client = client_for(store, ScriptedPolicy())
+    channel, user = fake_channel(dm=True), fake_user()
+    rate = client.commands_by_name["rate"]
+    assert [p.name for p in rate.parameters] == [
+        "overall", "fluency", "diversity", "relatedness", "empathy"
+    ]  # fmt: skip
+    assert {(p.min_value, p.max_value) for p in rate.parameters} == {(1, 5)}  # Discord checks
+
+    interaction = fake_interaction(user, channel)
+    asyncio.run(rate.callback(interaction, 4, 5, 3, 4, 4))
+    assert interaction.followup.send.await_args.args[0] == (
+        "Not rated: no conversation to rate yet; chat first"
+    )
+    asyncio.run(client.on_message(fake_message("hi", user, channel)))
+    for answers in ((4, 5, 3, 4, 4), (2, 3, 3, 3, 3)):
+        interaction = fake_interaction(user, channel)
+        asyncio.run(rate.callback(interaction, *answers))
+        interaction.response.defer.assert_awaited_once()
+        assert interaction.followup.send.await_args.kwargs["ephemeral"] is True
+    assert interaction.followup.send.await_args.args[0] == (
+        "Thanks for rating! (This replaces your earlier rating.)"
+    )
+    (conversation,) = [r["id"] for r in store.db["conversations"].rows]
+    assert store.rating(conversation) == dict(
+        overall=2, fluency=3, diversity=3, relatedness=3, empathy=3
+    )

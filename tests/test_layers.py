@@ -19,7 +19,7 @@ PACKAGES = ("bot", "rewards", "learner")
 LAYERS = {
     "ground": (
         "bot bot.errors bot.config bot.prompt bot.progress bot.files bot.migrations "
-        "bot.model_files bot.store_data bot.store bot.corpora bot.check"
+        "bot.model_files bot.store_data bot.store_ratings bot.store bot.corpora bot.check"
     ),
     "serving": "bot.policy bot.session bot.terminal bot.discord_bot rewards.*",
     "learner": "learner.*",

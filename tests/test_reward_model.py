@@ -14,6 +14,7 @@ from learner.reward_model import (
     misclick_loss,
     preference_pairs,
     train_reward_model,
+    voted_replies,
 )
 from rewards.learned_reward import reward_messages
 from rewards.rank import RewardRanker
@@ -42,6 +43,25 @@ def test_pairs_from_votes_same_context_first_then_liked_against_disliked_elsewhe
     pairs = [(r["chosen"][-1]["content"], r["rejected"][-1]["content"]) for r in rows]
     assert pairs == [("a", "b"), ("c", "b")]  # "a" vs "b" once only (same context)
     assert preference_pairs(replies[:1], seed=0) == []
+
+
+def test_a_voted_reply_kept_after_a_retry_answers_the_user_turn_before_it(store):
+    """The retried reply and the one kept after it both answer "any plans?": one context,
+    so their votes make a same-context pair."""
+    user = store.ensure_user("test", "ann")
+    chat = store.start_conversation(user, "test")
+    store.add_message(chat, "user", "any plans?")
+    old = store.add_message(chat, "bot", "no.")
+    new = store.add_message(chat, "bot", "hiking!", replaces=old)
+    store.vote(old, user, -1)
+    store.vote(new, user, 1)
+    replies = voted_replies(store.feedback_conversations())
+    assert [(key, m[-1]["content"], v) for key, m, v in replies] == [
+        ("any plans?", "no.", -1.0),
+        ("any plans?", "hiking!", 1.0),
+    ]
+    (pair,) = preference_pairs(replies, seed=0)
+    assert pair["chosen"] == reward_messages("any plans?", "hiking!")
 
 
 GOOD = ["sunny", "lovely", "wonderful", "delightful", "cheerful", "splendid"]

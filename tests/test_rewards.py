@@ -21,7 +21,10 @@ from rewards.manual_vote import manual_vote
 from rewards.suite import SIGNALS
 from rewards.user_continued import user_continued
 from rewards.user_laughter import user_laughter
+from rewards.user_rating import user_rating
+from rewards.user_reply_latency import user_reply_latency
 from rewards.user_reply_length import user_reply_length
+from rewards.user_retry import user_retry
 from rewards.user_sentiment import user_sentiment
 from rewards.user_sentiment_transition import user_sentiment_transition
 from rewards.word_similarity import word_similarity
@@ -34,6 +37,9 @@ ODD_CONTEXTS = [
     Context(bot="¿Cómo estás hoy?", prev_user="Hola amigo", next_user="jajaja muy bien"),
     Context(bot="今日は何をしましたか？", prev_user="こんにちは", next_user="wwww 楽しかった"),
     Context(bot="Hi there!"),  # end of conversation: no user reply, no prompt
+    Context(bot="Hi there!", prev_user="hello", replaced=True),  # retried: no reply
+    Context(bot="Bye!", prev_user="see you", rating=(5, 4, 3, 2, 1)),  # the rated last turn
+    Context(bot="ok", prev_user="hi", next_user="hey", reply_seconds=-5.0),  # clock skew
 ]
 
 
@@ -89,7 +95,7 @@ class TestOpenVinoBackend:
 
 def test_signal_names_are_stable_and_unique():
     names = [s.__name__ for s in SIGNALS]
-    assert len(set(names)) == len(names) == 11
+    assert len(set(names)) == len(names) == 14
 
 
 class TestUserLaughter:
@@ -318,6 +324,49 @@ class TestEngagement:
             [Context("x", next_user="ok", user_turns_after=n) for n in (1, 5)] + [Context("x")]
         )
         assert values == [1.0, 1.0, 0.0]
+
+
+class TestUserRetry:
+    def test_one_on_a_retried_reply_only(self):
+        """The replaced reply carries the retry, whatever its text; the reply kept after
+        it, one the user answered and one at the end of a conversation do not."""
+        values = user_retry(
+            [
+                Context("Sure! 😂", prev_user="joke please", replaced=True),
+                Context("", replaced=True),
+                Context("x", prev_user="joke please", next_user="haha"),
+                Context("x"),
+            ]
+        )
+        assert values == [1.0, 1.0, 0.0, 0.0]
+
+
+class TestUserReplyLatency:
+    def test_log_seconds_clipped_at_ten_minutes_and_zero_without_a_timed_reply(self):
+        values = user_reply_latency(
+            [
+                Context("x", next_user="hi", reply_seconds=9.0),
+                Context("x", next_user="hi", reply_seconds=86_400.0),  # came back next day
+                Context("x", next_user="hi", reply_seconds=-2.0),  # clocks disagree
+                Context("x", next_user="hi"),  # an imported log: no real times
+                Context("x", reply_seconds=None),  # no reply
+            ]
+        )
+        assert values == [pytest.approx(math.log(10)), pytest.approx(math.log(601)), 0.0, 0.0, 0.0]
+
+
+class TestUserRating:
+    def test_the_mean_answer_mapped_to_minus_one_to_one_on_rated_turns_only(self):
+        values = user_rating(
+            [
+                Context("x", rating=(5, 5, 5, 5, 5)),
+                Context("x", rating=(1, 1, 1, 1, 1)),
+                Context("x", rating=(3, 4, 2, 3, 3)),
+                Context("x", rating=(4, 5, 4, 5, 4)),
+                Context("x", next_user="lol"),
+            ]
+        )
+        assert values == [1.0, -1.0, 0.0, pytest.approx(0.7), 0.0]
 
 
 class TestManualVote:

@@ -273,13 +273,23 @@ def test_score_killed_midway_then_rerun_scores_each_turn_exactly_once(rapport_ho
 
 def test_report_writes_valid_pngs_and_an_html_page_that_shows_them(rapport_home, tmp_path):
     with Store(rapport_home / "rapport.db") as store:
-        for _ in range(3):
-            chat_log(store)
+        chats = [chat_log(store) for _ in range(3)]
+        user = store.ensure_user("terminal", "ann")
+        for ids, answers in zip(chats, ((4, 5, 3, 4, 4), (2, 4, 2, 3, 5)), strict=False):
+            store.rate(store.message(ids["last"]).conversation_id, user, dict(zip(
+                ("overall", "fluency", "diversity", "relatedness", "empathy"), answers,
+                strict=True,
+            )))  # fmt: skip
         score_store(store, Config())
     out = tmp_path / "report"
     result = run_rapport("report", "rewards", "--out", str(out))
     assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == (
+        "ratings: 2 rated conversations; mean answers: overall 3.00, fluency 4.50, "
+        "diversity 2.50, relatedness 3.50, empathy 4.50"
+    )
     page = (out / "index.html").read_text()
+    assert "<td>fluency</td><td>4.50</td>" in page
     for png in ("distributions.png", "correlations.png", "vote_agreement.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f'src="{png}"' in page
@@ -294,3 +304,102 @@ def test_report_without_scores_is_one_line(rapport_home, tmp_path):
         result.stderr.strip()
         == "rapport: error: no scored bot turns yet: run `rapport score` first"
     )
+
+
+def test_a_retried_reply_gets_user_retry_and_leaves_the_path(store):
+    """A retry in a live chat: the replaced reply is scored at once (the retry was the
+    user's answer: user_retry 1, no reply), the kept one answers the same user turn and
+    is followed by the user's reply; neither sees the replaced one as an earlier turn."""
+    user = store.ensure_user("terminal", "ann")
+    conv = store.start_conversation(user, "terminal")
+    store.add_message(conv, "user", "any plans for the weekend?")
+    replaced = store.add_message(conv, "bot", "The stock market fell today.")
+    store.vote(replaced, user, -1)
+    kept = store.add_message(conv, "bot", "Hiking, I hope! You?", replaces=replaced)
+    store.add_message(conv, "user", "haha same, hiking")
+    last = store.add_message(conv, "bot", "Where do you hike?")
+    pairs = {t["id"]: c for t, c in contexts_of(store.conversation_turns([conv])[conv])}
+    assert set(pairs) == {replaced, kept}  # the last turn waits for the user's answer
+    assert pairs[replaced].replaced and pairs[replaced].next_user is None
+    assert pairs[replaced].prev_user == "any plans for the weekend?"
+    assert pairs[kept].prev_user == "any plans for the weekend?"
+    assert pairs[kept].next_user == "haha same, hiking" and pairs[kept].earlier_bot == ()
+
+    score_store(store, Config())
+    assert store.rewards(replaced)["user_retry"] == 1.0
+    assert store.rewards(replaced)["manual_vote"] == -1.0  # its vote stayed on it
+    assert store.rewards(kept)["user_retry"] == 0.0
+    assert store.rewards(replaced)["combined"] < store.rewards(kept)["combined"]
+    store.end_conversation(conv, "quit")
+    score_store(store, Config())
+    assert store.rewards(last)["user_retry"] == 0.0
+    path = store.training_conversations()[0]["turns"]
+    assert [t["id"] for t in path if t["role"] == "bot"] == [kept, last]
+
+
+def test_only_the_latest_reply_can_be_replaced(store):
+    from bot.errors import InvalidInput
+
+    user = store.ensure_user("terminal", "ann")
+    conv = store.start_conversation(user, "terminal")
+    store.add_message(conv, "user", "hi")
+    old = store.add_message(conv, "bot", "hello")
+    store.add_message(conv, "user", "how are you?")
+    with pytest.raises(InvalidInput, match="only the latest reply"):
+        store.add_message(conv, "bot", "fine", replaces=old)
+    assert store.counts()["messages"] == 3
+
+
+def test_a_rating_scores_the_conversations_last_bot_turn_once_it_arrives(store):
+    """user_rating: (mean answer − 3) / 2 on the last bot turn of the path (not on a
+    retried reply after it, not on earlier turns); a rating after scoring rescores."""
+    ids = chat_log(store)
+    conv = store.message(ids["last"]).conversation_id
+    user = store.ensure_user("terminal", "ann")
+    score_store(store, Config())
+    assert store.rewards(ids["last"])["user_rating"] == 0.0  # not rated yet
+    answers = dict(
+        zip(
+            ("overall", "fluency", "diversity", "relatedness", "empathy"),
+            (5, 5, 4, 5, 4),
+            strict=True,
+        )
+    )
+    store.rate(conv, user, answers)
+    assert store.conversations_to_score(SCORER_VERSION) == [conv]
+    score_store(store, Config())
+    assert store.rewards(ids["last"])["user_rating"] == pytest.approx(0.8)
+    assert store.rewards(ids["liked"])["user_rating"] == 0.0
+    assert store.rewards(ids["disliked"])["user_rating"] == 0.0
+
+
+def test_reply_latency_is_read_from_live_chats_only(store):
+    """user_reply_latency: ln(1 + seconds) from the bot turn to the user's reply in a
+    chat; an imported log's timestamps are not answer times, so it scores 0 there."""
+    from bot.store_data import Imported
+
+    ids = chat_log(store)
+    times = {  # the bot turns at 12:00:00, the user's replies 9 and 99 seconds later
+        ids["liked"]: "2026-01-01T12:00:00.000000+00:00",
+        ids["liked"] + 1: "2026-01-01T12:00:09.000000+00:00",
+        ids["disliked"]: "2026-01-01T12:01:00.000000+00:00",
+        ids["disliked"] + 1: "2026-01-01T12:02:39.000000+00:00",
+    }
+    for message_id, created in times.items():
+        store.db.execute("UPDATE messages SET created = ? WHERE id = ?", [created, message_id])
+    store.import_conversations(
+        "chitchat",
+        [
+            Imported(
+                "c1",
+                "bob",
+                (("user", "person", "hi"), ("bot", "person", "yo"), ("user", "person", "ok")),
+            )
+        ],
+    )
+    score_store(store, Config())
+    assert store.rewards(ids["liked"])["user_reply_latency"] == pytest.approx(math.log(10))
+    assert store.rewards(ids["disliked"])["user_reply_latency"] == pytest.approx(math.log(100))
+    assert store.rewards(ids["last"])["user_reply_latency"] == 0.0  # never answered
+    (imported,) = [r[0] for r in store.db.execute("SELECT id FROM messages WHERE text = 'yo'")]
+    assert store.rewards(imported)["user_reply_latency"] == 0.0

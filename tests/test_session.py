@@ -6,8 +6,8 @@ import pytest
 
 from bot.config import Config
 from bot.errors import InvalidInput, NotFound
-from bot.policy import GenerationError, Policy
-from bot.session import OPTED_OUT_NOTICE, Session
+from bot.policy import GenerationError, Policy, Settings
+from bot.session import OPTED_OUT_NOTICE, Session, parse_rating
 
 
 @pytest.fixture(scope="module")
@@ -198,3 +198,130 @@ def test_a_reply_the_model_ended_is_not_marked_cut(session, store, policy):
     session.respond("hi")
     bot = store.messages(session.conversation_id)[-1]
     assert bot.text == "done." and bot.generation == policy.settings.as_dict()
+
+
+class Scripted:
+    """A policy that answers with the next of its texts, and remembers what it saw."""
+
+    settings = Settings(temperature=0.7, top_p=0.9, max_new_tokens=8, repetition_penalty=1.1)
+    version = "scripted"
+
+    def __init__(self, *texts: str):
+        self.texts, self.seen = list(texts), []
+
+    def stream(self, turns, finish=None):
+        self.seen.append([(t.role, t.text) for t in turns])
+        yield self.texts.pop(0)
+
+
+def test_retry_logs_both_replies_and_the_model_sees_only_the_kept_one(store):
+    policy = Scripted("Boring answer.", "Better answer!", "Glad you liked it.")
+    session = Session(store, lambda: policy, platform="terminal", platform_user_id="ann")
+    first = session.respond("tell me a joke")
+    session.vote(-1)  # a vote before the retry stays on the reply it was cast on
+    second = session.retry()
+    assert second.text == "Better answer!" and second.message_id != first.message_id
+    session.vote(1)  # after the retry, "the last reply" is the new one
+    session.respond("haha")
+    assert policy.seen[1] == [("user", "tell me a joke")]  # asked again, old reply gone
+    assert policy.seen[2] == [
+        ("user", "tell me a joke"),
+        ("bot", "Better answer!"),
+        ("user", "haha"),
+    ]
+    rows = store.messages(session.conversation_id)
+    assert [(m.role, m.text, m.replaced_by) for m in rows] == [
+        ("user", "tell me a joke", None),
+        ("bot", "Boring answer.", second.message_id),
+        ("bot", "Better answer!", None),
+        ("user", "haha", None),
+        ("bot", "Glad you liked it.", None),
+    ]
+    assert store.votes(first.message_id) == {session.user_id: -1}
+    assert store.votes(second.message_id) == {session.user_id: 1}
+    assert session.vote(1, back=2) == second.message_id  # counted along the kept replies
+
+
+def test_retry_with_no_reply_yet_is_one_line_and_stores_nothing(session, store):
+    with pytest.raises(NotFound, match="^no reply to retry yet$"):
+        session.retry()
+    assert store.counts()["messages"] == 0
+
+
+def test_retry_of_a_reply_that_is_not_the_latest_is_refused(store):
+    policy = Scripted("one", "two", "three")
+    session = Session(store, lambda: policy, "discord", "ann")
+    old = session.respond("hi").message_id
+    session.respond("and?")
+    with pytest.raises(InvalidInput, match="only the latest reply"):
+        session.retry(message_id=old)
+    assert store.counts()["messages"] == 4
+    assert all(m.replaced_by is None for m in store.messages(session.conversation_id))
+
+
+def test_a_failed_retry_keeps_the_old_reply(session, store, policy):
+    kept = session.respond("hello")
+
+    class Broken:
+        version, settings = policy.version, policy.settings
+
+        def stream(self, turns, finish=None):
+            raise RuntimeError("out of memory")
+            yield
+
+    session.policy_source = lambda: Broken()
+    with pytest.raises(GenerationError, match="the last reply stays, try again"):
+        session.retry()
+    session.policy_source = lambda: policy
+    assert [m.replaced_by for m in store.messages(session.conversation_id)] == [None, None]
+    again = session.retry()  # the old reply is still the one to retry
+    assert store.message(kept.message_id).replaced_by == again.message_id
+
+
+def test_retry_when_opted_out_replies_and_logs_nothing(session, store):
+    session.set_opt_out(True)
+    session.respond("secret")
+    reply = session.retry()
+    assert reply.text and reply.message_id is None
+    assert store.counts()["messages"] == 0
+    assert [t.role for t in session.history] == ["user", "bot"]
+
+
+@pytest.mark.parametrize(
+    "typed, message",
+    [
+        (["4", "5", "3", "4", "6"], "'6' is not a rating"),
+        (["4", "5", "3", "4", "0"], "'0' is not a rating"),
+        (["4", "five", "3", "4", "4"], "'five' is not a rating"),
+        (["4", "4.5", "3", "4", "4"], "'4.5' is not a rating"),
+        (["4", "", "3", "4", "4"], "'nothing' is not a rating"),
+        ([], "a rating is five whole numbers 1-5, .* got 0"),
+        (["4", "5"], "got 2"),
+    ],
+)
+def test_a_rating_that_is_not_five_answers_1_to_5_is_one_line_and_not_stored(
+    session, store, typed, message
+):
+    session.respond("hi")
+    with pytest.raises(InvalidInput, match=message) as e:
+        session.rate(parse_rating(typed))
+    assert "\n" not in str(e.value)
+    assert store.counts()["ratings"] == 0
+
+
+def test_one_rating_a_conversation_the_second_replaces_the_first(session, store):
+    with pytest.raises(NotFound, match="no conversation to rate yet"):
+        session.rate(parse_rating("4 4 4 4 4".split()))
+    session.respond("hi")
+    assert session.rate(parse_rating("4 5 3 4 4".split())) is False
+    assert session.rate(parse_rating("2 2 2 2 1".split())) is True
+    first = session.conversation_id
+    assert store.rating(first) == dict(overall=2, fluency=2, diversity=2, relatedness=2, empathy=1)
+    session.new_conversation()  # /rate right after /new rates the chat that ended
+    session.rate(parse_rating("5 5 5 5 5".split()))
+    assert store.rating(first)["overall"] == 5 and store.counts()["ratings"] == 1
+    session.respond("a new chat")
+    session.rate(parse_rating("3 3 3 3 3".split()))
+    assert store.rating(session.conversation_id)["overall"] == 3
+    assert store.counts()["ratings"] == 2
+    assert session.forget_me()["ratings"] == 2

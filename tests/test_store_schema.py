@@ -33,8 +33,19 @@ EXPECTED_COLUMNS = {
         "created",
         "model_version",
         "generation",
+        "replaced_by",
     ],
     "votes": ["id", "message_id", "user_id", "value", "created"],
+    "ratings": [
+        "conversation_id",
+        "user_id",
+        "overall",
+        "fluency",
+        "diversity",
+        "relatedness",
+        "empathy",
+        "created",
+    ],
     "rewards": ["message_id", "name", "value", "scorer_version", "created"],
     "training_runs": [
         "id",
@@ -82,7 +93,7 @@ def test_fresh_in_memory_database_has_exactly_the_expected_columns():
     assert tables == set(EXPECTED_COLUMNS)
     for table, columns in EXPECTED_COLUMNS.items():
         assert [c.name for c in store.db[table].columns] == columns, table
-    assert store.schema_version() == (8, "m008_conversation_ends")
+    assert store.schema_version() == (10, "m010_ratings")
 
 
 def test_reopening_applies_nothing_twice(tmp_path):
@@ -100,6 +111,8 @@ def test_reopening_applies_nothing_twice(tmp_path):
         "m006_platform_messages",
         "m007_deployments",
         "m008_conversation_ends",
+        "m009_retries",
+        "m010_ratings",
     ]
 
 
@@ -123,7 +136,7 @@ def test_database_from_older_schema_upgrades_and_keeps_its_rows(tmp_path):
     old.close()
 
     with Store(path) as store:
-        assert store.schema_version() == (8, "m008_conversation_ends")
+        assert store.schema_version() == (10, "m010_ratings")
         assert store.messages(1)[0].text == "hello from an old version"
         store.vote(1, "u_1", 1)  # a table the old schema did not have
         assert store.votes(1) == {"u_1": 1}

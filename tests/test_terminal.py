@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import pty
 import select
@@ -208,3 +209,63 @@ def test_interactive_ctrl_c_stops_a_reply_and_the_chat_goes_on(tiny_model_dir, r
         assert rows[0].text == "tell me a very long story"
         interrupted = [r for r in rows if r.role == "bot" and r.generation.get("interrupted")]
         assert len(interrupted) == 1 and interrupted[0] == rows[-1]  # the last, then /quit
+
+
+def test_piped_retry_logs_both_replies_and_exports_the_pair(tiny_model_dir, rapport_home):
+    """/retry with nothing to retry is one line; after a reply, it logs a second reply to
+    the same user turn; /down before and /up after land on the old and the new reply;
+    scoring gives the old one user_retry; the DPO export pairs (kept, replaced)."""
+    result = chat_process(
+        tiny_model_dir, ["/retry", "hello bot", "/down", "/retry", "/up", "/retry now", "/quit"]
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout.splitlines()
+    assert len(out) == 7, out
+    assert out[0] == "rapport: no reply to retry yet"
+    assert out[2] == "voted 👎 on the last reply"
+    assert out[4] == "voted 👍 on the last reply"
+    assert out[5] == "/retry takes no arguments: it replaces the last reply"
+    with Store(rapport_home / "rapport.db") as store:
+        (conversation,) = [r["id"] for r in store.db["conversations"].rows]
+        user, old, new = store.messages(conversation)
+        assert (user.text, old.role, new.role) == ("hello bot", "bot", "bot")
+        assert old.replaced_by == new.id and new.replaced_by is None
+        assert [" ".join(m.text.split()) + " […]" for m in (old, new)] == [out[1], out[3]]
+        assert store.votes(old.id) == {user.user_id: -1}
+        assert store.votes(new.id) == {user.user_id: 1}
+    assert old.text != new.text  # sampled anew (else the pair below would say nothing)
+
+    assert run_rapport("score").returncode == 0
+    with Store(rapport_home / "rapport.db") as store:
+        assert store.rewards(old.id)["user_retry"] == 1.0
+        assert store.rewards(new.id)["user_retry"] == 0.0
+    pairs = rapport_home / "pairs.jsonl"
+    result = run_rapport("export", str(pairs), "--format", "dpo", "--pairs-from", "retries")
+    assert result.returncode == 0, result.stderr
+    (row,) = [json.loads(line) for line in pairs.read_text().splitlines()]
+    assert row["prompt"][-1] == {"role": "user", "content": "hello bot"}
+    assert row["chosen"] == [{"role": "assistant", "content": new.text}]
+    assert row["rejected"] == [{"role": "assistant", "content": old.text}]
+
+
+def test_piped_rate_validates_and_stores_one_rating_a_conversation(tiny_model_dir, rapport_home):
+    how = "five whole numbers 1-5, for overall, fluency, diversity, relatedness, empathy"
+    lines = ["/rate 4 5 3 4 4", "hi", "/rate 4 5 x 4 4", "/rate", "/rate 4 5 3 4 9"]
+    lines += ["/rate 4 5 3 4 4", "/rate 5 5 5 5 5", "/quit"]
+    result = chat_process(tiny_model_dir, lines)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout.splitlines()
+    assert len(out) == 8, out
+    assert out[0] == "rapport: no conversation to rate yet; chat first"
+    assert out[2] == f"rapport: 'x' is not a rating: give {how} (e.g. 4 5 3 4 4)"
+    assert out[3] == f"rapport: a rating is {how} (e.g. 4 5 3 4 4); got 0"
+    assert out[4] == f"rapport: '9' is not a rating: give {how} (e.g. 4 5 3 4 4)"
+    assert out[5] == "rated: overall 4, fluency 5, diversity 3, relatedness 4, empathy 4"
+    assert out[6] == (
+        "rated: overall 5, fluency 5, diversity 5, relatedness 5, empathy 5 "
+        "(replaces your earlier rating)"
+    )
+    with Store(rapport_home / "rapport.db") as store:
+        (conversation,) = [r["id"] for r in store.db["conversations"].rows]
+        assert store.counts()["ratings"] == 1
+        assert set(store.rating(conversation).values()) == {5}

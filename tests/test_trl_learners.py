@@ -246,3 +246,73 @@ def test_whole_log_exports_reimport_and_carry_votes_and_rewards(voted_log, rappo
     bot = [r for r in rows if r["role"] == "bot" and r["votes"]]
     assert len(bot) == 24 and all(r["reward_manual_vote"] == r["votes"][0] for r in bot)
     assert rows[0]["reward_combined"] is None  # a user turn has no reward
+
+
+def retried_log(store) -> dict[str, int]:
+    """One chat with a retry chain (two retries of the first reply), then a reply the
+    user answered; ids of the bot turns by name."""
+    user = store.ensure_user("terminal", "ann")
+    chat = store.start_conversation(user, "terminal")
+    store.add_message(chat, "user", "tell me a joke")
+    ids = {"first": store.add_message(chat, "bot", "No.")}
+    ids["second"] = store.add_message(chat, "bot", "Jokes are hard.", replaces=ids["first"])
+    ids["kept"] = store.add_message(chat, "bot", "Why did the cat sit?", replaces=ids["second"])
+    store.add_message(chat, "user", "why?")
+    ids["later"] = store.add_message(chat, "bot", "To keep an eye on the mouse.")
+    store.end_conversation(chat, "quit")
+    return ids
+
+
+def test_retries_pair_the_kept_reply_with_each_it_replaced_and_leave_later_prompts(store):
+    retried_log(store)
+    logs = store.feedback_conversations()
+    pairs = dpo_rows(logs, SYS, 6, "retries")
+    opener = [{"role": "system", "content": SYS}, {"role": "user", "content": "tell me a joke"}]
+    assert [
+        (p["prompt"], p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in pairs
+    ] == [
+        (opener, "Why did the cat sit?", "No."),
+        (opener, "Why did the cat sit?", "Jokes are hard."),
+    ]
+    kto = kto_rows(logs, SYS, 6, labels_from="retries")
+    assert [(r["completion"][0]["content"], r["label"]) for r in kto] == [
+        ("No.", False),
+        ("Jokes are hard.", False),
+        ("Why did the cat sit?", True),
+    ]
+    later = sft_rows(logs, SYS, 6)[-1]  # the conversation as it went on: no replaced reply
+    assert [m["content"] for m in later["prompt"][1:]] == [
+        "tell me a joke",
+        "Why did the cat sit?",
+        "why?",
+    ]
+    assert dpo_rows(logs, SYS, 6, "votes") == []  # no votes: retries are their own source
+
+
+def test_dpo_training_rows_from_retries_or_one_line_without_them(store):
+    from learner.train import TrainingError
+    from learner.trl_train import training_rows
+
+    config = TrainConfig(algo="dpo", pairs_from="retries")
+    with pytest.raises(TrainingError, match="^no retried replies to train on; ask for another"):
+        training_rows(store, SYS, config)
+    retried_log(store)
+    rows = training_rows(store, SYS, config)
+    assert [r["rejected"][0]["content"] for r in rows] == ["No.", "Jokes are hard."]
+
+
+def test_the_jsonl_export_is_the_kept_conversation_with_its_retried_replies(store, tmp_path):
+    from learner.export import export
+
+    retried_log(store)
+    out = tmp_path / "log.jsonl"
+    assert export(store, "jsonl", out, SYS) == 1
+    (line,) = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [t["text"] for t in line["turns"]] == [
+        "tell me a joke",
+        "Why did the cat sit?",
+        "why?",
+        "To keep an eye on the mouse.",
+    ]
+    assert [r["text"] for r in line["turns"][1]["replaced"]] == ["No.", "Jokes are hard."]
+    assert export(store, "dpo", tmp_path / "pairs.jsonl", SYS, pairs_from="retries") == 2
