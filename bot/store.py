@@ -42,7 +42,7 @@ from sqlite_utils import Database
 
 from bot.errors import InvalidInput, NotFound, OptedOut, StoreError
 from bot.migrations import migrations
-from bot.store_data import LearningData, now
+from bot.store_data import LearningData, now, storable
 
 ROLES = ("user", "bot")
 AUTHORS = ("person", "model")
@@ -66,10 +66,7 @@ def clean_text(text: object, what: str = "message") -> str:
         raise InvalidInput(f"{what} must be text, got {type(text).__name__}")
     if not text.strip():
         raise InvalidInput(f"{what} is empty; type something to say")
-    if any(0xD800 <= ord(ch) <= 0xDFFF for ch in text):
-        # Lone surrogates (bytes that were not UTF-8) cannot be stored as SQLite text.
-        text = "".join("\ufffd" if 0xD800 <= ord(ch) <= 0xDFFF else ch for ch in text)
-    return text
+    return storable(text)
 
 
 @dataclass(frozen=True)
@@ -173,7 +170,10 @@ class Store(LearningData):
     def pseudonym(self, kind: str, platform: str, platform_id: str) -> str:
         """Keyed hash of a platform id: stable for this database, not reversible."""
         digest = hmac.new(
-            self._key, f"{kind}\0{platform}\0{platform_id}".encode(), hashlib.sha256
+            self._key,
+            # surrogatepass: an id with a lone surrogate (an undecodable byte) still hashes
+            f"{kind}\0{platform}\0{platform_id}".encode("utf-8", "surrogatepass"),
+            hashlib.sha256,
         ).hexdigest()
         return f"{kind[0]}_{digest[:32]}"
 
