@@ -41,6 +41,7 @@ from typing import Any
 from sqlite_utils import Database
 
 from bot.errors import InvalidInput, NotFound, OptedOut, StoreError
+from bot.files import fault_point
 from bot.migrations import migrations
 from bot.store_data import LearningData, now, storable
 
@@ -425,6 +426,7 @@ class Store(LearningData):
             except sqlite3.DatabaseError as e:
                 tmp.unlink(missing_ok=True)
                 raise StoreError(_explain(e, str(destination))) from None
+        fault_point("backup-written")
         os.replace(tmp, destination)
         return destination
 
