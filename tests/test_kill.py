@@ -315,6 +315,7 @@ def test_export_killed_then_rerun_writes_the_file_one_run_writes(scored_home, tm
     assert_whole(home)
     run_in(home, *args)
     assert out.read_bytes() == straight.read_bytes()
+    assert not out.with_name(out.name + ".tmp").exists()  # no debris once it completed
     assert len(out.read_text().splitlines()) == 60
 
 
@@ -344,5 +345,6 @@ def test_db_backup_killed_then_rerun_writes_the_copy_one_run_writes(scored_home,
     assert_whole(home)
     run_in(home, *args)
     assert tables(copy) == tables(straight)
+    assert not copy.with_name(copy.name + ".tmp").exists()
     assert len(tables(copy)["rewards"]) > 0
     assert check(copy).verdict().startswith("ok: integrity ok")
