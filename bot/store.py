@@ -18,7 +18,8 @@ Design
 - The log is never truncated: a 1 MB message is stored whole (model inputs are cut
   later); NUL and other control characters are stored as they are; text that is not
   valid Unicode (lone surrogates from undecodable bytes) has those code points replaced
-  by U+FFFD, because SQLite text must be UTF-8.
+  by U+FFFD, because SQLite text must be UTF-8 (:func:`~bot.store_data.storable`: the
+  one rule, for messages and for imported platform names and ids alike).
 - One store may be shared by threads (the Discord frontend runs each write in
   ``asyncio.to_thread``); a lock serialises use of the connection.
 """
