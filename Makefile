@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install chat test lint bench learning-loop clean
+.PHONY: install chat test fuzz lint bench learning-loop clean
 
 install: $(STAMP)
 
@@ -30,6 +30,11 @@ chat: install
 
 test: install
 	$(PY) -m pytest -q
+
+# The fuzz properties of tests/test_fuzz.py at 3,000 examples each, the chat's at 750
+# (12,750 cases; figures in bench/RESULTS.md).
+fuzz: install
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q tests/test_fuzz.py --hypothesis-show-statistics
 
 lint: install
 	$(VENV)/bin/ruff check bot rewards learner tests bench

@@ -25,6 +25,7 @@ file itself may live there.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import shutil
 import tempfile
@@ -300,7 +301,7 @@ class DiscordConfig:
         _require(self.rate_limit_per_minute >= 1, "discord.rate_limit_per_minute must be >= 1")
         for part in self.allowed_channels.split(","):
             _require(
-                not part.strip() or part.strip().isdigit(),
+                not part.strip() or part.strip().isdecimal(),  # "²" is a digit, not a number
                 f"discord.allowed_channels must be channel ids, got {part.strip()!r}",
             )
 
@@ -343,7 +344,15 @@ def _sections() -> dict[str, type]:
 
 
 def _coerce(value: Any, kind: type, where: str) -> Any:
-    """Check (TOML) or parse (environment, --set strings) one value into ``kind``."""
+    """Check (TOML) or parse (environment, --set strings) one value into ``kind``; a
+    number must be finite (TOML and ``float()`` both read ``inf`` and ``nan``)."""
+    value = _typed(value, kind, where)
+    if kind is float and not math.isfinite(value):
+        raise ConfigError(f"{where} must be a finite number, got {value!r}")
+    return value
+
+
+def _typed(value: Any, kind: type, where: str) -> Any:
     if isinstance(value, str) and kind is not str:
         text = value.strip()
         try:
@@ -367,15 +376,24 @@ def _type_name(kind: type) -> str:
     return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}[kind]
 
 
+def _shown(name: str) -> str:
+    """A name the user wrote, fit for a one-line message: as written when printable,
+    else quoted with escapes (a TOML key may hold a newline or an RTL mark)."""
+    return name if name.isprintable() else repr(name)
+
+
 def _apply(config: Config, table: str, key: str, value: Any, source: str) -> None:
     sections = _sections()
     if table not in sections:
-        raise ConfigError(f"{source}: unknown section [{table}] (known: {', '.join(sections)})")
+        raise ConfigError(
+            f"{source}: unknown section [{_shown(table)}] (known: {', '.join(sections)})"
+        )
     section = getattr(config, table)
     fields = {f.name: f for f in dataclasses.fields(section)}
     if key not in fields:
         raise ConfigError(
-            f"{source}: unknown key '{table}.{key}' (known in [{table}]: {', '.join(fields)})"
+            f"{source}: unknown key '{table}.{_shown(key)}' "
+            f"(known in [{table}]: {', '.join(fields)})"
         )
     kind = type(fields[key].default)
     setattr(section, key, _coerce(value, kind, f"{source}: {table}.{key}"))
@@ -433,6 +451,6 @@ def load_config(
         table, dot, key = dotted.strip().partition(".")
         if not sep or not dot:
             raise ConfigError(f"--set {item!r}: expected section.key=value")
-        _apply(config, table, key, value, f"--set {dotted.strip()}")
+        _apply(config, table, key, value, f"--set {_shown(dotted.strip())}")
     config.validate()
     return config

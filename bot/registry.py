@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import signal
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
 from bot.config import Config
 from bot.errors import InvalidInput, RapportError
+from bot.files import fault_point
 from bot.gate import run_gate
 from bot.model_files import ModelRejected, verify_folder
 from bot.policy import (
@@ -47,14 +46,6 @@ from bot.policy import (
 from bot.store import Store
 
 log = logging.getLogger(__name__)
-
-FAULT_ENV = "RAPPORT_FAULT_POINT"  # fault injection for the kill-during-deploy tests
-
-
-def fault_point(name: str) -> None:
-    """SIGKILL this process at ``name`` when ``$RAPPORT_FAULT_POINT`` names it (tests)."""
-    if os.environ.get(FAULT_ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _base(store: Store, config: Config) -> tuple[str, bool]:

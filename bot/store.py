@@ -18,7 +18,8 @@ Design
 - The log is never truncated: a 1 MB message is stored whole (model inputs are cut
   later); NUL and other control characters are stored as they are; text that is not
   valid Unicode (lone surrogates from undecodable bytes) has those code points replaced
-  by U+FFFD, because SQLite text must be UTF-8.
+  by U+FFFD, because SQLite text must be UTF-8 (:func:`~bot.store_data.storable`: the
+  one rule, for messages and for imported platform names and ids alike).
 - One store may be shared by threads (the Discord frontend runs each write in
   ``asyncio.to_thread``); a lock serialises use of the connection.
 """
@@ -41,8 +42,9 @@ from typing import Any
 from sqlite_utils import Database
 
 from bot.errors import InvalidInput, NotFound, OptedOut, StoreError
+from bot.files import fault_point
 from bot.migrations import migrations
-from bot.store_data import LearningData, now
+from bot.store_data import LearningData, now, storable
 from bot.store_ratings import Ratings
 
 ROLES = ("user", "bot")
@@ -68,10 +70,7 @@ def clean_text(text: object, what: str = "message") -> str:
         raise InvalidInput(f"{what} must be text, got {type(text).__name__}")
     if not text.strip():
         raise InvalidInput(f"{what} is empty; type something to say")
-    if any(0xD800 <= ord(ch) <= 0xDFFF for ch in text):
-        # Lone surrogates (bytes that were not UTF-8) cannot be stored as SQLite text.
-        text = "".join("\ufffd" if 0xD800 <= ord(ch) <= 0xDFFF else ch for ch in text)
-    return text
+    return storable(text)
 
 
 @dataclass(frozen=True)
@@ -176,7 +175,10 @@ class Store(LearningData, Ratings):
     def pseudonym(self, kind: str, platform: str, platform_id: str) -> str:
         """Keyed hash of a platform id: stable for this database, not reversible."""
         digest = hmac.new(
-            self._key, f"{kind}\0{platform}\0{platform_id}".encode(), hashlib.sha256
+            self._key,
+            # surrogatepass: an id with a lone surrogate (an undecodable byte) still hashes
+            f"{kind}\0{platform}\0{platform_id}".encode("utf-8", "surrogatepass"),
+            hashlib.sha256,
         ).hexdigest()
         return f"{kind[0]}_{digest[:32]}"
 
@@ -442,6 +444,7 @@ class Store(LearningData, Ratings):
             except sqlite3.DatabaseError as e:
                 tmp.unlink(missing_ok=True)
                 raise StoreError(_explain(e, str(destination))) from None
+        fault_point("backup-written")
         os.replace(tmp, destination)
         return destination
 

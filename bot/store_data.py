@@ -25,6 +25,15 @@ UPSERT_REWARD = (
 )
 
 
+def storable(text: str) -> str:
+    """``text`` as SQLite can hold it: the one normalisation of logged text. A lone
+    surrogate (a byte that was not UTF-8, as a terminal's ``surrogateescape`` hands it
+    over, or a ``\\udxxx`` escape in JSON) becomes U+FFFD; everything else is kept."""
+    if any(0xD800 <= ord(ch) <= 0xDFFF for ch in text):
+        text = "".join("\ufffd" if 0xD800 <= ord(ch) <= 0xDFFF else ch for ch in text)
+    return text
+
+
 def now() -> str:
     """UTC timestamp with microseconds, sortable as text (every table's clock)."""
     return datetime.now(UTC).isoformat(timespec="microseconds")
@@ -201,8 +210,10 @@ class LearningData:
         Returns how many were added. Conversations are keyed by (platform, external id).
         """
         added = 0
+        platform = storable(platform)
         with self._write() as db:
             for conv in conversations:
+                conv = replace(conv, external_id=storable(conv.external_id))
                 if db.execute(
                     "SELECT 1 FROM conversations WHERE platform = ? AND external_id = ?",
                     [platform, conv.external_id],

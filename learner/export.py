@@ -24,6 +24,7 @@ import json
 from pathlib import Path
 
 from bot.errors import RapportError
+from bot.files import fault_point
 from bot.store import Store
 from learner.config import PAIRS_FROM
 from learner.trl_data import dpo_rows, kept_replies, kto_rows, sft_rows
@@ -116,6 +117,7 @@ def write_rows(rows: list[dict], path: Path, parquet: bool) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    fault_point("export-written")
     tmp.replace(path)
 
 

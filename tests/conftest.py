@@ -8,9 +8,26 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# Fuzzing (tests/test_fuzz.py): a few dozen examples a property in the test suite, a few
+# thousand under `make fuzz` (HYPOTHESIS_PROFILE=fuzz). No deadline: a busy 2-core machine
+# makes timings noise. The fuzz tests make their state inside each example (fresh users,
+# platforms, files), so sharing the function-scoped RAPPORT_HOME across examples is safe.
+_FUZZ = {
+    "deadline": None,
+    "suppress_health_check": [
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+    ],
+}
+settings.register_profile("ci", max_examples=30, **_FUZZ)
+settings.register_profile("fuzz", max_examples=3000, **_FUZZ)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(autouse=True)
