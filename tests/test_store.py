@@ -8,6 +8,7 @@ import pytest
 
 from bot.errors import InvalidInput, NotFound, OptedOut
 from bot.store import Store
+from bot.store_ratings import RATING_QUESTIONS
 
 
 def chat(store: Store, platform_user: str = "alice", platform: str = "terminal"):
@@ -149,11 +150,15 @@ def test_forget_removes_every_row_of_that_user_and_nothing_else(store):
     store.set_rewards(
         [(a_reply, "user_sentiment", 0.5, "s1"), (b_reply, "user_sentiment", 0.2, "s1")]
     )
+    answers = dict.fromkeys(RATING_QUESTIONS, 4)
+    store.rate(a_conv, alice, answers)
+    store.rate(b_conv, bob, answers)
     before = store.counts()
 
     deleted = store.forget(alice)
 
     assert deleted == {
+        "ratings": 1,
         "rewards": 1,
         "scoring": 0,
         "platform_messages": 0,
@@ -167,6 +172,7 @@ def test_forget_removes_every_row_of_that_user_and_nothing_else(store):
     assert [m.text for m in store.messages(b_conv)] == ["i love dogs", "dogs are great"]
     assert store.votes(b_reply) == {bob: 1}
     assert store.rewards(b_reply) == {"user_sentiment": 0.2}
+    assert store.rating(b_conv) == answers and store.rating(a_conv) is None
     with pytest.raises(NotFound):
         store.user(alice)
     leftovers = store.db.execute(
