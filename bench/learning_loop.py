@@ -9,7 +9,11 @@
    researcher would try first: filtered behaviour cloning (``bc`` on the turns above
    average) and trl's KTO (liked = reward above the mean). Two rows compare learners at
    equal KL from the prior: ``bc@psi`` trains bc until its KL reaches psi's (a KL budget,
-   ``rapport train --kl-budget``), ``psi@bc`` trains psi on until it reaches bc's.
+   ``rapport train --kl-budget``), ``psi@bc`` trains psi on until it reaches bc's. And in
+   (a) the cheapest baseline of all, no training: ``prior+best-of-N``, the prior sampling
+   N replies and sending the one the targeted reward ranks highest (its KL column is the
+   bound log N - (N-1)/N nats per reply spread over its tokens; best-of-N has no
+   per-token policy to measure).
 3. Every trained version and the prior are evaluated together (``rapport eval``) on
    held-out openers none of them trained on: (a) one reply to each of ``--eval-n``
    distinct openers; (b) ``--eval-n-b`` conversations of ``--eval-turns-b`` bot turns,
@@ -66,6 +70,7 @@ def arguments() -> argparse.Namespace:
     add("--eval-turns-b", type=int, default=2)
     add("--curve-every", type=int, default=12, help="0: no learning curves")
     add("--curve-n", type=int, default=16)
+    add("--best-of", type=int, default=4, help="(a): a 'prior+best-of-N' row; 0: none")
     add("--seed", type=int, default=0)
     add("--home", default="", help="RAPPORT_HOME to use (kept; default: a new temp dir)")
     add("--out", default="bench/out/learning_loop")
@@ -254,12 +259,18 @@ _START = {}  # reward -> the learning curves' first point (the prior's)
 def evaluate_all(args, config, reward, trained, prior_bf16, tokenizer) -> dict:
     from bot.policy import Settings, load_model, prepare_for_serving
     from learner.evaluation import evaluate
+    from learner.simulate import Rerank
 
     models = {"prior": (prior_bf16, tokenizer)}
     for algo, run in trained.items():
         model, _ = load_model(run["folder"])
         models[algo] = (prepare_for_serving(model, "bf16"), tokenizer)
     a = reward == "bot_question"
+    rerank = {}
+    if a and args.best_of > 1:  # ranked by the reward the learners train on (see below)
+        name = f"prior+best-of-{args.best_of}"
+        models[name] = (prior_bf16, tokenizer)
+        rerank[name] = Rerank(args.best_of, question_ranker)
     began = time.perf_counter()
     results = evaluate(
         models,
@@ -274,9 +285,21 @@ def evaluate_all(args, config, reward, trained, prior_bf16, tokenizer) -> dict:
         weights=dataclasses.asdict(config.weights),
         progress=lambda k: print(f"  evaluated {k} more", file=sys.stderr, flush=True),
         answer_last=not a,  # (a) measures the bot's replies alone
+        rerank=rerank,
     )
     results["seconds"] = time.perf_counter() - began
     return results
+
+
+def question_ranker(user: str, replies: list[str]) -> list[tuple[float, float]]:
+    """Best-of-N's ranking in (a): the targeted reward itself (``bot_question`` reads the
+    reply alone), the reward every learner of (a) trains on; its spread is 0. (b)'s
+    combined reward reads the user's answer, which no reply has before it is sent: it
+    would need a learned model of the reaction, so (b) has no best-of-N row."""
+    from rewards.bot_question import bot_question
+    from rewards.context import Context
+
+    return [(v, 0.0) for v in bot_question([Context(r, prev_user=user) for r in replies])]
 
 
 def cell(column: dict) -> str:

@@ -366,15 +366,32 @@ def _served(config: Config, store: Store, spec: str):
 @click.option("--user-model", default="", help="Simulated user's model (default: the prior).")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the results as JSON.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option(
+    "--best-of",
+    type=int,
+    default=0,
+    help="Also play the first version best-of-N, ranked by the newest reward model "
+    "(a row 'VERSION+best-of-N'; generation.best_of_caution applies).",
+)
 @click.pass_obj
 def eval_command(
-    config: Config, version: str, others, n, turns, seed, user_model, out, force
+    config: Config, version: str, others, n, turns, seed, user_model, out, force, best_of
 ) -> None:
     """Compare model versions on the same seeded simulated users (default: the prior)."""
     from bot.policy import Settings
     from learner.evaluation import evaluate, format_table, write_json
+    from learner.simulate import Rerank
+    from rewards.rank import RewardRanker
 
     out_path = new_file(out, force) if out else None  # refused before the long work
+    rerank = {}
+    if best_of > 1:
+        ranker = RewardRanker.latest(rapport_home() / "reward_models")
+        if ranker is None:
+            raise click.UsageError(
+                "--best-of ranks replies with a reward model: train one first "
+                "(`rapport reward-model train`)"
+            )
     on_interrupt("an evaluation keeps nothing; the same command starts it over")
 
     with open_store(config) as store:
@@ -382,6 +399,11 @@ def eval_command(
         for spec in (version, *others):
             model, tokenizer, name = _served(config, store, spec)
             models[name] = (model, tokenizer)
+            if best_of > 1 and not rerank:
+                models[f"{name}+best-of-{best_of}"] = (model, tokenizer)
+                rerank[f"{name}+best-of-{best_of}"] = Rerank(
+                    best_of, ranker, config.generation.best_of_caution
+                )
         # the prior scores fluency and KL in the policies' precision (see learner.evaluation)
         prior, _, _ = _served(config, store, config.model.path)
         user = _served(config, store, user_model)[0] if user_model else prior
@@ -399,6 +421,7 @@ def eval_command(
                 settings=settings,
                 weights=dataclasses.asdict(config.weights),
                 progress=bar.update,
+                rerank=rerank,
             )
     click.echo(format_table(results))
     for name, conversations in results["samples"].items():

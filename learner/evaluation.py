@@ -153,13 +153,24 @@ def kl_inputs(games, tokenizer, system_prompt) -> list[tuple[list[int], list[int
     return out
 
 
-def measures_of(games, signals, stats, weights, prior, policy, tokenizer, system_prompt):
-    """The per-conversation quantities every column is computed from."""
+def measures_of(
+    games, signals, stats, weights, prior, policy, tokenizer, system_prompt, rerank=None
+):
+    """The per-conversation quantities every column is computed from. For a model
+    played best-of-N (``rerank``) the KL column is its bound per reply (see
+    :meth:`learner.simulate.Rerank.kl_bound`) spread over the reply tokens."""
     fluency = fluency_inputs(games, tokenizer, system_prompt)
     ppl = iter(perplexities(prior, *zip(*fluency, strict=True)) if fluency else [])
     kl_seqs, kl_pos = zip(*kl_inputs(games, tokenizer, system_prompt), strict=True)
-    # the prior's own row is 0 by definition: two forwards saved
-    kls = [0.0] * len(games) if policy is prior else kl_per_tokens(policy, prior, kl_seqs, kl_pos)
+    if rerank:
+        kls = [
+            rerank.kl_bound() * len(g.bot_turns) / max(len(pos), 1)
+            for g, pos in zip(games, kl_pos, strict=True)
+        ]
+    elif policy is prior:  # the prior's own row is 0 by definition: two forwards saved
+        kls = [0.0] * len(games)
+    else:
+        kls = kl_per_tokens(policy, prior, kl_seqs, kl_pos)
     measures = []
     for game, sig, kl in zip(games, signals, kls, strict=True):
         replies = game.bot_turns
@@ -210,6 +221,7 @@ def evaluate(
     weights: dict[str, float],
     progress: Callable[[int], None] | None = None,
     answer_last: bool = True,
+    rerank: dict | None = None,
 ) -> dict:
     """{model name: {column: {"value", "low", "high"}}, "samples": ...} for every model.
 
@@ -217,7 +229,10 @@ def evaluate(
     called after each model's self-play and each model's scoring (2 per model).
     ``answer_last=False``: the simulated users do not answer the last bot turn (see
     :func:`learner.simulate.self_play`; the signals that read the reply then read none).
+    ``rerank`` maps a model name to the :class:`learner.simulate.Rerank` it is played
+    with (best-of-N, e.g. "prior + best-of-4" beside trained versions).
     """
+    rerank = rerank or {}
     games = {}
     for name, (model, _) in models.items():
         games[name] = self_play(
@@ -230,6 +245,7 @@ def evaluate(
             system_prompt=system_prompt,
             settings=settings,
             answer_last=answer_last,
+            rerank=rerank.get(name),
         )
         if progress:
             progress(1)
@@ -241,7 +257,15 @@ def evaluate(
     results: dict = {"samples": {}}
     for name, (model, _) in models.items():
         measures = measures_of(
-            games[name], signals[name], stats, weights, prior, model, tokenizer, system_prompt
+            games[name],
+            signals[name],
+            stats,
+            weights,
+            prior,
+            model,
+            tokenizer,
+            system_prompt,
+            rerank.get(name),
         )
         results[name] = intervals(measures, seed)
         if progress:

@@ -15,7 +15,9 @@ Design
 
 from __future__ import annotations
 
+import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -24,6 +26,7 @@ from bot.corpora import chitchat_conversations
 from bot.policy import Settings, clean_reply
 from bot.prompt import Turn, build_prompt
 from bot.store_data import Imported
+from rewards.rank import choose
 
 PERSONAS = [
     "a college student who loves video games and pizza",
@@ -138,6 +141,42 @@ def _generate_group(model, tokenizer, prompts, settings) -> tuple[list[str], lis
     return texts, cuts
 
 
+@dataclass(frozen=True)
+class Rerank:
+    """Best-of-N in self-play: ``n`` sampled replies per bot turn, the one ``ranker``
+    (user turn, replies) -> [(mean, spread)] ranks highest by mean - caution x spread."""
+
+    n: int
+    ranker: Callable[[str, list[str]], list[tuple[float, float]]]
+    caution: float = 1.0
+
+    def kl_bound(self) -> float:
+        """KL(best-of-n ‖ base) per reply is at most log n - (n - 1)/n nats (Stiennon et
+        al. 2020; Beirami et al. 2024): best-of-N has no per-token policy to measure."""
+        return math.log(self.n) - (self.n - 1) / self.n
+
+
+def best_of_batch(model, tokenizer, prompts, settings, rerank: Rerank, games):
+    """(replies, cut flags): ``rerank.n`` samples per prompt in one batched generation
+    (the rows of a prompt lie side by side), each game's best by the ranking."""
+    cut: list[bool] = []
+    n = rerank.n
+    many = generate_batch(model, tokenizer, [p for p in prompts for _ in range(n)], settings, cut)
+    replies, flags = [], []
+    for k, game in enumerate(games):
+        texts = [t if t != "…" else "" for t in many[k * n : (k + 1) * n]]
+        kept = [i for i, t in enumerate(texts) if t]
+        scores: list = [None] * n
+        for i, score in zip(
+            kept, rerank.ranker(game.turns[-1].text, [texts[i] for i in kept]), strict=True
+        ):
+            scores[i] = score
+        chosen = choose(texts, scores, rerank.caution)
+        replies.append(texts[chosen] if chosen is not None else "…")
+        flags.append(chosen is not None and cut[k * n + chosen])
+    return replies, flags
+
+
 def self_play(
     policy_model,
     user_model,
@@ -151,11 +190,13 @@ def self_play(
     context_tokens: int = 1024,
     split: str = "eval",
     answer_last: bool = True,
+    rerank: Rerank | None = None,
 ) -> list[SelfPlay]:
     """``n`` conversations of up to ``turns`` bot turns each, batched across them, opened
     with lines of the ``split`` (see :func:`held_out_openers`). ``answer_last=False``
     leaves the last bot turn unanswered: for measures of the bot's replies alone (the
-    question rate of one reply per opener), it saves the simulated users' last turn."""
+    question rate of one reply per opener), it saves the simulated users' last turn.
+    ``rerank``: the bot plays best-of-N as the chat serves it (:mod:`rewards.rank`)."""
     rng = random.Random(seed)
     openers = held_out_openers(n, seed, split)
     games = [SelfPlay(opener, rng.choice(PERSONAS)) for opener in openers]
@@ -170,7 +211,12 @@ def self_play(
             build_prompt(tokenizer, system_prompt, g.turns, context_tokens) for g in live
         ]
         cut: list[bool] = []
-        replies = generate_batch(policy_model, tokenizer, bot_prompts, settings, cut)
+        if rerank:
+            replies, cut = best_of_batch(
+                policy_model, tokenizer, bot_prompts, settings, rerank, live
+            )
+        else:
+            replies = generate_batch(policy_model, tokenizer, bot_prompts, settings, cut)
         for game, reply, was_cut in zip(live, replies, cut, strict=True):
             if was_cut:
                 game.cut.add(len(game.turns))

@@ -292,3 +292,56 @@ def test_replies_generated_in_length_groups_come_back_in_input_order(tiny_model_
     assert grouped == alone
     assert len(set(alone)) > 1  # the prompts give different replies: order is tested
     assert cut == [True] * 4  # the untrained tiny model never ends a reply itself
+
+
+def test_best_of_n_in_self_play_sends_each_turns_top_ranked_reply_and_bounds_its_kl(
+    tiny_model_dir,
+):
+    """The 'prior + best-of-N' row: every bot turn is the best of N samples of the same
+    prompt by the ranking, and its KL column is the bound log N - (N-1)/N per reply
+    spread over the reply's tokens (best-of-N has no per-token policy to measure)."""
+    from learner.evaluation import evaluate
+    from learner.simulate import Rerank
+
+    model, tokenizer = load_model(tiny_model_dir)
+    calls = []
+
+    def longest(user, replies):
+        calls.append((user, list(replies)))
+        return [(float(len(r)), 0.0) for r in replies]
+
+    settings = Settings(temperature=1.0, top_p=1.0, max_new_tokens=6, repetition_penalty=1.0)
+    rerank = Rerank(4, longest)
+    results = evaluate(
+        {"plain": (model, tokenizer), "best": (model, tokenizer)},
+        model,
+        model,
+        tokenizer,
+        n=3,
+        turns=2,
+        seed=3,
+        system_prompt="s",
+        settings=settings,
+        weights={},
+        rerank={"best": rerank},
+    )
+    assert len(calls) >= 3 and all(len(replies) <= 4 for _, replies in calls)
+    bots = [[t["text"] for t in game if t["role"] == "bot"] for game in results["samples"]["best"]]
+    # turn by turn across the games (as self-play batches them), each bot turn is the
+    # longest of the candidates ranked for it
+    chosen = [bots[g][k] for k in range(2) for g in range(3) if len(bots[g]) > k]
+    assert chosen == [max(replies, key=len) for _, replies in calls]
+    assert results["plain"]["kl_to_prior"]["value"] == 0.0  # the prior itself
+    bound = math.log(4) - 3 / 4
+    kl = results["best"]["kl_to_prior"]["value"]
+    assert 0 < kl < bound  # the per-reply bound over several tokens a reply
+    assert rerank.kl_bound() == pytest.approx(bound)
+
+
+def test_eval_best_of_without_a_reward_model_is_one_line(rapport_home, tiny_model_dir):
+    result = run_rapport("eval", str(tiny_model_dir), "--best-of", "4", "--n", "1")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "Error: --best-of ranks replies with a reward model: train one first "
+        "(`rapport reward-model train`)"
+    )
