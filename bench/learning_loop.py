@@ -186,7 +186,7 @@ def train_all(args, config, store, prior_dir, reward, prior_bf16, tokenizer) -> 
 
     target = "bot_question" if reward == "bot_question" else "combined"
     out = {}
-    for name in args.algos.split(","):
+    for name in [a for a in args.algos.split(",") if a]:  # "": evaluate the prior alone
         algo, _, matched = name.partition("@")
         began = time.perf_counter()
         train_config = TrainConfig(
