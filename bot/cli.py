@@ -748,10 +748,18 @@ def reward_model() -> None:
 @click.option("--lr", type=float, default=None, help="Learning rate (default 5e-5).")
 @click.option("--misclick", type=float, default=None, help="Random-vote rate (default 0.1).")
 @click.option("--seed", type=int, default=None, help="Seed (default 0).")
+@click.option(
+    "--target",
+    type=click.Choice(["votes", "continue"]),
+    default=None,
+    help="votes (default: learned_reward) | continue: whether the user went on talking "
+    "after a bot turn, from every ended conversation (learned_engagement).",
+)
 @click.option("--model", "model", default=None, help="Base: folder or version (default: config).")
 @click.pass_obj
 def reward_model_train(config: Config, model: str | None, **options) -> None:
-    """Train an ensemble of Bradley-Terry reward models on pairs from the votes."""
+    """Train an ensemble of Bradley-Terry reward models on pairs from the votes (or from
+    whether users continued)."""
     from bot.policy import resolve_model_path
     from learner.reward_model import RewardModelConfig, train_reward_model
 
@@ -771,7 +779,13 @@ def reward_model_train(config: Config, model: str | None, **options) -> None:
         f"held-out pairs: {info['held_out_pairs']}; ranking accuracy {info['accuracy']:.2f} "
         f"(members: {members}); ensemble spread {info['spread']:.3f}"
     )
-    click.echo("`rapport score` now scores learned_reward with it")
+    positive = "continued" if rm_config.target == "continue" else "liked"
+    click.echo(
+        f"held-out AUC {info['auc']:.2f} (the base rate, {info['base_rate']:.0%} {positive}, "
+        "scores 0.50)"
+    )
+    signal = "learned_engagement" if rm_config.target == "continue" else "learned_reward"
+    click.echo(f"`rapport score` now scores {signal} with it")
 
 
 @cli.command()

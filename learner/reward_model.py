@@ -45,7 +45,7 @@ from bot.config import rapport_home
 from bot.errors import RapportError
 from bot.store import Store
 from learner.trl_data import SAFE_TEMPLATE, vote_score
-from rewards.learned_reward import INFO_FILE, RewardEnsemble, reward_messages
+from rewards.learned_reward import INFO_FILE, TARGETS, RewardEnsemble, reward_messages
 
 # The fewest voted replies whose default 20% hold-out can hold a pair at all (2 replies).
 MIN_VOTED = 10
@@ -71,6 +71,12 @@ class RewardModelConfig:
     max_tokens: int = _f(256, "Longest input in tokens; longer pairs are left out (trl).")
     val_fraction: float = _f(0.2, "Share of voted replies held out to measure accuracy.")
     seed: int = _f(0, "Seed of the split, the bootstrap resamples and the members.")
+    target: str = _f(
+        "votes",
+        "What the model learns to predict: 'votes' (pairs of a liked and a disliked reply) "
+        "or 'continue' (whether the user went on talking after a bot turn, Chai 2023's "
+        "engagement signal: every ended conversation's turns, not only voted ones).",
+    )
 
     def validate(self) -> None:
         checks = [
@@ -78,6 +84,7 @@ class RewardModelConfig:
             (0 <= self.misclick < 1, "misclick must be in [0, 1)"),
             (self.steps >= 1, "steps must be >= 1"),
             (0 < self.val_fraction < 1, "val_fraction must be in (0, 1)"),
+            (self.target in TARGETS, f"target must be one of {', '.join(TARGETS)}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -111,15 +118,26 @@ class MisclickRewardTrainer(RewardTrainer):
         return (loss, outputs) if return_outputs else loss
 
 
-def voted_replies(conversations: list[dict]) -> list[tuple[str, list[dict], float]]:
-    """(context key, reward-model messages, mean vote) of every bot turn with a
-    non-zero mean vote. A turn's context is the conversation's path: a reply kept after
-    a retry answers the user turn before the retried one."""
+def continue_score(turn: dict) -> float | None:
+    """+1 when the user went on after this bot turn, -1 when the conversation ended
+    there; None while that is not known yet (``user_continued`` is scored only once the
+    conversation has ended) and for a reply a retry replaced."""
+    if turn.get("replaced_by") or turn.get("reward") is None:
+        return None
+    return 1.0 if turn["reward"] > 0.5 else -1.0
+
+
+def voted_replies(
+    conversations: list[dict], score_of: Callable[[dict], float | None] = vote_score
+) -> list[tuple[str, list[dict], float]]:
+    """(context key, reward-model messages, score) of every bot turn with a non-zero
+    score (default: the mean vote). A turn's context is the conversation's path: a
+    reply kept after a retry answers the user turn before the retried one."""
     out = []
     for conversation in conversations:
         previous = None  # the last turn no retry replaced
         for turn in conversation["turns"]:
-            score = vote_score(turn) if turn["role"] == "bot" else None
+            score = score_of(turn) if turn["role"] == "bot" else None
             if score:
                 prev_user = previous["text"] if previous and previous["role"] == "user" else None
                 out.append((prev_user or "", reward_messages(prev_user, turn["text"]), score))
@@ -196,6 +214,19 @@ def train_member(prior_path: Path, rows: list[dict], config: RewardModelConfig, 
     return [h for h in trainer.state.log_history if "loss" in h]
 
 
+def held_out_auc(ensemble: RewardEnsemble, replies: list) -> float:
+    """The ensemble's AUC on held-out replies: the chance that a positive (liked, or
+    the user continued) scores above a negative, ties counting half. Predicting the
+    base rate for every reply scores 0.5."""
+    values, _ = ensemble.score([m for _, m, _ in replies])
+    pos = [v for v, (_, _, s) in zip(values, replies, strict=True) if s > 0]
+    neg = [v for v, (_, _, s) in zip(values, replies, strict=True) if s < 0]
+    if not pos or not neg:
+        return float("nan")
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return wins / (len(pos) * len(neg))
+
+
 def held_out_report(ensemble: RewardEnsemble, val: list[dict]) -> dict:
     """Ranking accuracy on held-out pairs (ensemble and each member) and the spread."""
     chosen = ensemble.normalised([r["chosen"] for r in val])  # (members, N)
@@ -219,19 +250,31 @@ def train_reward_model(
 ) -> tuple[Path, dict]:
     """Train, normalise and evaluate the ensemble; return (folder, info)."""
     config.validate()
-    replies = voted_replies(store.feedback_conversations())
+    if config.target == "continue":
+        conversations = store.feedback_conversations("user_continued")
+        replies = voted_replies(conversations, continue_score)
+    else:
+        replies = voted_replies(store.feedback_conversations())
     train_replies, val_replies = split_replies(replies, config.val_fraction, config.seed)
     train = preference_pairs(train_replies, config.seed)
     val = preference_pairs(val_replies, config.seed)
+    liked = sum(1 for _, _, score in replies if score > 0)
+    if (not train or not val) and config.target == "continue":
+        raise RewardModelError(
+            f"too few scored turns of ended conversations to learn engagement: {liked} "
+            f"followed by the user, {len(replies) - liked} ending a conversation; it needs "
+            "both, to train on and in the held-out "
+            f"{config.val_fraction:.0%}; chat (or `rapport simulate`), then `rapport score`"
+        )
     if not train or not val:
-        liked = sum(1 for _, _, score in replies if score > 0)
         raise RewardModelError(
             f"too few votes to train a reward model: {liked} 👍 and {len(replies) - liked} 👎 "
             f"replies; it needs 👍 and 👎 replies both to train on and in the held-out "
             f"{config.val_fraction:.0%} (at least {MIN_VOTED} voted replies of both kinds; "
             "a useful model, hundreds); vote with /up /down in `rapport chat` or on Discord"
         )
-    folder = rapport_home() / "reward_models" / f"rm-{time.strftime('%Y%m%d-%H%M%S')}"
+    prefix = "em" if config.target == "continue" else "rm"
+    folder = rapport_home() / "reward_models" / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
     rng = random.Random(config.seed)
     members, histories = [], []
     for k in range(config.members):
@@ -243,6 +286,8 @@ def train_reward_model(
         members.append(out.name)
     info = {
         "id": folder.name,
+        "target": config.target,
+        "base_rate": liked / len(replies),
         "members": members,
         "prior": str(prior_path),
         "max_tokens": config.max_tokens,
@@ -257,6 +302,7 @@ def train_reward_model(
     info["normalisation"] = [(float(r.mean()), float(r.std(unbiased=False))) for r in raw]
     ensemble.stats = [tuple(s) for s in info["normalisation"]]
     info.update(held_out_report(ensemble, val))
+    info["auc"] = held_out_auc(ensemble, val_replies)
     # written last: a folder without it is an unfinished run, never loaded for scoring
     (folder / INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
     return folder, info

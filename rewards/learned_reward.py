@@ -11,7 +11,9 @@ members) says where the ensemble is unsure. Trained by :mod:`learner.reward_mode
 Unlike the other signals it exists only once a reward model has been trained (``rapport
 reward-model train``): :func:`latest_reward_model` finds it, and ``rapport score`` then
 scores ``learned_reward`` beside the others (scored like them, never part of
-``combined``; learn from it with ``rapport train --reward learned_reward``).
+``combined``; learn from it with ``rapport train --reward learned_reward``). A model
+trained on whether the user continued after a turn (``--target continue``) scores
+``learned_engagement`` the same way.
 
 >>> reward_messages("hi", "hello!")
 [{'role': 'user', 'content': 'hi'}, {'role': 'assistant', 'content': 'hello!'}]
@@ -39,10 +41,23 @@ def reward_messages(prev_user: str | None, bot: str) -> list[dict]:
     return messages + [{"role": "assistant", "content": bot}]
 
 
-def latest_reward_model(folder: Path) -> Path | None:
-    """The newest complete reward model under ``folder`` (its info file is written last)."""
+# What a reward model was trained to predict -> the signal it scores: the votes
+# (learned_reward), or whether the user went on talking after the turn (Chai 2023's
+# engagement signal: learned_engagement).
+TARGETS = {"votes": NAME, "continue": "learned_engagement"}
+
+
+def model_target(folder: Path) -> str:
+    """The target of the reward model in ``folder`` (models before targets: votes)."""
+    return json.loads((Path(folder) / INFO_FILE).read_text()).get("target", "votes")
+
+
+def latest_reward_model(folder: Path, target: str = "votes") -> Path | None:
+    """The newest complete reward model of ``target`` under ``folder`` (its info file is
+    written last)."""
     done = sorted(folder.glob(f"*/{INFO_FILE}"), key=lambda p: p.stat().st_mtime)
-    return done[-1].parent if done else None
+    done = [p.parent for p in done if model_target(p.parent) == target]
+    return done[-1] if done else None
 
 
 class RewardEnsemble:
@@ -102,7 +117,8 @@ class RewardEnsemble:
 
 
 def learned_reward_signal(folder: Path) -> Callable[[list[Context]], list[float]]:
-    """The ``learned_reward`` signal of the reward model in ``folder``, loaded once."""
+    """The signal of the reward model in ``folder``, loaded once: ``learned_reward``
+    (trained on votes) or ``learned_engagement`` (on whether the user continued)."""
     if not (Path(folder) / INFO_FILE).exists():
         raise RapportError(f"{folder} is not a trained reward model (no {INFO_FILE})")
     ensemble = RewardEnsemble(folder)
@@ -113,5 +129,6 @@ def learned_reward_signal(folder: Path) -> Callable[[list[Context]], list[float]
         mean, _ = ensemble.score([reward_messages(c.prev_user, c.bot) for c in contexts])
         return mean
 
+    learned_reward.__name__ = TARGETS[ensemble.info.get("target", "votes")]
     learned_reward.version = ensemble.version
     return learned_reward

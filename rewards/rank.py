@@ -2,8 +2,9 @@
 
 The cheapest way a deployed bot improves from feedback before any retraining (Chai 2023
 sampled several replies and sent the one a reward model ranked highest). The ranking
-model is the vote ensemble of :mod:`rewards.learned_reward`; each candidate is scored as
-that model scores a logged bot turn (the user turn it answers and the reply, rendered
+models are the vote ensemble of :mod:`rewards.learned_reward` and, when one is trained,
+the engagement ensemble (whether the user continued); each candidate is scored as
+those models score a logged bot turn (the user turn it answers and the reply, rendered
 with the safe chat template: text a user typed as a control token stays text).
 
 The choice is pessimistic: mean − caution × spread across the ensemble's members, so a
@@ -16,28 +17,52 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from rewards.learned_reward import INFO_FILE, RewardEnsemble, latest_reward_model, reward_messages
+from rewards.learned_reward import (
+    INFO_FILE,
+    TARGETS,
+    RewardEnsemble,
+    latest_reward_model,
+    reward_messages,
+)
 
 
 class RewardRanker:
-    """(user turn, candidates) -> [(mean, spread)] of the reward ensemble in ``folder``."""
+    """(user turn, candidates) -> [(mean, spread)] of the reward ensembles in
+    ``folders``: with a vote model and an engagement model both, the mean of their
+    (z-scored) means and the root mean square of their spreads."""
 
-    def __init__(self, folder: Path) -> None:
-        self.ensemble = RewardEnsemble(folder)
+    def __init__(self, *folders: Path) -> None:
+        self.ensembles = [RewardEnsemble(folder) for folder in folders]
+
+    @property
+    def ensemble(self) -> RewardEnsemble:
+        return self.ensembles[0]
 
     @property
     def version(self) -> str:
-        return self.ensemble.version
+        return "+".join(e.version for e in self.ensembles)
 
     def __call__(self, user: str, replies: list[str]) -> list[tuple[float, float]]:
-        mean, spread = self.ensemble.score([reward_messages(user, r) for r in replies])
-        return list(zip(mean, spread, strict=True))
+        messages = [reward_messages(user, r) for r in replies]
+        scores = [e.score(messages) for e in self.ensembles]
+        k = len(scores)
+        return [
+            (
+                sum(mean[i] for mean, _ in scores) / k,
+                math.sqrt(sum(spread[i] ** 2 for _, spread in scores) / k),
+            )
+            for i in range(len(replies))
+        ]
 
     @classmethod
     def latest(cls, folder: Path) -> RewardRanker | None:
-        """The newest trained reward model under ``folder``, or None when there is none."""
-        found = latest_reward_model(folder) if Path(folder).is_dir() else None
-        return cls(found) if found and (found / INFO_FILE).exists() else None
+        """The newest reward model on votes and the newest on whether users continued,
+        whichever exist under ``folder``; None when there is neither."""
+        if not Path(folder).is_dir():
+            return None
+        found = [latest_reward_model(folder, target) for target in TARGETS]
+        found = [f for f in found if f and (f / INFO_FILE).exists()]
+        return cls(*found) if found else None
 
 
 def choose(

@@ -94,14 +94,29 @@ def seconds_between(turn: dict, reply: dict) -> float | None:
     return delta.total_seconds()
 
 
-def learned_signal(folder: Path | None = None):
-    """The ``learned_reward`` signal of the reward model in ``folder`` (default: the
-    newest trained one), or None when there is none."""
-    # torch and the reward model load only when one is used
-    from rewards.learned_reward import latest_reward_model, learned_reward_signal
+class Learned:
+    """The learned signals scored beside the others: ``learned(contexts)`` gives
+    {signal name: values}; ``version`` names the models (a new one means rescoring)."""
 
-    folder = folder or latest_reward_model(rapport_home() / "reward_models")
-    return learned_reward_signal(folder) if folder else None
+    def __init__(self, signals: list) -> None:
+        self.signals = signals
+        self.version = "+".join(s.version for s in signals)
+
+    def __call__(self, contexts: list[Context]) -> dict[str, list[float]]:
+        return {s.__name__: s(contexts) for s in self.signals}
+
+
+def learned_signal(folder: Path | None = None) -> Learned | None:
+    """The learned signals: of the reward model in ``folder``, or by default of the
+    newest trained on votes (``learned_reward``) and the newest trained on whether users
+    continued (``learned_engagement``); None when there is none."""
+    # torch and the reward model load only when one is used
+    from rewards.learned_reward import TARGETS, latest_reward_model, learned_reward_signal
+
+    home = rapport_home() / "reward_models"
+    folders = [folder] if folder else [latest_reward_model(home, t) for t in TARGETS]
+    signals = [learned_reward_signal(f) for f in folders if f]
+    return Learned(signals) if signals else None
 
 
 def scorer_version(learned=None) -> str:
@@ -121,7 +136,7 @@ def score_batch(store: Store, conversation_ids: list[int], learned=None) -> int:
     contexts = [context for _, context in pairs]
     values = score_contexts(contexts)
     if learned:
-        values[learned.__name__] = learned(contexts)
+        values.update(learned(contexts))
     rows = [
         (turn["id"], name, v[i]) for name, v in values.items() for i, (turn, _) in enumerate(pairs)
     ]

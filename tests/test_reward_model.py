@@ -180,3 +180,59 @@ class TestLearnedReward:
         assert len(many) == len(cases) and all(math.isfinite(v) for v in many)
         one = [signal([c])[0] for c in cases]  # padding in a batch changes nothing
         assert one == pytest.approx(many, abs=1e-4)
+
+
+def fill_engagement_log(store, n: int, seed: int = 0) -> None:
+    """A hidden engagement rule (Chai's signal): users go on talking after a reply with
+    a GOOD word and leave after one with a BAD word. No votes at all."""
+    rng = random.Random(seed)
+    for i in range(n):
+        user = store.ensure_user("test", f"e{i % 5}")
+        conversation = store.start_conversation(user, "test")
+        store.add_message(conversation, "user", rng.choice(OPENERS))
+        for _ in range(4):
+            liked = rng.random() < 0.6
+            word = rng.choice(GOOD if liked else BAD)
+            store.add_message(conversation, "bot", f"it was {word}")
+            if not liked:
+                break
+            store.add_message(conversation, "user", rng.choice(OPENERS))
+        store.end_conversation(conversation, "quit")
+
+
+def test_an_engagement_model_learns_who_goes_on_talking_and_beats_the_base_rate(
+    store, tiny_model_dir, rapport_home
+):
+    from bot.config import Config
+    from rewards.score import score_store
+
+    result = run_rapport(
+        "reward-model", "train", "--target", "continue", "--model", str(tiny_model_dir)
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith(
+        "rapport: error: too few scored turns of ended conversations to learn engagement: 0"
+    )
+    fill_engagement_log(store, 60)
+    score_store(store, Config())  # user_continued: the labels
+    config = RewardModelConfig(
+        members=2, steps=40, batch_size=8, lr=3e-3, max_tokens=64, target="continue"
+    )
+    folder, info = train_reward_model(store, tiny_model_dir, config)
+    assert folder.name.startswith("em-") and info["target"] == "continue"
+    assert 0.5 < info["base_rate"] < 0.9
+    assert info["auc"] > 0.75, info  # the base rate (one score for all) is 0.5
+
+    result = run_rapport("score")
+    assert result.returncode == 0, result.stderr
+    table = store.reward_table(["learned_engagement", "user_continued"])
+    went_on = [v["learned_engagement"] for v in table.values() if v["user_continued"] > 0.5]
+    left = [v["learned_engagement"] for v in table.values() if v["user_continued"] < 0.5]
+    assert sum(went_on) / len(went_on) > sum(left) / len(left) + 0.5
+    assert store.reward_table(["learned_reward"]) == {}  # no vote model: none scored
+
+    # best-of-N ranks with it too
+    ranker = RewardRanker.latest(rapport_home / "reward_models")
+    assert ranker is not None and ranker.version == folder.name
+    scores = ranker("any plans?", ["it was lovely", "it was awful"])
+    assert scores[0][0] > scores[1][0]
