@@ -64,3 +64,16 @@ class Ratings:
         means = ", ".join(f"AVG({q}) AS {q}" for q in RATING_QUESTIONS)
         row = self._read(f"SELECT COUNT(*) AS n, {means} FROM ratings")[0]
         return row["n"], {q: row[q] for q in RATING_QUESTIONS} if row["n"] else {}
+
+    def rated_turns(self) -> dict[int, float]:
+        """{bot message id: its conversation's mean rating answer} over the rated
+        conversations' own bot turns (replies a retry replaced left out)."""
+        mean = " + ".join(f"r.{q}" for q in RATING_QUESTIONS)
+        rows = self._read(
+            f"""
+            SELECT m.id, ({mean}) / {float(len(RATING_QUESTIONS))} AS rating
+            FROM ratings r JOIN messages m ON m.conversation_id = r.conversation_id
+            WHERE m.role = 'bot' AND m.replaced_by IS NULL
+            """
+        )
+        return {row["id"]: row["rating"] for row in rows}

@@ -4,9 +4,10 @@ ask of their implicit rewards.
 
 Writes into one folder: ``distributions.png`` (a histogram per signal),
 ``correlations.png`` (the correlation matrix of all signals and the combined reward),
-``vote_agreement.png`` (each signal's correlation with the votes, on voted turns only)
-and ``index.html`` that shows them with the end-of-chat ratings (count and mean answer
-per question) and the top and bottom scored examples per signal.
+``vote_agreement.png`` (each signal's correlation with the votes, on voted turns only;
+the table beside it has the correlation with the end-of-chat ratings too) and
+``index.html`` that shows them with the ratings (count and mean answer per question)
+and the top and bottom scored examples per signal.
 """
 
 from __future__ import annotations
@@ -91,6 +92,19 @@ def plot_vote_agreement(columns: dict[str, np.ndarray], path: Path) -> dict[str,
     return agreement
 
 
+def rating_agreement(store: Store, ids: list[int], columns: dict[str, np.ndarray]) -> dict:
+    """Each signal's correlation with its conversation's mean rating answer, over the
+    bot turns of rated conversations (NaN when fewer than 3 or constant)."""
+    rated = store.rated_turns()
+    rating = np.array([rated.get(m, np.nan) for m in ids])
+    keep = ~np.isnan(rating)
+    return {n: correlation(v[keep], rating[keep]) for n, v in columns.items()}
+
+
+def _r(value: float) -> str:
+    return "–" if math.isnan(value) else f"{value:.3f}"
+
+
 def examples_html(store: Store, name: str) -> str:
     rows = store.scored_examples(name, EXAMPLES)
     if not rows:
@@ -148,8 +162,9 @@ def write_report(store: Store, folder: Path) -> Path:
     plot_distributions(columns, folder / "distributions.png")
     plot_correlations(columns, folder / "correlations.png")
     agreement = plot_vote_agreement(columns, folder / "vote_agreement.png")
+    with_ratings = rating_agreement(store, ids, columns)
     agreement_rows = "".join(
-        f"<tr><td>{html.escape(n)}</td><td>{'–' if math.isnan(v) else f'{v:.3f}'}</td></tr>"
+        f"<tr><td>{html.escape(n)}</td><td>{_r(v)}</td><td>{_r(with_ratings[n])}</td></tr>"
         for n, v in sorted(agreement.items(), key=lambda kv: -np.nan_to_num(kv[1], nan=-2))
     )
     examples = "".join(examples_html(store, n) for n in (*SIGNAL_NAMES, COMBINED))
@@ -164,9 +179,12 @@ padding:4px;vertical-align:top;font-size:13px}}img{{max-width:100%;height:auto}}
 <h2>Correlations</h2><img src="correlations.png" alt="correlation matrix">
 <h2>Agreement with explicit votes</h2>
 <p>Do implicit signals agree with what people say they like? Pearson correlation of
-each signal with the mean vote, over the voted bot turns only (– when undefined).</p>
+each signal with the mean vote, over the voted bot turns only, and with the end-of-chat
+rating (the mean answer) over the bot turns of rated conversations (– when
+undefined).</p>
 <img src="vote_agreement.png" alt="correlation with votes">
-<table><tr><th>signal</th><th>r with votes</th></tr>{agreement_rows}</table>
+<table><tr><th>signal</th><th>r with votes</th><th>r with ratings</th></tr>{agreement_rows}
+</table>
 <h2>End-of-chat ratings</h2>{ratings_html(store)}
 <h2>Top and bottom examples</h2>{examples}
 </body></html>

@@ -403,3 +403,38 @@ def test_reply_latency_is_read_from_live_chats_only(store):
     assert store.rewards(ids["last"])["user_reply_latency"] == 0.0  # never answered
     (imported,) = [r[0] for r in store.db.execute("SELECT id FROM messages WHERE text = 'yo'")]
     assert store.rewards(imported)["user_reply_latency"] == 0.0
+
+
+def test_each_signal_is_correlated_with_the_end_of_chat_rating_of_its_conversation(store):
+    """The report's 'r with ratings': over the bot turns of rated conversations only
+    (a retried reply and an unrated conversation left out)."""
+    import numpy as np
+
+    from bot.store_ratings import RATING_QUESTIONS
+    from rewards.report import rating_agreement
+
+    user = store.ensure_user("terminal", "ann")
+    ids, ratings = [], []
+    for answer in (1, 3, 5, None):
+        conversation = store.start_conversation(user, "terminal")
+        for k in range(2):
+            store.add_message(conversation, "user", f"hi {k}")
+            ids.append(store.add_message(conversation, "bot", f"hello {k}"))
+            ratings.append(answer or 0)
+        if answer is not None:
+            store.rate(conversation, user, dict.fromkeys(RATING_QUESTIONS, answer))
+        if answer == 5:  # a retry: the replaced reply leaves, the new one counts
+            ids.append(store.add_message(conversation, "bot", "again", replaces=ids[-1]))
+            ratings.append(5)
+    turns = store.rated_turns()
+    assert ids[5] not in turns and turns[ids[6]] == 5.0
+    assert sorted(turns.values()) == [1.0, 1.0, 3.0, 3.0, 5.0, 5.0]
+    columns = {
+        "follows": np.array(ratings, dtype=float) + np.arange(len(ids)) * 1e-3,
+        "against": -np.array(ratings, dtype=float),
+        "constant": np.ones(len(ids)),
+    }
+    r = rating_agreement(store, ids, columns)
+    assert r["follows"] == pytest.approx(1.0, abs=1e-3)
+    assert r["against"] == pytest.approx(-1.0)
+    assert math.isnan(r["constant"])
