@@ -116,6 +116,7 @@ def policy_source(config: Config, store: Store, *, pinned: bool, seed: int | Non
 @click.pass_obj
 def chat(config: Config, model: str | None, seed: int | None, user: str | None) -> None:
     """Chat in the terminal; /up and /down rate replies, /help lists commands."""
+    from bot.safety import SafetyFilter
     from bot.session import Session
     from bot.terminal import run_terminal
 
@@ -125,12 +126,14 @@ def chat(config: Config, model: str | None, seed: int | None, user: str | None) 
     with open_store(config) as store:
         if sys.stdin.isatty():
             click.echo("loading the model...", err=True)
+        safety = SafetyFilter.from_config(config.safety)
         session = Session(
             store,
             policy_source(config, store, pinned=model is not None, seed=seed),
             platform="terminal",
             platform_user_id=user or getpass.getuser(),
             channel="terminal",
+            safety=safety,
         )
         run_terminal(session)
 
@@ -143,6 +146,7 @@ def chat(config: Config, model: str | None, seed: int | None, user: str | None) 
 def discord_command(config: Config, model: str | None) -> None:
     """Run the bot on Discord (token from DISCORD_TOKEN or discord.token_file)."""
     from bot.discord_bot import read_token, run_discord
+    from bot.safety import SafetyFilter
 
     if model is not None:
         config.model.path = model
@@ -151,9 +155,10 @@ def discord_command(config: Config, model: str | None) -> None:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     with open_store(config) as store:
+        safety = SafetyFilter.from_config(config.safety)
         source = policy_source(config, store, pinned=model is not None)
         click.echo(f"serving {source().version} on Discord; Ctrl-C stops", err=True)
-        run_discord(store, source, config.discord)
+        run_discord(store, source, config.discord, safety)
 
 
 @cli.group("import")
@@ -450,6 +455,7 @@ def simulate(config: Config, model: str, n: int, turns: int, seed: int, batch: i
     Batches are committed one by one, so a kill loses at most the batch in flight, and a
     re-run with the same arguments skips the batches already stored."""
     from bot.policy import DEFAULT_MODEL_NAME, Settings
+    from bot.safety import SafetyFilter
     from learner.simulate import simulate_into_store
 
     if n < 1 or batch < 1:
@@ -475,6 +481,7 @@ def simulate(config: Config, model: str, n: int, turns: int, seed: int, batch: i
                 system_prompt=config.model.system_prompt,
                 settings=Settings.from_config(config.generation),
                 progress=bar.update,
+                safety=SafetyFilter.from_config(config.safety),
             )
     click.echo(f"simulated {added} conversations with {version}; run `rapport score` next")
 
@@ -862,12 +869,13 @@ def report_eval(config: Config, results: str, out: str | None) -> None:
 def report_rewards(config: Config, out: str | None) -> None:
     """Distributions, correlations, agreement with votes, ratings, examples per signal."""
 
-    from rewards.report import ratings_summary, write_report
+    from rewards.report import ratings_summary, safety_summary, write_report
 
     folder = Path(out) if out else rapport_home() / "reports" / "rewards"
     with open_store(config) as store:
         index = write_report(store, folder)
         click.echo(f"ratings: {ratings_summary(store)}")
+        click.echo(safety_summary(store))
     click.echo(f"wrote {index}")
 
 

@@ -173,7 +173,8 @@ class WeightsConfig:
     exploit questions, so they never dominate); explicit votes 2, because a person said
     so; repetition 1, since it is a penalty (more repetition, lower value). A retry is as
     explicit as a 👎, so user_retry weighs -2: the signal is 1 on a retried reply, and
-    the negative weight makes it a penalty. user_rating weighs 0 until ratings are
+    the negative weight makes it a penalty. A reply the safety filter withdrew is the
+    strongest "not that" of all, so bot_unsafe weighs -3. user_rating weighs 0 until ratings are
     common enough to trust (see its module), and so does user_reply_latency, whose sign
     is unclear (a quick answer, or a long one that took time to type).
     """
@@ -202,6 +203,10 @@ class WeightsConfig:
     word_similarity: float = _help("Weight of word_similarity.", 0.5)
     embedding_similarity: float = _help("Weight of embedding_similarity.", 1.0)
     manual_vote: float = _help("Weight of manual_vote (explicit votes).", 2.0)
+    bot_unsafe: float = _help(
+        "Weight of bot_unsafe (1 on a reply the safety filter withdrew): a strong penalty.",
+        -3.0,
+    )
 
     def validate(self) -> None:
         _require(any(dataclasses.astuple(self)), "[weights]: at least one weight must be non-zero")
@@ -272,6 +277,32 @@ class GateConfig:
 
 
 @dataclass
+class SafetyConfig:
+    """The reply safety filter (bot/safety.py): a reply the local offensive-language
+    model flags is regenerated once, else replaced by ``fallback``; the flagged reply is
+    logged withdrawn and scored ``bot_unsafe``. The user's own text is never filtered."""
+
+    enabled: bool = _help(
+        "Check every reply before it is sent (chat, Discord, `rapport simulate`). 4-9 ms "
+        "a reply; the terminal then shows a reply whole instead of streaming it.",
+        True,
+    )
+    threshold: float = _help(
+        "Flag a reply whose offensive-language probability is at least this (0-1). 0.9 "
+        "flags insults, slurs, strong swearing and threats; ordinary replies score < 0.3.",
+        0.9,
+    )
+    fallback: str = _help(
+        "The neutral line sent when the regenerated reply is flagged too.",
+        "Sorry, I'd rather not say that. Could we talk about something else?",
+    )
+
+    def validate(self) -> None:
+        _require(0 < self.threshold <= 1, "safety.threshold must be in (0, 1]")
+        _require(bool(self.fallback.strip()), "safety.fallback must not be empty")
+
+
+@dataclass
 class DiscordConfig:
     """``rapport discord``. The token is never a config value: it comes from the
     DISCORD_TOKEN environment variable or from the file named here."""
@@ -317,6 +348,7 @@ class Config:
     weights: WeightsConfig = field(default_factory=WeightsConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     gate: GateConfig = field(default_factory=GateConfig)
+    safety: SafetyConfig = field(default_factory=SafetyConfig)
     discord: DiscordConfig = field(default_factory=DiscordConfig)
 
     def validate(self) -> None:

@@ -44,6 +44,7 @@ from discord import app_commands
 
 from bot.config import DiscordConfig
 from bot.errors import RapportError
+from bot.safety import SafetyFilter
 from bot.session import RATING_PROMPTS, Reply, Session
 from bot.store import Store
 
@@ -120,8 +121,11 @@ class Conversation:
 class RapportHandlers:
     """The event handlers; mixed into discord.Client or AutoShardedClient by make_client."""
 
-    def setup_rapport(self, store: Store, policy_source, config: DiscordConfig) -> None:
+    def setup_rapport(
+        self, store: Store, policy_source, config: DiscordConfig, safety: SafetyFilter | None
+    ) -> None:
         self.store = store
+        self.safety = safety  # checks every reply before it is sent (bot.safety)
         self.policy_source = policy_source
         self.settings = config
         self.allowed = config.channel_ids()
@@ -164,7 +168,13 @@ class RapportHandlers:
             await asyncio.to_thread(current.session.new_conversation, "idle")
         if current is None:
             session = await asyncio.to_thread(
-                Session, self.store, self.policy_source, PLATFORM, str(user_id), str(channel_id)
+                Session,
+                self.store,
+                self.policy_source,
+                PLATFORM,
+                str(user_id),
+                str(channel_id),
+                self.safety,
             )
             current = self.conversations.setdefault(key, Conversation(session, now))
         current.last_used = now
@@ -356,7 +366,9 @@ class ShardedRapportClient(RapportHandlers, discord.AutoShardedClient):
     pass
 
 
-def make_client(store: Store, policy_source, config: DiscordConfig) -> discord.Client:
+def make_client(
+    store: Store, policy_source, config: DiscordConfig, safety: SafetyFilter | None = None
+) -> discord.Client:
     intents = discord.Intents.default()
     intents.message_content = config.message_content_intent
     cls = ShardedRapportClient if config.sharded else RapportClient
@@ -364,7 +376,7 @@ def make_client(store: Store, policy_source, config: DiscordConfig) -> discord.C
     # would only worry the person starting the bot
     discord.VoiceClient.warn_nacl = discord.VoiceClient.warn_dave = False
     client = cls(intents=intents)
-    client.setup_rapport(store, policy_source, config)
+    client.setup_rapport(store, policy_source, config, safety)
     return client
 
 
@@ -383,10 +395,12 @@ def read_token(config: DiscordConfig, environ: dict | None = None) -> str:
     return token
 
 
-def run_discord(store: Store, policy_source, config: DiscordConfig) -> None:
+def run_discord(
+    store: Store, policy_source, config: DiscordConfig, safety: SafetyFilter | None = None
+) -> None:
     """Connect and serve until interrupted; errors are one line without the token."""
     token = read_token(config)
-    client = make_client(store, policy_source, config)
+    client = make_client(store, policy_source, config, safety)
 
     async def main() -> None:
         async with client:

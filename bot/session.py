@@ -28,6 +28,16 @@ history the model sees, and it is the only caller of the store for chat:
 - Best-of-N (``generation.best_of`` > 1 and a reward model): the policy samples N
   replies together, the learned reward ranks them (:mod:`rewards.rank`), the chosen one
   is shown whole and logged with every candidate and its score.
+- Safety (``safety``, a :class:`bot.safety.SafetyFilter`; config ``[safety]``): every
+  reply is generated whole, unseen, and checked before it is shown; ``on_text`` then
+  gets the checked reply in one piece. A flagged reply is regenerated once; if that one
+  is flagged too, the neutral fallback is sent. Each flagged reply is logged as a
+  withdrawn bot turn replaced by the next (the retry machinery: ``replaces``), with
+  ``unsafe`` in its generation settings, so it leaves the conversation's path, scores
+  ``bot_unsafe`` and no ``user_retry``, and votes go to the reply that was sent. With
+  best-of-N a flagged candidate is never ranked while a safe one exists (its score is
+  in the best-of record). A Ctrl-C before the check logs nothing: nothing was shown.
+  The user's text is logged as written, never checked.
 - The policy comes from a ``policy_source`` callable, asked once per reply, so a
   frontend can hand over a newly deployed model between turns; a reply being generated
   always finishes on the model it started with.
@@ -42,6 +52,7 @@ from dataclasses import dataclass, field
 from bot.errors import InvalidInput, NotFound
 from bot.policy import GenerationError, Policy, clean_reply
 from bot.prompt import Turn
+from bot.safety import SafetyFilter
 from bot.store import Store, clean_text
 from bot.store_ratings import RATING_QUESTIONS
 from rewards.rank import choose
@@ -87,6 +98,7 @@ class Reply:
     model_version: str
     interrupted: bool = False
     cut: bool = False  # the length limit (generation.max_new_tokens) ended it
+    withdrawn: int = 0  # replies the safety filter withdrew before this one was sent
 
     @property
     def shown(self) -> str:
@@ -102,6 +114,7 @@ class Session:
     platform: str
     platform_user_id: str
     channel: str = ""
+    safety: SafetyFilter | None = None  # None: replies are sent unchecked
     user_id: str = field(init=False)
     conversation_id: int | None = field(init=False, default=None)
     previous_conversation_id: int | None = field(init=False, default=None)  # for /rate
@@ -203,35 +216,78 @@ class Session:
         saved: str = "your message was saved",
     ) -> Reply:
         """Generate a reply to the history, stream it, log it (see module doc)."""
+        if self.safety is not None:
+            return self._generate_checked(policy, conversation, on_text, replaces, saved)
         pieces: list[str] = []
         finish: dict = {}
         try:
-            if getattr(policy, "best_of", 1) > 1:  # best-of-N needs a ranker (bot.policy)
-                pieces = self._best_of(policy, finish)
-                if on_text and pieces:
-                    on_text(pieces[0])
-            else:
-                for piece in policy.stream(self.history, finish):
-                    pieces.append(piece)
-                    if on_text:
-                        on_text(piece)
+            self._sample(policy, finish, pieces, on_text)
         except KeyboardInterrupt:
-            self._finish(policy, conversation, pieces, interrupted=True, replaces=replaces)
+            self._finish(policy, conversation, pieces, {}, interrupted=True, replaces=replaces)
             raise
         except Exception as e:
-            log.exception("generation failed")
-            raise GenerationError(
-                f"the model failed to reply ({type(e).__name__}: {e}); {saved}, try again"
-            ) from None
-        return self._finish(
-            policy,
-            conversation,
-            pieces,
-            interrupted=False,
-            cut=finish.get("cut", False),
-            best_of=finish.get("best_of"),
-            replaces=replaces,
-        )
+            raise _failed(e, saved) from None
+        return self._finish(policy, conversation, pieces, finish, replaces=replaces)
+
+    def _sample(
+        self,
+        policy: Policy,
+        finish: dict,
+        pieces: list[str],
+        on_text: Callable[[str], None] | None,
+    ) -> None:
+        """One reply, appended to ``pieces`` as it comes (kept if interrupted) and passed
+        to ``on_text``: streamed, or best-of-N's chosen reply whole."""
+        if getattr(policy, "best_of", 1) > 1:  # best-of-N needs a ranker (bot.policy)
+            pieces.extend(self._best_of(policy, finish))
+            if on_text and pieces:
+                on_text(pieces[0])
+            return
+        for piece in policy.stream(self.history, finish):
+            pieces.append(piece)
+            if on_text:
+                on_text(piece)
+
+    def _generate_checked(
+        self,
+        policy: Policy,
+        conversation: int | None,
+        on_text: Callable[[str], None] | None,
+        replaces: int | None,
+        saved: str,
+    ) -> Reply:
+        """Safety on: generate unseen, check, regenerate once, else the fallback; log the
+        flagged replies withdrawn, each replaced by the next, then show and log the reply
+        sent (see module doc). Flagged replies are logged only once the reply that
+        replaces them exists, so a Ctrl-C or a model error while regenerating never
+        leaves a withdrawn reply on the conversation's path."""
+        assert self.safety is not None
+        withdrawn: list[tuple[str, dict, float]] = []  # (text, finish, score)
+        try:
+            for _ in range(2):  # the reply, then one regeneration
+                finish: dict = {}
+                pieces: list[str] = []
+                self._sample(policy, finish, pieces, None)
+                text = clean_reply("".join(pieces))
+                (score,) = self.safety.scores([text])
+                if not self.safety.flagged(score):
+                    break
+                withdrawn.append((text, finish, score))
+            else:
+                text, finish = self.safety.fallback, {"fallback": True}
+        except Exception as e:
+            raise _failed(e, saved) from None
+        for flagged, attempt, score in withdrawn:
+            if conversation is not None:
+                generation = _generation(policy, attempt)
+                generation["unsafe"] = self.safety.flag_record(score)
+                replaces = self._log_bot(policy, conversation, flagged, generation, replaces)
+            log.warning("safety: withdrew a reply (score %.3f)", score)
+        if on_text and text:
+            on_text(text)
+        reply = self._finish(policy, conversation, [text], finish, replaces=replaces)
+        reply.withdrawn = len(withdrawn)
+        return reply
 
     def _best_of(self, policy: Policy, finish: dict) -> list[str]:
         """Best-of-N: sample ``policy.best_of`` replies together, rank them with the
@@ -243,6 +299,11 @@ class Session:
         text = self.history[-1].text  # the user turn they answer
         texts = [c.text for c in candidates]
         kept = [i for i, t in enumerate(texts) if t]
+        unsafe: list = [None] * len(texts)
+        if self.safety is not None:  # a flagged candidate is never ranked (module doc)
+            unsafe = self.safety.scores(texts)
+            safe = [i for i in kept if not self.safety.flagged(unsafe[i])]
+            kept = safe or kept  # all flagged: the best is flagged too, and regenerated
         scores: list = [None] * len(texts)
         for i, score in zip(kept, policy.ranker(text, [texts[i] for i in kept]), strict=True):
             scores[i] = score
@@ -255,7 +316,8 @@ class Session:
             "ranker": getattr(policy.ranker, "version", None),
             "candidates": [
                 {"text": c.text, "cut": c.cut, "mean": sc and sc[0], "spread": sc and sc[1]}
-                for c, sc in zip(candidates, scores, strict=True)
+                | ({} if u is None else {"unsafe": round(u, 4)})
+                for c, sc, u in zip(candidates, scores, unsafe, strict=True)
             ],
         }
         return [texts[chosen]] if chosen is not None else []
@@ -265,10 +327,9 @@ class Session:
         policy: Policy,
         conversation: int | None,
         pieces: list[str],
+        finish: dict,
         *,
-        interrupted: bool,
-        cut: bool = False,
-        best_of: dict | None = None,
+        interrupted: bool = False,
         replaces: int | None = None,
     ) -> Reply:
         reply = clean_reply("".join(pieces))
@@ -278,26 +339,34 @@ class Session:
             reply = "…"  # the model ended its turn at once; a bot turn is never empty
         message_id = None
         if conversation is not None:
-            generation = policy.settings.as_dict()
+            generation = _generation(policy, finish)
             if interrupted:
                 generation["interrupted"] = True
-            if cut:
-                generation["cut"] = True  # stopped by max_new_tokens, not by the model
-            if best_of:
-                generation["best_of"] = best_of
-            message_id = self.store.add_message(
-                conversation,
-                "bot",
-                reply,
-                model_version=policy.version,
-                generation=generation,
-                replaces=replaces,
-            )
-            if replaces is not None:
-                self.bot_message_ids.remove(replaces)
+            message_id = self._log_bot(policy, conversation, reply, generation, replaces)
             self.bot_message_ids.append(message_id)
         self.history.append(Turn("bot", reply))
-        return Reply(reply, message_id, policy.version, interrupted, cut)
+        return Reply(reply, message_id, policy.version, interrupted, finish.get("cut", False))
+
+    def _log_bot(
+        self,
+        policy: Policy,
+        conversation: int,
+        text: str,
+        generation: dict,
+        replaces: int | None,
+    ) -> int:
+        """Log a bot turn (replacing ``replaces``, which then takes no more votes)."""
+        message_id = self.store.add_message(
+            conversation,
+            "bot",
+            text,
+            model_version=policy.version,
+            generation=generation,
+            replaces=replaces,
+        )
+        if replaces in self.bot_message_ids:
+            self.bot_message_ids.remove(replaces)
+        return message_id
 
     # -- feedback and privacy -------------------------------------------------------
 
@@ -342,3 +411,22 @@ class Session:
     def set_opt_out(self, opted_out: bool) -> None:
         self.store.set_opt_out(self.user_id, opted_out)
         self.new_conversation()
+
+
+def _generation(policy: Policy, finish: dict) -> dict:
+    """A bot turn's logged generation record: the settings, and how the reply ended."""
+    generation = policy.settings.as_dict()
+    if finish.get("cut"):
+        generation["cut"] = True  # stopped by max_new_tokens, not by the model
+    if finish.get("best_of"):
+        generation["best_of"] = finish["best_of"]
+    if finish.get("fallback"):
+        generation["fallback"] = True  # the safety filter's line, not the model's
+    return generation
+
+
+def _failed(error: Exception, saved: str) -> GenerationError:
+    log.exception("generation failed")
+    return GenerationError(
+        f"the model failed to reply ({type(error).__name__}: {error}); {saved}, try again"
+    )

@@ -46,6 +46,7 @@ from bot.files import fault_point
 from bot.migrations import migrations
 from bot.store_data import LearningData, now, storable
 from bot.store_ratings import Ratings
+from bot.store_safety import SafetyStats
 
 ROLES = ("user", "bot")
 AUTHORS = ("person", "model")
@@ -93,7 +94,7 @@ class Message:
         return cls(**{**row, "generation": generation})
 
 
-class Store(LearningData, Ratings):
+class Store(LearningData, Ratings, SafetyStats):
     """Open (creating and migrating if needed) the database at ``path``.
 
     ``path`` may be ``":memory:"`` for tests. ``key`` is the pseudonym key; by default it

@@ -262,6 +262,12 @@ class LearningData:
                         )
                     ],
                 )
+                db.conn.executemany(  # a withdrawn reply is replaced by the turn after it
+                    "UPDATE messages SET replaced_by = (SELECT n.id FROM messages n WHERE "
+                    "n.conversation_id = messages.conversation_id AND n.turn_index = ?) "
+                    "WHERE conversation_id = ? AND turn_index = ?",
+                    [(i + 1, cursor.lastrowid, i) for i, r in enumerate(conv.replaced) if r],
+                )
                 added += 1
         return added
 
@@ -331,7 +337,8 @@ class LearningData:
         """The messages of several conversations, in order, replaced replies too (with
         ``replaced_by``), each with its votes, its conversation's ``rating`` (the
         answers, () if unrated), ``created``, ``live`` (a chat, not an imported or
-        simulated log: its times are real) and the fingerprint the scorer records:
+        simulated log: its times are real), ``unsafe`` (the safety filter withdrew it)
+        and the fingerprint the scorer records:
         {conversation id: [message dicts]}."""
         if not conversation_ids:
             return {}
@@ -343,7 +350,8 @@ class LearningData:
                 (SELECT c.external_id IS NULL FROM conversations c
                  WHERE c.id = m.conversation_id) AS live,
                 (SELECT GROUP_CONCAT(value) FROM votes v WHERE v.message_id = m.id) AS votes,
-                {FINGERPRINT} AS fingerprint, {ENDED} AS ended
+                {FINGERPRINT} AS fingerprint, {ENDED} AS ended,
+                json_extract(m.generation, '$.unsafe') IS NOT NULL AS unsafe
             FROM messages m WHERE m.conversation_id IN ({marks})
             ORDER BY m.conversation_id, m.turn_index
             """,
@@ -579,3 +587,5 @@ class Imported:
     # settings (None for the user's turns), logged as a chat's bot turns are
     model_version: str | None = None
     generations: tuple[dict | None, ...] = ()
+    # self-play: True on a bot turn the safety filter withdrew (replaced by the next turn)
+    replaced: tuple[bool, ...] = ()

@@ -6,8 +6,9 @@ A thin loop over :class:`bot.session.Session`: read a line, run a slash command 
 ``session.respond``, print. Two modes, chosen by whether stdin is a terminal:
 
 - interactive: a greeting that says how to vote, a ``you ›`` prompt with line editing,
-  the reply streamed as it is generated, colours; Ctrl-C stops a reply mid-way and
-  keeps the chat open, Ctrl-D (or ``/quit``) leaves;
+  the reply streamed as it is generated (with the safety filter on, or best-of-N, a
+  spinner until the whole reply is checked or chosen, then the reply), colours; Ctrl-C
+  stops a reply mid-way and keeps the chat open, Ctrl-D (or ``/quit``) leaves;
 - piped (scripts, tests): no greeting, prompts or colours; exactly one output line per
   input line (a reply's own line breaks become spaces), so output lines pair with input.
 
@@ -91,8 +92,10 @@ class Terminal:
         spinner = None
         if streamed:
             print("\x1b[36mrapport ›\x1b[0m ", end="", file=self.out, flush=True)
-            if getattr(self.session.policy_source(), "best_of", 1) > 1:
-                spinner = Spinner(self.out)  # best-of-N shows nothing until it has chosen
+            best_of = getattr(self.session.policy_source(), "best_of", 1) > 1
+            if best_of or self.session.safety is not None:
+                # nothing is shown until best-of-N has chosen, or the filter has checked
+                spinner = Spinner(self.out)
 
         def show(piece: str) -> None:
             if spinner:

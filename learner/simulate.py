@@ -11,6 +11,11 @@ Design
   ends its conversation by saying goodbye (or an empty line); finished conversations
   drop out of later batches.
 - Seeded: the same seed gives the same personas, openers and samples.
+- ``rapport simulate`` applies the chat's reply safety filter (:mod:`bot.safety`): the
+  flagged replies of a round are regenerated together, once, and those flagged again
+  get the fallback; each flagged reply is logged withdrawn, replaced by the next, as a
+  chat logs it, so self-play carries ``bot_unsafe`` too. Evaluation (``rapport eval``,
+  the gate) measures the model itself, unfiltered.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import torch
 from bot.corpora import chitchat_conversations
 from bot.policy import Settings, clean_reply
 from bot.prompt import Turn, build_prompt
+from bot.safety import SafetyFilter
 from bot.store_data import Imported
 from rewards.rank import choose
 
@@ -55,6 +61,10 @@ class SelfPlay:
     turns: list[Turn] = field(default_factory=list)  # user first, alternating
     ended_by_user: bool = False
     cut: set[int] = field(default_factory=set)  # indices of bot turns the length limit cut
+    # turn index of a sent bot turn -> the generation records of the flagged replies the
+    # safety filter withdrew before it, in order (text, and ``unsafe``, ``cut``)
+    withdrawn: dict[int, list[dict]] = field(default_factory=dict)
+    fallback: set[int] = field(default_factory=set)  # bot turns that are the fallback line
 
     @property
     def bot_turns(self) -> list[str]:
@@ -191,12 +201,14 @@ def self_play(
     split: str = "eval",
     answer_last: bool = True,
     rerank: Rerank | None = None,
+    safety: SafetyFilter | None = None,
 ) -> list[SelfPlay]:
     """``n`` conversations of up to ``turns`` bot turns each, batched across them, opened
     with lines of the ``split`` (see :func:`held_out_openers`). ``answer_last=False``
     leaves the last bot turn unanswered: for measures of the bot's replies alone (the
     question rate of one reply per opener), it saves the simulated users' last turn.
-    ``rerank``: the bot plays best-of-N as the chat serves it (:mod:`rewards.rank`)."""
+    ``rerank``: the bot plays best-of-N as the chat serves it (:mod:`rewards.rank`).
+    ``safety``: check the bot's replies as a chat does (module doc)."""
     rng = random.Random(seed)
     openers = held_out_openers(n, seed, split)
     games = [SelfPlay(opener, rng.choice(PERSONAS)) for opener in openers]
@@ -217,6 +229,9 @@ def self_play(
             )
         else:
             replies = generate_batch(policy_model, tokenizer, bot_prompts, settings, cut)
+        if safety is not None:
+            redo = (policy_model, tokenizer, settings)
+            check_replies(live, replies, cut, bot_prompts, safety, *redo)
         for game, reply, was_cut in zip(live, replies, cut, strict=True):
             if was_cut:
                 game.cut.add(len(game.turns))
@@ -244,6 +259,42 @@ def self_play(
     return games
 
 
+def check_replies(
+    games: list[SelfPlay],
+    replies: list[str],
+    cut: list[bool],
+    prompts: list[list[int]],
+    safety: SafetyFilter,
+    model,
+    tokenizer,
+    settings: Settings,
+) -> None:
+    """The safety filter on one round of bot replies, in place: the flagged ones are
+    regenerated together, once; those flagged again become the fallback line. Each
+    flagged reply is recorded on its game (``withdrawn``) for the next bot turn."""
+    pending = list(range(len(replies)))
+    for attempt in range(2):
+        scores = safety.scores([replies[i] for i in pending])
+        flagged = [i for i, s in zip(pending, scores, strict=True) if safety.flagged(s)]
+        for i, score in zip(pending, scores, strict=True):
+            if safety.flagged(score):
+                record = {"text": replies[i], "unsafe": safety.flag_record(score)}
+                record |= {"cut": True} if cut[i] else {}
+                games[i].withdrawn.setdefault(len(games[i].turns), []).append(record)
+        if not flagged:
+            return
+        if attempt == 0:
+            again: list[bool] = []
+            flagged_prompts = [prompts[i] for i in flagged]
+            redone = generate_batch(model, tokenizer, flagged_prompts, settings, again)
+            for i, text, was_cut in zip(flagged, redone, again, strict=True):
+                replies[i], cut[i] = text, was_cut
+        pending = flagged
+    for i in pending:
+        replies[i], cut[i] = safety.fallback, False
+        games[i].fallback.add(len(games[i].turns))
+
+
 def simulate_into_store(
     store,
     policy_model,
@@ -258,12 +309,14 @@ def simulate_into_store(
     system_prompt: str,
     settings: Settings,
     progress=None,
+    safety: SafetyFilter | None = None,
 ) -> int:
     """``rapport simulate``: self-play on the training openers, logged as platform
     "simulated" batch by batch, each bot turn with the version that wrote it, its
     generation settings and ``cut`` when the length limit ended it (as a chat logs
     it). A kill loses at most the batch in flight; a re-run with the same arguments
-    skips the batches already stored. Returns how many conversations were added."""
+    skips the batches already stored. ``safety``: the chat's reply filter, applied and
+    logged as a chat does (module doc). Returns how many conversations were added."""
     added = 0
     for start in range(0, n, batch):
         size = min(batch, n - start)
@@ -279,6 +332,7 @@ def simulate_into_store(
                 system_prompt=system_prompt,
                 settings=settings,
                 split="train",
+                safety=safety,
             )
             added += store.import_conversations(
                 "simulated",
@@ -290,15 +344,26 @@ def simulate_into_store(
 
 
 def _imported(external_id: str, game: SelfPlay, version: str, settings: Settings):
+    """One game as a logged conversation; the replies the safety filter withdrew come
+    before the bot turn that replaced them, each marked replaced by the next turn."""
+    turns, generations, replaced = [], [], []
+    for k, t in enumerate(game.turns):
+        for record in game.withdrawn.get(k, []):
+            turns.append(("bot", "model", record["text"]))
+            generations.append(settings.as_dict() | {x: record[x] for x in record if x != "text"})
+            replaced.append(True)
+        turns.append((t.role, "model", t.text))
+        generation = None
+        if t.role == "bot":
+            generation = settings.as_dict() | ({"cut": True} if k in game.cut else {})
+            generation |= {"fallback": True} if k in game.fallback else {}
+        generations.append(generation)
+        replaced.append(False)
     return Imported(
         external_id,
         f"simulated:{game.persona}",
-        tuple((t.role, "model", t.text) for t in game.turns),
+        tuple(turns),
         model_version=version,
-        generations=tuple(
-            None
-            if t.role != "bot"
-            else settings.as_dict() | ({"cut": True} if k in game.cut else {})
-            for k, t in enumerate(game.turns)
-        ),
+        generations=tuple(generations),
+        replaced=tuple(replaced),
     )

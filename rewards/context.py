@@ -18,7 +18,9 @@ class Context:
     from the new reply, so this one has no ``next_user``), and ``rating`` the user's
     end-of-chat rating answers (1-5 each) on the conversation's last bot turn, () on
     every other turn and when the conversation is not rated; ``reply_seconds`` how long
-    the user took to reply, on live chats only (None otherwise).
+    the user took to reply, on live chats only (None otherwise); ``unsafe`` whether
+    the safety filter withdrew this reply before it was sent (then ``replaced`` too,
+    by the regenerated or fallback reply, and not by the user).
     """
 
     bot: str
@@ -30,3 +32,4 @@ class Context:
     replaced: bool = False
     rating: tuple[int, ...] = ()
     reply_seconds: float | None = None
+    unsafe: bool = False

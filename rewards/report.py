@@ -6,8 +6,9 @@ Writes into one folder: ``distributions.png`` (a histogram per signal),
 ``correlations.png`` (the correlation matrix of all signals and the combined reward),
 ``vote_agreement.png`` (each signal's correlation with the votes, on voted turns only;
 the table beside it has the correlation with the end-of-chat ratings too) and
-``index.html`` that shows them with the ratings (count and mean answer per question)
-and the top and bottom scored examples per signal.
+``index.html`` that shows them with the ratings (count and mean answer per question),
+the reply safety filter's rate (replies withdrawn / replies written, on self-play and on
+live chats) and the top and bottom scored examples per signal.
 """
 
 from __future__ import annotations
@@ -142,6 +143,25 @@ def ratings_summary(store: Store) -> str:
     return f"{count:,} rated conversation{'s' if count != 1 else ''}; mean answers: {answers}"
 
 
+def safety_summary(store: Store) -> str:
+    """One line: the share of the model's replies the safety filter withdrew, on
+    self-play (``rapport simulate``) and on live platforms (terminal, Discord).
+
+    Withdrawn replies over every reply the model wrote there (withdrawn ones included).
+    """
+    rates = store.safety_rates()
+    groups = {
+        "self-play": [rates.get("simulated", (0, 0))],
+        "live": [v for platform, v in rates.items() if platform != "simulated"],
+    }
+    parts = []
+    for name, values in groups.items():
+        flagged, replies = sum(f for f, _ in values), sum(n for _, n in values)
+        share = f" ({flagged / replies:.2%})" if replies else ""
+        parts.append(f"{name} {flagged:,} of {replies:,} replies{share}")
+    return "safety filter withdrew: " + "; ".join(parts)
+
+
 def ratings_html(store: Store) -> str:
     count, means = store.rating_summary()
     if not count:
@@ -186,6 +206,7 @@ undefined).</p>
 <table><tr><th>signal</th><th>r with votes</th><th>r with ratings</th></tr>{agreement_rows}
 </table>
 <h2>End-of-chat ratings</h2>{ratings_html(store)}
+<h2>Reply safety filter</h2><p>{html.escape(safety_summary(store))}</p>
 <h2>Top and bottom examples</h2>{examples}
 </body></html>
 """

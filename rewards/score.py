@@ -46,7 +46,8 @@ def contexts_of(turns: list[dict]) -> list[tuple[dict, Context]]:
 
     A reply a retry replaced (``replaced_by`` set) is off the conversation's path: it is
     scored at once (the retry was the user's answer to it), with the user turn it
-    answered and no reply; the turns around it see the path only, as the bot did. The
+    answered and no reply; the turns around it see the path only, as the bot did. A
+    reply the safety filter withdrew (``unsafe``) is off the path the same way. The
     conversation's end-of-chat rating goes with its last bot turn on the path."""
     path = [t for t in turns if not t.get("replaced_by")]
     position = {t["id"]: k for k, t in enumerate(path)}
@@ -79,6 +80,7 @@ def contexts_of(turns: list[dict]) -> list[tuple[dict, Context]]:
             replaced=replaced,
             rating=tuple(turn.get("rating") or ()) if turn["id"] == last_bot else (),
             reply_seconds=seconds_between(turn, after) if next_user is not None else None,
+            unsafe=bool(turn.get("unsafe")),
         )
         out.append((turn, context))
         if not replaced:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from rewards.bot_question import bot_question
 from rewards.bot_repetition import bot_repetition
 from rewards.bot_sentiment import bot_sentiment
+from rewards.bot_unsafe import bot_unsafe
 from rewards.embedding_similarity import embedding_similarity
 from rewards.manual_vote import manual_vote
 from rewards.user_continued import user_continued
@@ -34,6 +35,7 @@ SIGNALS = (
     bot_question,
     bot_sentiment,
     bot_repetition,
+    bot_unsafe,
     word_similarity,
     embedding_similarity,
     manual_vote,
@@ -45,7 +47,8 @@ COMBINED = "combined"
 # 3: user_retry, and retried replies leave the conversation's path (issue 14)
 # 4: user_rating (end-of-chat ratings), and a rating rescores its conversation
 # 5: user_reply_latency
-SCORER_VERSION = "5"
+# 6: bot_unsafe, and a reply the safety filter withdrew is no user_retry
+SCORER_VERSION = "6"
 
 
 def score_contexts(contexts) -> dict[str, list[float]]:

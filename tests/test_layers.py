@@ -19,9 +19,10 @@ PACKAGES = ("bot", "rewards", "learner")
 LAYERS = {
     "ground": (
         "bot bot.errors bot.config bot.prompt bot.progress bot.files bot.migrations "
-        "bot.model_files bot.store_data bot.store_ratings bot.store bot.corpora bot.check"
+        "bot.model_files bot.store_data bot.store_ratings bot.store_safety bot.store "
+        "bot.corpora bot.check"
     ),
-    "serving": "bot.policy bot.session bot.terminal bot.discord_bot rewards.*",
+    "serving": "bot.safety bot.policy bot.session bot.terminal bot.discord_bot rewards.*",
     "learner": "learner.*",
     "loop": "bot.gate bot.registry bot.cli",
 }

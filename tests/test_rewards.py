@@ -15,6 +15,7 @@ from rewards import embedding
 from rewards.bot_question import bot_question
 from rewards.bot_repetition import bot_repetition
 from rewards.bot_sentiment import bot_sentiment
+from rewards.bot_unsafe import bot_unsafe
 from rewards.context import Context
 from rewards.embedding_similarity import embedding_similarity
 from rewards.manual_vote import manual_vote
@@ -38,6 +39,7 @@ ODD_CONTEXTS = [
     Context(bot="今日は何をしましたか？", prev_user="こんにちは", next_user="wwww 楽しかった"),
     Context(bot="Hi there!"),  # end of conversation: no user reply, no prompt
     Context(bot="Hi there!", prev_user="hello", replaced=True),  # retried: no reply
+    Context(bot="Shit, you idiot.", prev_user="hi", replaced=True, unsafe=True),  # withdrawn
     Context(bot="Bye!", prev_user="see you", rating=(5, 4, 3, 2, 1)),  # the rated last turn
     Context(bot="ok", prev_user="hi", next_user="hey", reply_seconds=-5.0),  # clock skew
 ]
@@ -95,7 +97,7 @@ class TestOpenVinoBackend:
 
 def test_signal_names_are_stable_and_unique():
     names = [s.__name__ for s in SIGNALS]
-    assert len(set(names)) == len(names) == 14
+    assert len(set(names)) == len(names) == 15
 
 
 class TestUserLaughter:
@@ -339,6 +341,34 @@ class TestUserRetry:
             ]
         )
         assert values == [1.0, 1.0, 0.0, 0.0]
+
+    def test_zero_on_a_reply_the_safety_filter_withdrew(self):
+        """The filter replaced it, not the user, who never saw it (bot_unsafe instead)."""
+        assert user_retry([Context("Shit.", prev_user="hi", replaced=True, unsafe=True)]) == [0.0]
+
+
+class TestBotUnsafe:
+    """bot_unsafe reads the filter's flag logged at send time, whatever the text."""
+
+    def test_one_on_a_withdrawn_reply_only(self):
+        values = bot_unsafe(
+            [
+                Context("Shit, you idiot.", prev_user="hi", replaced=True, unsafe=True),
+                Context("", replaced=True, unsafe=True),  # empty text: the flag counts
+                Context("Shit happens.", prev_user="hi", next_user="lol"),  # sent: not flagged
+                Context("Hi there!", replaced=True),  # a user retry
+            ]
+        )
+        assert values == [1.0, 1.0, 0.0, 0.0]
+
+    def test_emoji_long_and_non_english_text_and_batches(self):
+        contexts = [
+            Context("😂😂😂", unsafe=True, replaced=True),
+            Context(LONG, replaced=True, unsafe=True),
+            Context("今日は何をしましたか？"),
+        ]
+        assert bot_unsafe(contexts) == [1.0, 1.0, 0.0]
+        assert bot_unsafe(contexts[:1]) == [1.0] and bot_unsafe([]) == []
 
 
 class TestUserReplyLatency:

@@ -179,6 +179,8 @@ def test_interactive_ctrl_c_stops_a_reply_and_the_chat_goes_on(tiny_model_dir, r
                 "generation.max_new_tokens=100000",
                 "--set",
                 "model.context_tokens=200000",
+                "--set",  # streamed: with the safety filter a reply is shown only once checked
+                "safety.enabled=false",
                 "chat",
                 "--model",
                 str(tiny_model_dir),
