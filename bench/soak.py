@@ -12,12 +12,14 @@ Loopback only, bounded in time. What runs:
   toggled within milliseconds), 🔁, /new, /forget. Half are in DMs, half mention the bot
   in one shared channel and also vote on each other's replies. Each event is its own
   task, as discord.py's ``Client.dispatch`` makes it, so one user's events overlap.
-- ``rapport score``'s work (:func:`rewards.score.score_store`) on a timer in a thread
-  with its own database connection, as the separate process has; a deploy of a second
-  model version through the real gate at 40% of the run and a rollback at 70%
-  (:mod:`bot.registry`), in another thread; running bots follow through
-  :class:`bot.registry.DeployedPolicy`.
-- A stall monitor: a task that sleeps 10 ms and records how late it wakes.
+- In another process (as ``rapport score`` and ``rapport deploy`` are; in this one their
+  work would hold the GIL): ``rapport score``'s work (:func:`rewards.score.score_store`)
+  every 15 s, a deploy of a second model version through the real gate at 40% of the
+  run (``--no-gate``: the switch alone) and a rollback at 70% (:mod:`bot.registry`);
+  the bot follows through :class:`bot.registry.DeployedPolicy`.
+- A stall monitor: a task that sleeps 10 ms and records how late it wakes, and the
+  garbage collector's pauses. The bot's startup ends as ``rapport discord``'s does,
+  with :func:`bot.discord_bot.settle_memory`.
 
 Checked at the end (:mod:`bench.soak_checks`): every turn sent is stored exactly once
 unless its user forgot it, in the order sent; each stored turn has its reply; votes in
