@@ -144,14 +144,18 @@ def check_votes(soak, store, names, out: Outcome) -> None:
     value = {"👍": 1, "👎": -1}
     expected: dict[tuple[str, int], int] = {}
     judged: set[tuple[str, int]] = set()
+    skipped: set[tuple[str, int]] = set()
     both_on = 0
     for user in soak.users:
         forgets = [e for e in user.events if e.kind == "forget"]
         votes, unsure = expected_votes(user, forgets)
         for target, emoji in votes.items():
             message = store.message_for_platform("discord", str(target))
-            if message is None or target in unsure:
-                continue  # the reply was forgotten, or a forget raced the reaction
+            if message is None:
+                continue  # the reply was forgotten
+            if target in unsure:
+                skipped.add((names[user.index], message))  # a forget raced the reaction
+                continue
             judged.add((names[user.index], message))
             if emoji is not None:
                 expected[(names[user.index], message)] = value[emoji]
@@ -165,7 +169,9 @@ def check_votes(soak, store, names, out: Outcome) -> None:
     wrong_pairs = [pair for pair in judged if expected.get(pair) != actual.get(pair)]
     wrong = len(wrong_pairs)
     out.measures["wrong_votes"] = [(p, expected.get(p), actual.get(p)) for p in wrong_pairs]
-    unexplained = sum(pair not in judged for pair in actual if pair[0] in names.values())
+    for (who, message), want, got in out.measures["wrong_votes"][:3]:
+        out.failures.append(f"vote of {who[:10]} on message {message}: want {want}, got {got}")
+    unexplained = sum(pair not in judged | skipped for pair in actual if pair[0] in names.values())
     out.measures.update(votes_wrong=wrong)
     out.add("votes in the store", f"{len(actual):,} ({len(judged):,} pairs judged)")
     out.add(
