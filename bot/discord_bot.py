@@ -16,7 +16,8 @@ Design
   linked to that turn in the store, so a reaction on any part is a vote. 👍, 👎 and 🔁
   are added to the last part. Reactions are read from the raw events, so messages that
   are no longer cached count too; removing a reaction withdraws that vote; the bot's own
-  reactions, reactions on users' messages and other emoji are not votes.
+  reactions, reactions on users' messages and other emoji are not votes. Votes are
+  written one at a time, in the order the events came.
 - 🔁 on the latest reply of one's own live conversation is a retry
   (:meth:`bot.session.Session.retry`): the new reply is sent to the channel, both are
   logged, and a vote on the old one's messages still lands on the old one. 🔁 on an
@@ -24,7 +25,9 @@ Design
   no conversation here (another user's reply, or one from before a restart) is ignored.
 - Slash commands /new, /forget, /optout, /optin, /about and /rate (1-5 on five
   questions, checked by Discord itself) answer ephemerally; those that touch the
-  database defer first, so Discord's 3-second limit is never hit.
+  database defer first, so Discord's 3-second limit is never hit. Those that change the
+  conversation take its lock, as a message does: /forget waits for the reply being
+  written to that user, then deletes it with the rest (found by ``bench/soak.py``).
 - The token comes from DISCORD_TOKEN or the configured file only, and is never printed
   or logged; a missing or rejected token is one line.
 """
@@ -32,23 +35,27 @@ Design
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import discord
 from discord import app_commands
 
 from bot.config import DiscordConfig
-from bot.errors import RapportError
+from bot.errors import NotFound, RapportError
 from bot.safety import SafetyFilter
 from bot.session import RATING_PROMPTS, Reply, Session
 from bot.store import Store
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 PLATFORM = "discord"
 LIMIT = 2000
@@ -131,6 +138,7 @@ class RapportHandlers:
         self.allowed = config.channel_ids()
         self.limiter = RateLimiter(config.rate_limit_per_minute)
         self.conversations: dict[tuple[int, int], Conversation] = {}
+        self.vote_lock = asyncio.Lock()
         self.tree = app_commands.CommandTree(self)
         register_commands(self)
 
@@ -236,7 +244,10 @@ class RapportHandlers:
         value = VOTES.get(str(payload.emoji))
         if value is None:
             return  # some other emoji
-        await asyncio.to_thread(self.record_vote, payload, value, added)
+        # in the order Discord sent them: threads could run a quick 👍-on, 👍-off
+        # backwards and keep the vote (found by bench/soak.py)
+        async with self.vote_lock:
+            await asyncio.to_thread(self.record_vote, payload, value, added)
 
     def record_vote(self, payload, value: int, added: bool) -> None:
         message_id = self.store.message_for_platform(PLATFORM, str(payload.message_id))
@@ -245,10 +256,13 @@ class RapportHandlers:
         user = self.store.ensure_user(PLATFORM, str(payload.user_id))
         if self.store.is_opted_out(user):
             return
-        if added:
-            self.store.vote(message_id, user, value)
-        elif self.store.votes(message_id).get(user) == value:
-            self.store.vote(message_id, user, 0)  # withdrawn
+        try:
+            if added:
+                self.store.vote(message_id, user, value)
+            elif self.store.votes(message_id).get(user) == value:
+                self.store.vote(message_id, user, 0)  # withdrawn
+        except NotFound:
+            return  # the reply was deleted meanwhile (its user's /forget): nothing to vote on
 
     async def retry_from(self, payload: discord.RawReactionActionEvent) -> None:
         """🔁: another reply instead of the latest one (see module doc)."""
@@ -281,22 +295,24 @@ class RapportHandlers:
 def register_commands(client) -> None:
     """The slash commands: each answers ephemerally, deferring before database work."""
 
-    async def session_for(interaction: discord.Interaction) -> Session:
+    async def in_session(interaction: discord.Interaction, work: Callable[[Session], T]) -> T:
+        """``work(session)`` in a thread, under the conversation's lock: a command waits for
+        the reply being written to this user, so /forget never deletes a turn whose reply
+        is still to be logged, and /new never ends a conversation mid-reply."""
         conversation = await client.conversation(interaction.channel_id, interaction.user.id)
-        return conversation.session
+        async with conversation.lock:
+            return await asyncio.to_thread(work, conversation.session)
 
     @client.tree.command(name="new", description="Start a new conversation with me.")
     async def new(interaction: discord.Interaction) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
-        session = await session_for(interaction)
-        await asyncio.to_thread(session.new_conversation)  # a store write: off the loop
+        await in_session(interaction, Session.new_conversation)
         await interaction.followup.send("Fresh start! What's on your mind?", ephemeral=True)
 
     @client.tree.command(name="forget", description="Delete everything you said and voted.")
     async def forget(interaction: discord.Interaction) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
-        session = await session_for(interaction)
-        deleted = await asyncio.to_thread(session.forget_me)
+        deleted = await in_session(interaction, Session.forget_me)
         await interaction.followup.send(
             f"Done: I deleted {deleted['messages']} messages and {deleted['votes']} votes "
             "of yours.",
@@ -306,8 +322,7 @@ def register_commands(client) -> None:
     @client.tree.command(name="optout", description="Stop logging your messages.")
     async def optout(interaction: discord.Interaction) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
-        session = await session_for(interaction)
-        await asyncio.to_thread(session.set_opt_out, True)
+        await in_session(interaction, lambda session: session.set_opt_out(True))
         await interaction.followup.send(
             "Logging is off: I'll still chat, but nothing you say is saved.", ephemeral=True
         )
@@ -315,8 +330,7 @@ def register_commands(client) -> None:
     @client.tree.command(name="optin", description="Allow logging your messages again.")
     async def optin(interaction: discord.Interaction) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
-        session = await session_for(interaction)
-        await asyncio.to_thread(session.set_opt_out, False)
+        await in_session(interaction, lambda session: session.set_opt_out(False))
         await interaction.followup.send("Logging is on again. Thanks!", ephemeral=True)
 
     @client.tree.command(name="about", description="What I am, what I log and why.")
@@ -337,7 +351,6 @@ def register_commands(client) -> None:
         empathy: RatingAnswer,
     ) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
-        session = await session_for(interaction)
         answers = dict(
             overall=overall,
             fluency=fluency,
@@ -346,7 +359,7 @@ def register_commands(client) -> None:
             empathy=empathy,
         )
         try:
-            replaced = await asyncio.to_thread(session.rate, answers)
+            replaced = await in_session(interaction, lambda session: session.rate(answers))
         except RapportError as e:
             await interaction.followup.send(f"Not rated: {e}", ephemeral=True)
             return
@@ -395,12 +408,21 @@ def read_token(config: DiscordConfig, environ: dict | None = None) -> str:
     return token
 
 
+def settle_memory() -> None:
+    """Move everything loaded so far (torch, transformers, the model: millions of
+    objects) out of the garbage collector's view. Otherwise each full collection walks
+    them all on the event loop: 370 ms stalls in ``bench/soak.py``; after this, a few."""
+    gc.collect()
+    gc.freeze()
+
+
 def run_discord(
     store: Store, policy_source, config: DiscordConfig, safety: SafetyFilter | None = None
 ) -> None:
     """Connect and serve until interrupted; errors are one line without the token."""
     token = read_token(config)
     client = make_client(store, policy_source, config, safety)
+    settle_memory()
 
     async def main() -> None:
         async with client:

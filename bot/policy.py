@@ -21,8 +21,10 @@ Design
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -115,13 +117,45 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32):
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = _tokenizer(path, AutoTokenizer)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"cannot load the model in {path}: {first_line}") from None
     model.eval()
     return model, tokenizer
+
+
+# Tokenizers loaded, by the digest of their files; nothing in rapport changes a
+# tokenizer after loading it, so versions with the same files share one.
+_TOKENIZERS: dict[str, object] = {}
+_TOKENIZERS_LOCK = threading.Lock()
+TOKENIZER_FILES = (
+    "tokenizer",
+    "special_tokens",
+    "added_tokens",
+    "chat_template",
+    "vocab",
+    "merges",
+)
+
+
+def _tokenizer(path: Path, auto):
+    """The tokenizer of the model folder ``path``, parsed once per distinct set of files.
+    Parsing a 49k-token tokenizer.json holds the GIL for 100-200 ms (measured here), so a
+    hot reload in a bot's thread stalled its event loop (bench/soak.py); a trained
+    version keeps its parent's tokenizer, so a deploy or rollback now parses nothing."""
+    digest = hashlib.sha256()
+    for file in sorted(path.iterdir()):
+        if file.is_file() and file.name.startswith(TOKENIZER_FILES):
+            digest.update(file.name.encode() + b"\0" + file.read_bytes())
+    key = digest.hexdigest()
+    with _TOKENIZERS_LOCK:
+        if key not in _TOKENIZERS:
+            if len(_TOKENIZERS) >= 4:
+                _TOKENIZERS.pop(next(iter(_TOKENIZERS)))  # the oldest
+            _TOKENIZERS[key] = auto.from_pretrained(path)
+        return _TOKENIZERS[key]
 
 
 class Int8WeightLinear(torch.nn.Module):

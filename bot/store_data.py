@@ -47,10 +47,8 @@ class LearningData:
         created = now()
         values = [(int(m), str(n), float(v), str(s), created) for m, n, v, s in rows]
         with self._write() as db:
-            db.conn.executemany(
-                UPSERT_REWARD,
-                values,
-            )
+            values = [v for v in values if v[0] in _present(db, {v[0] for v in values})]
+            db.conn.executemany(UPSERT_REWARD, values)
         return len(values)
 
     def rewards(self, message_id: int) -> dict[str, float]:
@@ -382,12 +380,17 @@ class LearningData:
         scorer_version: str,
     ) -> None:
         """Raw signal values and the scoring marks of their turns, in one transaction:
-        a kill between two batches leaves each batch wholly scored or not at all."""
+        a kill between two batches leaves each batch wholly scored or not at all. Turns
+        deleted since they were read (a user's /forget while ``rapport score`` runs) are
+        skipped, not an error."""
         created = now()
+        values = list(values)
         with self._write() as db:
+            present = _present(db, {m for m, _, _ in values} | set(fingerprints))
+            fingerprints = {m: f for m, f in fingerprints.items() if m in present}
             db.conn.executemany(
                 UPSERT_REWARD,
-                [(m, n, float(v), scorer_version, created) for m, n, v in values],
+                [(m, n, float(v), scorer_version, created) for m, n, v in values if m in present],
             )
             db.conn.executemany(
                 "INSERT INTO scoring (message_id, scorer_version, fingerprint, scored) "
@@ -589,3 +592,16 @@ class Imported:
     generations: tuple[dict | None, ...] = ()
     # self-play: True on a bot turn the safety filter withdrew (replaced by the next turn)
     replaced: tuple[bool, ...] = ()
+
+
+def _present(db, message_ids: set[int]) -> set[int]:
+    """The ids among these that are still messages (read inside a write transaction: no
+    /forget can delete one before the transaction's writes)."""
+    ids = sorted(message_ids)
+    present: set[int] = set()
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        marks = ",".join("?" * len(chunk))
+        rows = db.execute(f"SELECT id FROM messages WHERE id IN ({marks})", chunk)
+        present.update(row[0] for row in rows)
+    return present

@@ -25,26 +25,13 @@ from bot.registry import (
 from bot.store import Store
 from bot.store_data import Imported
 from tests.conftest import run_rapport
-
-# A gate the tiny random model can pass (it writes gibberish, so sanity is off), on two
-# short simulated conversations.
-LOOSE = {
-    "RAPPORT_GATE_CONVERSATIONS": "2",
-    "RAPPORT_GATE_TURNS": "2",
-    "RAPPORT_GENERATION_MAX_NEW_TOKENS": "6",
-    "RAPPORT_GATE_MIN_SANE_REPLIES": "0",
-    "RAPPORT_GATE_MAX_KL_TO_PRIOR": "100",
-    "RAPPORT_GATE_MIN_DIVERSITY_RATIO": "0",
-    "RAPPORT_GATE_MAX_QUESTION_RATE": "1",
-    "RAPPORT_GATE_MAX_REPEATED_REPLIES": "1",
-    "RAPPORT_GATE_REWARD_MARGIN": "100",
-}
+from tests.tiny_models import LOOSE_GATE
 
 
 @pytest.fixture
 def env(tiny_model_dir, monkeypatch):
     """The tiny model as the base, and the loose gate, for in-process and CLI runs."""
-    values = {**LOOSE, "RAPPORT_MODEL_PATH": str(tiny_model_dir)}
+    values = {**LOOSE_GATE, "RAPPORT_MODEL_PATH": str(tiny_model_dir)}
     for key, value in values.items():
         monkeypatch.setenv(key, value)
     return values

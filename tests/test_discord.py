@@ -399,3 +399,54 @@ def test_slash_rate_stores_one_rating_per_conversation_and_says_so(store):
     assert store.rating(conversation) == dict(
         overall=2, fluency=3, diversity=3, relatedness=3, empathy=3
     )
+
+
+def test_forget_while_a_reply_is_written_waits_for_it_then_deletes_both(store):
+    """Found by bench/soak.py: /forget mid-reply deleted the conversation under the reply,
+    which then failed ("no conversation") and was never logged or sent as written."""
+    client = client_for(store, ScriptedPolicy(delay=0.5))
+    channel, user = fake_channel(dm=True), fake_user()
+    interaction = fake_interaction(user, channel)
+
+    async def scenario():
+        replying = asyncio.create_task(client.on_message(fake_message("hi", user, channel)))
+        await asyncio.sleep(0.2)  # the reply is being generated
+        await client.commands_by_name["forget"].callback(interaction)
+        await replying
+
+    asyncio.run(scenario())
+    assert [m.content for m in channel.sent] == ["Hello there! How are you?"]
+    assert "deleted 2 messages" in interaction.followup.send.await_args.args[0]
+    assert store.counts()["messages"] == 0 and store.counts()["platform_messages"] == 0
+
+
+def test_a_quick_thumbs_up_then_off_leaves_no_vote(store, monkeypatch):
+    """Found by bench/soak.py: the two events' threads could run in either order."""
+    client = client_for(store, ScriptedPolicy())
+    channel, user = fake_channel(dm=True), fake_user()
+    asyncio.run(client.on_message(fake_message("hi", user, channel)))
+    reply = channel.sent[-1]
+    vote = store.vote
+
+    def slow_vote(message_id, user_id, value):
+        if value:
+            time.sleep(0.3)  # the 👍 thread is slow to get to the database
+        vote(message_id, user_id, value)
+
+    monkeypatch.setattr(store, "vote", slow_vote)
+
+    async def scenario():
+        on = client.on_raw_reaction_add(fake_reaction(reply.id, user.id, "👍"))
+        off = client.on_raw_reaction_remove(fake_reaction(reply.id, user.id, "👍"))
+        await asyncio.gather(on, off)
+
+    asyncio.run(scenario())
+    assert store.counts()["votes"] == 0
+
+
+def test_a_vote_on_a_reply_deleted_meanwhile_is_dropped_quietly(store, monkeypatch):
+    client = client_for(store, ScriptedPolicy())
+    user = fake_user()
+    monkeypatch.setattr(store, "message_for_platform", lambda platform, pid: 10**6)
+    asyncio.run(client.on_raw_reaction_add(fake_reaction(123, user.id, "👍")))
+    assert store.counts()["votes"] == 0

@@ -208,3 +208,21 @@ def test_the_real_default_model_replies_in_english(default_model_home, monkeypat
     assert len(words) >= 3
     english = {"i", "you", "the", "to", "a", "and", "my", "it", "is", "like", "do", "of", "in"}
     assert {w.strip(".,!?").lower() for w in words} & english
+
+
+def test_versions_with_the_same_tokenizer_files_share_one_parsed_tokenizer(
+    tiny_model_dir, tmp_path
+):
+    """Found by bench/soak.py: parsing tokenizer.json in a hot reload held the GIL and
+    stalled the Discord bot's event loop for 100-200 ms at every deploy and rollback."""
+    import json
+    import shutil
+
+    from bot.policy import load_model
+
+    copy = shutil.copytree(tiny_model_dir, tmp_path / "v2")
+    assert load_model(copy)[1] is load_model(tiny_model_dir)[1]
+    config = copy / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "model_max_length": 77}))
+    changed = load_model(copy)[1]
+    assert changed is not load_model(tiny_model_dir)[1] and changed.model_max_length == 77

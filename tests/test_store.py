@@ -225,3 +225,19 @@ def test_exactly_one_model_is_deployed(store):
         store.add_model("v1", "/elsewhere", "prior", checksum="c")
     store.finish_training_run(run, "done", {"loss": 0.1})
     assert store.db["training_runs"].get(run)["status"] == "done"
+
+
+def test_scores_of_turns_forgotten_while_scoring_are_skipped(store):
+    """Found by bench/soak.py: `rapport score` read a conversation, its user's /forget
+    deleted it, and saving the scores failed on the foreign key, stopping the run."""
+    kept_user, gone_user = store.ensure_user("t", "kept"), store.ensure_user("t", "gone")
+    ids = []
+    for user in (kept_user, gone_user):
+        conversation = store.start_conversation(user, "t")
+        store.add_message(conversation, "user", "hi")
+        ids.append(store.add_message(conversation, "bot", "hello"))
+    store.forget(gone_user)  # between reading the turns and saving their scores
+    store.save_scores([(m, "bot_question", 0.0) for m in ids], dict.fromkeys(ids, "f"), "s1")
+    assert store.set_rewards([(m, "combined", 0.5, "s1") for m in ids]) == 1
+    assert store.rewards(ids[0]) == {"bot_question": 0.0, "combined": 0.5}
+    assert store.db.execute("SELECT COUNT(*) FROM scoring").fetchone()[0] == 1
