@@ -73,6 +73,12 @@ def arguments() -> argparse.Namespace:
     add("--best-of", type=int, default=4, help="(a): a 'prior+best-of-N' row; 0: none")
     add("--seed", type=int, default=0)
     add("--home", default="", help="RAPPORT_HOME to use (kept; default: a new temp dir)")
+    add(
+        "--reuse",
+        action="store_true",
+        help="reuse the runs in --home trained with the same settings (a finished run is "
+        "not trained again: e.g. to evaluate after a stopped bench; no learning curve then)",
+    )
     add("--out", default="bench/out/learning_loop")
     return parser.parse_args()
 
@@ -202,6 +208,19 @@ def train_all(args, config, store, prior_dir, reward, prior_bf16, tokenizer) -> 
             pairs_from="combined" if algo == "kto" else "votes",
             kl_budget=out[matched]["kl_window"] if matched else 0.0,
         )
+        done = finished_run(train_config) if args.reuse else None
+        if done:
+            out[name] = {
+                "version": done.name,
+                "folder": str(done / "model"),
+                "metrics": json.loads((done / "model" / "training.json").read_text())["metrics"],
+                "kl_window": kl_window(done / "model"),
+                "curve": [],
+                "seconds": 0.0,
+                "reused": True,
+            }
+            print(f"[{reward}] reusing {name}: {done}", file=sys.stderr, flush=True)
+            continue
         curve = Curve(args, config, target, prior_bf16, tokenizer)
         if args.curve_every and algo != "kto":  # trl's trainer has its own loop
             if reward not in _START:  # step 0 is the prior, the same for every learner
@@ -239,6 +258,20 @@ def train_all(args, config, store, prior_dir, reward, prior_bf16, tokenizer) -> 
 # learner.train.KL_BUDGET_WINDOW) reaches B's at the end of B's run: the same statistic
 # on both sides, so A and B are compared at equal KL.
 KL_EVERY = 2
+
+
+def finished_run(config) -> Path | None:
+    """The newest registered run under $RAPPORT_HOME/runs trained with exactly ``config``."""
+    from bot.config import rapport_home
+
+    wanted = json.loads(config.to_json())
+    found = None
+    for done in sorted((rapport_home() / "runs").glob("*/model/training.json")):
+        run = done.parent.parent
+        saved = json.loads((run / "train_config.json").read_text())
+        if saved == wanted:
+            found = run
+    return found
 
 
 def kl_window(folder) -> float:
