@@ -3,6 +3,7 @@ held-out pairs of a learnable synthetic preference, and learned_reward in scorin
 
 from __future__ import annotations
 
+import json
 import math
 import random
 
@@ -215,11 +216,18 @@ def test_an_engagement_model_learns_who_goes_on_talking_and_beats_the_base_rate(
     )
     fill_engagement_log(store, 60)
     score_store(store, Config())  # user_continued: the labels
-    config = RewardModelConfig(
-        members=2, steps=40, batch_size=8, lr=3e-3, max_tokens=64, target="continue"
+    quick = ("--members", "2", "--steps", "40", "--batch-size", "8", "--lr", "3e-3")
+    result = run_rapport(
+        "reward-model", "train", "--target", "continue", "--model", str(tiny_model_dir), *quick
     )
-    folder, info = train_reward_model(store, tiny_model_dir, config)
+    assert result.returncode == 0, result.stderr
+    (folder,) = (rapport_home / "reward_models").iterdir()
+    info = json.loads((folder / "reward_model.json").read_text())
     assert folder.name.startswith("em-") and info["target"] == "continue"
+    assert f"held-out AUC {info['auc']:.2f} (the base rate, {info['base_rate']:.0%} " in (
+        result.stdout
+    )
+    assert "`rapport score` now scores learned_engagement with it" in result.stdout
     assert 0.5 < info["base_rate"] < 0.9
     assert info["auc"] > 0.75, info  # the base rate (one score for all) is 0.5
 
