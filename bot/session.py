@@ -55,7 +55,7 @@ from bot.prompt import Turn
 from bot.safety import SafetyFilter
 from bot.store import Store, clean_text
 from bot.store_ratings import RATING_QUESTIONS
-from rewards.rank import choose
+from rewards.rank import rank
 
 log = logging.getLogger(__name__)
 
@@ -304,10 +304,7 @@ class Session:
             unsafe = self.safety.scores(texts)
             safe = [i for i in kept if not self.safety.flagged(unsafe[i])]
             kept = safe or kept  # all flagged: the best is flagged too, and regenerated
-        scores: list = [None] * len(texts)
-        for i, score in zip(kept, policy.ranker(text, [texts[i] for i in kept]), strict=True):
-            scores[i] = score
-        chosen = choose(texts, scores, policy.caution)
+        chosen, scores = rank(text, texts, policy.ranker, policy.caution, kept)
         finish["cut"] = chosen is not None and candidates[chosen].cut
         finish["best_of"] = {
             "n": len(texts),

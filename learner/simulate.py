@@ -32,7 +32,7 @@ from bot.policy import Settings, clean_reply
 from bot.prompt import Turn, build_prompt
 from bot.safety import SafetyFilter
 from bot.store_data import Imported
-from rewards.rank import choose
+from rewards.rank import rank
 
 PERSONAS = [
     "a college student who loves video games and pizza",
@@ -175,13 +175,7 @@ def best_of_batch(model, tokenizer, prompts, settings, rerank: Rerank, games):
     replies, flags = [], []
     for k, game in enumerate(games):
         texts = [t if t != "…" else "" for t in many[k * n : (k + 1) * n]]
-        kept = [i for i, t in enumerate(texts) if t]
-        scores: list = [None] * n
-        for i, score in zip(
-            kept, rerank.ranker(game.turns[-1].text, [texts[i] for i in kept]), strict=True
-        ):
-            scores[i] = score
-        chosen = choose(texts, scores, rerank.caution)
+        chosen, _ = rank(game.turns[-1].text, texts, rerank.ranker, rerank.caution)
         replies.append(texts[chosen] if chosen is not None else "…")
         flags.append(chosen is not None and cut[k * n + chosen])
     return replies, flags

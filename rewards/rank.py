@@ -82,3 +82,22 @@ def choose(
         if best is None or value > best_score:
             best, best_score = i, value
     return best
+
+
+def rank(
+    user: str,
+    texts: list[str],
+    ranker,
+    caution: float,
+    candidates: list[int] | None = None,
+) -> tuple[int | None, list[tuple[float, float] | None]]:
+    """Score ``candidates`` (indices into ``texts``; default: every non-empty one) with
+    ``ranker`` in one call and :func:`choose` among them: (the chosen index or None,
+    each text's score, None where it was not scored)."""
+    if candidates is None:
+        candidates = [i for i, t in enumerate(texts) if t.strip()]
+    scores: list[tuple[float, float] | None] = [None] * len(texts)
+    ranked = ranker(user, [texts[i] for i in candidates]) if candidates else []
+    for i, score in zip(candidates, ranked, strict=True):
+        scores[i] = score
+    return choose(texts, scores, caution), scores

@@ -23,6 +23,7 @@ from learner import simulate
 from rewards.report import safety_summary
 from rewards.score import score_store
 from tests.discord_fakes import fake_channel, fake_client_user, fake_message, fake_user
+from tests.test_terminal import scripted
 
 # A small test list of offensive words, each in a reply the bot might write.
 OFFENSIVE = ["fuck", "shit", "asshole", "bitch", "cunt"]
@@ -186,15 +187,8 @@ def test_without_the_filter_replies_stream_unchecked(store):
 @pytest.mark.parametrize("interactive", [False, True])
 def test_the_terminal_never_shows_a_flagged_reply(store, safety, interactive):
     session = session_for(store, Streaming([FLAGGED[0], SAFE, FLAGGED[1], FLAGGED[2]]), safety)
-    lines = iter(["hi\n", "say it again\n"])
-
-    def read_line(prompt):
-        try:
-            return next(lines)
-        except StopIteration:
-            raise EOFError from None
-
     out = io.StringIO()
+    read_line = scripted("hi", "say it again")
     Terminal(session, out, interactive=interactive, read_line=read_line).run()
     shown = out.getvalue()
     assert not any(word in shown for word in OFFENSIVE)

@@ -125,16 +125,10 @@ def test_a_model_crash_mid_chat_is_one_line_and_the_chat_goes_on(tiny_model_dir,
 
     policy.stream = stream
     session = Session(store, lambda: policy, platform="terminal", platform_user_id="t")
-    lines = iter(["boom please\n", "are you ok?\n"])
-
-    def read_line(prompt):
-        try:
-            return next(lines)
-        except StopIteration:
-            raise EOFError from None
-
     out = io.StringIO()
-    Terminal(session, out, interactive=False, read_line=read_line).run()
+    Terminal(
+        session, out, interactive=False, read_line=scripted("boom please", "are you ok?")
+    ).run()
     shown = out.getvalue().splitlines()
     assert shown[0].startswith("rapport: the model failed to reply (RuntimeError: model exploded)")
     assert shown[1].strip()
@@ -271,3 +265,16 @@ def test_piped_rate_validates_and_stores_one_rating_a_conversation(tiny_model_di
         (conversation,) = [r["id"] for r in store.db["conversations"].rows]
         assert store.counts()["ratings"] == 1
         assert set(store.rating(conversation).values()) == {5}
+
+
+def scripted(*lines: str):
+    """A terminal's ``read_line`` that types ``lines``, then Ctrl-D."""
+    typed = iter(lines)
+
+    def read_line(prompt: str) -> str:
+        try:
+            return next(typed) + "\n"
+        except StopIteration:
+            raise EOFError from None
+
+    return read_line
