@@ -18,7 +18,6 @@ import math
 from pathlib import Path
 
 from rewards.learned_reward import (
-    INFO_FILE,
     TARGETS,
     RewardEnsemble,
     latest_reward_model,
@@ -60,8 +59,7 @@ class RewardRanker:
         whichever exist under ``folder``; None when there is neither."""
         if not Path(folder).is_dir():
             return None
-        found = [latest_reward_model(folder, target) for target in TARGETS]
-        found = [f for f in found if f and (f / INFO_FILE).exists()]
+        found = [f for target in TARGETS if (f := latest_reward_model(folder, target))]
         return cls(*found) if found else None
 
 
