@@ -129,8 +129,8 @@ class TrainConfig:
     )
     kl_budget: float = _f(
         0.0,
-        "Stop early once KL(π‖prior) per bot token on the training batches (the mean of "
-        "the last 3 measurements, taken every log_every steps) reaches this; 0: no budget. "
+        "Stop early once KL(π‖prior) per bot token on the training batch (measured every "
+        "log_every steps; use 1 for a learner that moves fast) reaches this; 0: no budget. "
         "Compares learners at equal distance from the prior, e.g. bc held to psi's KL.",
     )
     seed: int = _f(0, "Seed for data order, dropout and initialisation.")

@@ -33,8 +33,6 @@ from learner.config import TrainConfig
 from learner.data import TERMINAL, Dataset, Window, collate
 from learner.runs import CHECKPOINT
 
-KL_BUDGET_WINDOW = 3  # config.kl_budget reads the mean of this many KL measurements
-
 
 class TrainingError(RapportError):
     """Training cannot start or go on (no data, a corrupt checkpoint, out of memory)."""
@@ -297,8 +295,6 @@ def train(
     logged = _truncate_metrics(run_dir / "metrics.jsonl", start)
     loss_fn = bc_loss if config.algo == "bc" else kl_control_loss
     metrics: dict = logged[-1] if logged else {}
-    # the last KL measurements, for config.kl_budget (a resumed run reads them back)
-    recent_kl = [m["kl_to_prior"] for m in logged if "kl_to_prior" in m][-KL_BUDGET_WINDOW:]
     if "stopped" in metrics:
         start = config.steps  # it ended on its budget; nothing left to train
     with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as log:
@@ -333,8 +329,9 @@ def train(
             }
             if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
                 metrics["kl_to_prior"] = kl_to_prior(models, batch, config)
-                recent_kl = [*recent_kl[-(KL_BUDGET_WINDOW - 1) :], metrics["kl_to_prior"]]
-                if config.kl_budget and sum(recent_kl) / len(recent_kl) >= config.kl_budget:
+                # the latest measurement, not a mean: a mean of several lags a fast rise
+                # (filtered bc gains ~0.05 nats/token a step) and overshoots the budget
+                if config.kl_budget and metrics["kl_to_prior"] >= config.kl_budget:
                     metrics["stopped"] = "kl_budget"
             if not math.isfinite(metrics["loss"]):
                 raise TrainingError(f"the loss diverged at step {step + 1}; lower --lr")
