@@ -380,8 +380,10 @@ def operator(seconds: float, since: float, score_every_s: float, gate: bool) -> 
     plan = [(0.4 * seconds, "deploy"), (0.7 * seconds, "rollback")]
     next_score = score_every_s
     with Store(config.database_path()) as store:
-        while (elapsed := time.time() - since) < seconds:
-            if plan and elapsed >= plan[0][0]:
+        # a switch still planned when the time is up (a score run that took the rest of
+        # the run, on a loaded machine) happens late rather than never
+        while (elapsed := time.time() - since) < seconds or plan:
+            if plan and (elapsed >= plan[0][0] or elapsed >= seconds):
                 _, kind = plan.pop(0)
             elif elapsed >= next_score:
                 kind, next_score = "score", next_score + score_every_s
