@@ -18,8 +18,12 @@ Loopback only, bounded in time. What runs:
   run (``--no-gate``: the switch alone) and a rollback at 70% (:mod:`bot.registry`);
   the bot follows through :class:`bot.registry.DeployedPolicy`.
 - A stall monitor: a task that sleeps 10 ms and records how late it wakes, and the
-  garbage collector's pauses. The bot's startup ends as ``rapport discord``'s does,
-  with :func:`bot.discord_bot.settle_memory`.
+  garbage collector's pauses. Each stall over half the bound is taken apart: the loop
+  thread's own CPU time during it (a blocking callback, or a collection on the loop),
+  its wait for a core (``/proc/thread-self/schedstat``: the machine's load), the
+  collector's pauses inside it (any thread's: a collection holds the GIL), and the rest
+  (waiting for the GIL that a worker thread held). The bot's startup ends as
+  ``rapport discord``'s does, with :func:`bot.discord_bot.settle_memory`.
 
 Checked at the end (:mod:`bench.soak_checks`): every turn sent is stored exactly once
 unless its user forgot it, in the order sent; each stored turn has its reply; votes in
@@ -43,6 +47,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -113,7 +118,13 @@ class Soak:
         self.apologies: list[str] = []
         self.lags: list[float] = []
         self.gc_pauses: list[tuple[float, int]] = []
-        self.worst: list[tuple[float, float]] = []  # (lag, seconds into the run)
+        # (start, end) perf_counter s, and the CPU s if it ran on the loop's thread
+        self.gc_spans: deque[tuple[float, float, float]] = deque(maxlen=50)
+        self.gc_cpu_pauses: list[float] = []  # CPU seconds of each collection
+        self.tracked: list[tuple[str, int]] = []
+        # (lag, seconds into the run, loop thread's CPU s, its wait for a core s, GC s,
+        # CPU s of collections on the loop thread)
+        self.worst: list[tuple[float, float, float, float, float, float]] = []
         self.score_runs: list[float] = []
         self.ops: list[tuple[str, float]] = []  # (deploy/rollback, seconds into the run)
         self.rss: dict[str, float] = {}
@@ -189,6 +200,7 @@ class Soak:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         self.t0 = loop.time()
+        self.loop_thread = threading.get_ident()
         self.wall0 = datetime.now(UTC)  # the store's clock at t0
         self.epoch0 = time.time()  # the operator process's clock at t0
         self.deadline = self.t0 + self.seconds
@@ -201,8 +213,11 @@ class Soak:
             await asyncio.wait(set(self.inflight))
         await operator_side
         gc.callbacks.remove(self.time_gc)
+        if monitor.done():  # it never ends by itself: its measures would be cut short
+            self.errors.append(f"the stall monitor failed: {monitor.exception()!r}")
         monitor.cancel()
         self.rss["end"] = rss_mib()
+        self.tracked = tracked_types()
 
     def now(self) -> float:
         return asyncio.get_running_loop().time() - self.t0
@@ -210,21 +225,33 @@ class Soak:
     async def watch_loop(self, tick: float = 0.01) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            before = loop.time()
+            before, cpu, waited = loop.time(), time.thread_time(), core_wait_s()
+            started = time.perf_counter()
             await asyncio.sleep(tick)
             lag = loop.time() - before - tick
             self.lags.append(lag)
             if lag > STALL_LIMIT_S / 2:
-                self.worst.append((lag, before - self.t0))
+                spans = [span for span in copied(self.gc_spans) if span[1] > started]
+                in_gc = sum(
+                    min(end, time.perf_counter()) - max(start, started) for start, end, _ in spans
+                )
+                gc_cpu_on_loop = sum(c for _, _, c in spans)
+                cpu, waited = time.thread_time() - cpu, core_wait_s() - waited
+                self.worst.append((lag, before - self.t0, cpu, waited, in_gc, gc_cpu_on_loop))
             if len(self.lags) == 1000 and "warm" not in self.rss:
                 self.rss["warm"] = rss_mib()  # after 10 s of traffic: caches filled
 
     def time_gc(self, phase: str, info: dict) -> None:
-        """The garbage collector's pauses (it stops the loop as any blocking call does)."""
+        """The garbage collector's pauses, in any thread (a collection holds the GIL, so
+        it stops the loop as any blocking call does)."""
         if phase == "start":
-            self.gc_started = time.perf_counter()
+            self.gc_started, self.gc_cpu = time.perf_counter(), time.thread_time()
         else:
-            self.gc_pauses.append((time.perf_counter() - self.gc_started, info["generation"]))
+            ended, cpu = time.perf_counter(), time.thread_time() - self.gc_cpu  # its thread's
+            self.gc_pauses.append((ended - self.gc_started, info["generation"]))
+            self.gc_cpu_pauses.append(cpu)
+            on_loop = threading.get_ident() == self.loop_thread
+            self.gc_spans.append((self.gc_started, ended, cpu if on_loop else 0.0))
 
     def dispatch(self, user: SimUser, event: Event, coroutine) -> None:
         """Run a handler as its own task, as discord.py does for every gateway event."""
@@ -353,8 +380,10 @@ def operator(seconds: float, since: float, score_every_s: float, gate: bool) -> 
     plan = [(0.4 * seconds, "deploy"), (0.7 * seconds, "rollback")]
     next_score = score_every_s
     with Store(config.database_path()) as store:
-        while (elapsed := time.time() - since) < seconds:
-            if plan and elapsed >= plan[0][0]:
+        # a switch still planned when the time is up (a score run that took the rest of
+        # the run, on a loaded machine) happens late rather than never
+        while (elapsed := time.time() - since) < seconds or plan:
+            if plan and (elapsed >= plan[0][0] or elapsed >= seconds):
                 _, kind = plan.pop(0)
             elif elapsed >= next_score:
                 kind, next_score = "score", next_score + score_every_s
@@ -377,6 +406,36 @@ def operator(seconds: float, since: float, score_every_s: float, gate: bool) -> 
             done = time.time()
             seconds_taken = done - job_started if kind == "score" else done - since
             print(json.dumps([kind, seconds_taken, error]), flush=True)
+
+
+def copied(items: deque) -> list:
+    """A copy of a deque the collector's callback appends to: a collection can start
+    (and append) while it is being copied, which ``list()`` reports as a RuntimeError."""
+    while True:
+        try:
+            return list(items)
+        except RuntimeError:
+            continue
+
+
+def tracked_types(top: int = 4) -> list[tuple[str, int]]:
+    """The most common types among the objects a full collection walks (not frozen)."""
+    counts: dict[str, int] = {}
+    for obj in gc.get_objects():
+        name = type(obj).__name__
+        counts[name] = counts.get(name, 0) + 1
+    total = sum(counts.values())
+    return [("all", total), *sorted(counts.items(), key=lambda kv: -kv[1])[:top]]
+
+
+def core_wait_s() -> float:
+    """Seconds this thread has spent runnable but waiting for a core (the kernel's
+    schedstat; 0 where there is none)."""
+    try:
+        with open("/proc/thread-self/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def soak_environ() -> dict[str, str]:

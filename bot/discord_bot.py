@@ -35,12 +35,13 @@ Design
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -119,7 +120,7 @@ class RateLimiter:
 
 @dataclass
 class Conversation:
-    session: Session
+    session: Session | None  # None until made, under the lock (RapportHandlers.held)
     last_used: float
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     channel: discord.abc.Messageable | None = None  # where it is held (a retry answers there)
@@ -168,25 +169,33 @@ class RapportHandlers:
                 text = text.replace(form, "")
         return text.strip()
 
-    async def conversation(self, channel_id: int, user_id: int) -> Conversation:
+    @contextlib.asynccontextmanager
+    async def held(self, channel_id: int, user_id: int) -> AsyncIterator[Conversation]:
+        """The conversation of (channel, user) with its lock held, its session made (or
+        restarted after the idle timeout) under the lock. The lock is asked for before
+        any await, so a user's events take it in the order they arrived: two quick
+        messages are answered and logged in the order sent (making the session in a
+        thread first let the second overtake the first; found by bench/soak.py)."""
         key = (channel_id, user_id)
-        now = time.monotonic()
         current = self.conversations.get(key)
-        if current is not None and now - current.last_used > self.settings.idle_minutes * 60:
-            await asyncio.to_thread(current.session.new_conversation, "idle")
         if current is None:
-            session = await asyncio.to_thread(
-                Session,
-                self.store,
-                self.policy_source,
-                PLATFORM,
-                str(user_id),
-                str(channel_id),
-                self.safety,
-            )
-            current = self.conversations.setdefault(key, Conversation(session, now))
-        current.last_used = now
-        return current
+            current = self.conversations[key] = Conversation(None, time.monotonic())
+        async with current.lock:
+            now = time.monotonic()
+            if current.session is None:
+                current.session = await asyncio.to_thread(
+                    Session,
+                    self.store,
+                    self.policy_source,
+                    PLATFORM,
+                    str(user_id),
+                    str(channel_id),
+                    self.safety,
+                )
+            elif now - current.last_used > self.settings.idle_minutes * 60:
+                await asyncio.to_thread(current.session.new_conversation, "idle")
+            current.last_used = now
+            yield current
 
     async def on_message(self, message: discord.Message) -> None:
         if not self.wants(message):
@@ -197,9 +206,8 @@ class RapportHandlers:
         if not self.limiter.allow(message.author.id):
             await message.reply("You're writing faster than I can think. Give me a minute?")
             return
-        conversation = await self.conversation(message.channel.id, message.author.id)
-        conversation.channel = message.channel
-        async with conversation.lock:
+        async with self.held(message.channel.id, message.author.id) as conversation:
+            conversation.channel = message.channel
             try:
                 async with message.channel.typing():
                     reply = await asyncio.to_thread(conversation.session.respond, text)
@@ -273,10 +281,9 @@ class RapportHandlers:
         )
         if message_id is None:
             return  # not one of the bot's replies
-        conversation = await self.conversation(payload.channel_id, payload.user_id)
-        if conversation.channel is None:
-            return  # no message of theirs seen since the conversation started
-        async with conversation.lock:
+        async with self.held(payload.channel_id, payload.user_id) as conversation:
+            if conversation.channel is None:
+                return  # no message of theirs seen since the conversation started
             try:
                 async with conversation.channel.typing():
                     reply = await asyncio.to_thread(conversation.session.retry, None, message_id)
@@ -299,8 +306,7 @@ def register_commands(client) -> None:
         """``work(session)`` in a thread, under the conversation's lock: a command waits for
         the reply being written to this user, so /forget never deletes a turn whose reply
         is still to be logged, and /new never ends a conversation mid-reply."""
-        conversation = await client.conversation(interaction.channel_id, interaction.user.id)
-        async with conversation.lock:
+        async with client.held(interaction.channel_id, interaction.user.id) as conversation:
             return await asyncio.to_thread(work, conversation.session)
 
     @client.tree.command(name="new", description="Start a new conversation with me.")

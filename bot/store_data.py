@@ -451,12 +451,14 @@ class LearningData:
         self, reward_name: str = "combined", selection: Selection | None = None
     ) -> list[dict[str, Any]]:
         """Every conversation with at least one scored bot turn (of ``selection``), for a
-        dataset builder, as the conversation went on (replies a retry replaced left out):
+        dataset builder, in order, replies a retry or the safety filter replaced too:
         [{"id", "platform", "ended", "turns": [{"id", "role", "author", "text", "reward",
-        "cut"}]}]
-        where ``reward`` is the bot turn's ``reward_name`` value (None if unscored) and
+        "cut", "replaced_by", "fallback"}]}]
+        where ``reward`` is the bot turn's ``reward_name`` value (None if unscored),
         ``cut`` says the reply was stopped by the length limit or an interruption, not
-        ended by the model (its generation settings record it)."""
+        ended by the model (its generation settings record it), ``replaced_by`` the reply
+        that replaced it (None on the conversation's path) and ``fallback`` that it is the
+        safety filter's neutral line, not the model's."""
         chosen, params = (selection or Selection()).sql(
             "c.id IN (SELECT DISTINCT m2.conversation_id FROM messages m2 "
             "JOIN rewards r2 ON r2.message_id = m2.id AND r2.name = ?)",
@@ -467,10 +469,11 @@ class LearningData:
             SELECT m.id, m.conversation_id, m.role, m.author, m.text, c.platform,
                    r.value AS reward, c.ended IS NOT NULL AS ended,
                    coalesce(json_extract(m.generation, '$.cut'), 0)
-                   OR coalesce(json_extract(m.generation, '$.interrupted'), 0) AS cut
+                   OR coalesce(json_extract(m.generation, '$.interrupted'), 0) AS cut,
+                   m.replaced_by, coalesce(json_extract(m.generation, '$.fallback'), 0) AS fallback
             FROM messages m JOIN conversations c ON c.id = m.conversation_id
             LEFT JOIN rewards r ON r.message_id = m.id AND r.name = ?
-            WHERE m.conversation_id IN ({chosen}) AND m.replaced_by IS NULL
+            WHERE m.conversation_id IN ({chosen})
             ORDER BY m.conversation_id, m.turn_index
             """,
             [reward_name, *params],
@@ -486,18 +489,18 @@ class LearningData:
                     "turns": [],
                 },
             )
-            conv["turns"].append(
-                {k: row[k] for k in ("id", "role", "author", "text", "reward", "cut")}
-            )
+            turn = {k: row[k] for k in ("id", "role", "author", "text", "reward", "replaced_by")}
+            turn |= {"cut": bool(row["cut"]), "fallback": bool(row["fallback"])}
+            conv["turns"].append(turn)
         return list(conversations.values())
 
     def feedback_conversations(
         self, reward_name: str = "combined", platform: str = "", selection: Selection | None = None
     ) -> list[dict[str, Any]]:
         """Every conversation (of ``platform`` and ``selection``, or all), scored or not,
-        for trl-style learners and export: like :meth:`training_conversations`, but with
-        the replies a retry replaced too (``replaced_by``: the id of the reply that
-        replaced a turn, None on the conversation's own turns); every turn also has
+        for trl-style learners and export: like :meth:`training_conversations`, with the
+        replies a retry replaced (``replaced_by``: the id of the reply that replaced a
+        turn, None on the conversation's own turns) and ``fallback``; every turn also has
         ``votes`` (a tuple of +1/-1) and the conversation its ``external_id``."""
         selection = selection or Selection()
         if platform:
@@ -507,6 +510,7 @@ class LearningData:
             f"""
             SELECT m.id, m.conversation_id, m.role, m.author, m.text, m.replaced_by,
                    c.platform, c.external_id, r.value AS reward,
+                   coalesce(json_extract(m.generation, '$.fallback'), 0) AS fallback,
                    (SELECT GROUP_CONCAT(value) FROM votes v WHERE v.message_id = m.id) AS votes
             FROM messages m JOIN conversations c ON c.id = m.conversation_id
             LEFT JOIN rewards r ON r.message_id = m.id AND r.name = ?
@@ -528,6 +532,7 @@ class LearningData:
             )
             turn = {k: row[k] for k in ("id", "role", "author", "text", "reward", "replaced_by")}
             turn["votes"] = tuple(int(v) for v in row["votes"].split(",")) if row["votes"] else ()
+            turn["fallback"] = bool(row["fallback"])
             conv["turns"].append(turn)
         return list(conversations.values())
 

@@ -134,10 +134,13 @@ def bc_keep(batch, config: TrainConfig) -> torch.Tensor:
     """The positions behaviour cloning trains on: filtered BC keeps only the turns whose
     (normalised) reward reaches ``min_reward``; by default the turns above the average,
     reward > 0 in z-units (filtered SFT on well-received turns, as in ReSpect 2025). A
-    batch with no such turn trains on nothing, never on the unfiltered turns."""
+    batch with no such turn trains on nothing, never on the unfiltered turns. Replies
+    that left the path (retried, withdrawn by the safety filter) are never imitated,
+    whatever ``min_reward``: the user or the filter rejected them."""
+    on_path = batch["mask"] & ~batch["withdrawn"][:, None]  # (B, T)
     if config.min_reward is None:
-        return batch["mask"] & (batch["turn_reward"] > 0)
-    return batch["mask"] & (batch["turn_reward"] >= config.min_reward)
+        return on_path & (batch["turn_reward"] > 0)
+    return on_path & (batch["turn_reward"] >= config.min_reward)
 
 
 def bc_loss(models: Models, batch, config: TrainConfig) -> tuple[torch.Tensor, dict]:

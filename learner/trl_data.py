@@ -25,6 +25,9 @@ Design
   ``votes`` rather than mixed in: a retry says "another one", not "this one is good",
   so the two sources disagree at times (a 👍 on a reply, then a retry of it), and a run's
   config then says which kind of preference it learned from.
+- The safety filter's fallback line (``fallback``) is not the model's reply: it is
+  context for later prompts, never a completion (no SFT row, no KTO label, never DPO's
+  chosen reply over the replies it stands in for).
 - The reward model's pairs are built in :mod:`learner.reward_model` (its own view of a
   turn, the same at training and scoring time).
 """
@@ -49,12 +52,13 @@ def chat_messages(system_prompt: str, turns: list[dict]) -> list[dict]:
 def bot_turns(
     conversations: list[dict], system_prompt: str, context_turns: int
 ) -> Iterator[tuple[dict, list[dict], list[dict]]]:
-    """(turn, prompt messages, completion messages) for every bot turn, retried ones
-    too; a prompt is made of the conversation's path (turns no retry replaced)."""
+    """(turn, prompt messages, completion messages) for every bot turn the model wrote,
+    retried ones too (not the safety filter's fallback line); a prompt is made of the
+    conversation's path (turns no retry replaced, the fallback line included)."""
     for conversation in conversations:
         path: list[dict] = []
         for turn in conversation["turns"]:
-            if turn["role"] == "bot":
+            if turn["role"] == "bot" and not turn.get("fallback"):
                 context = path[max(0, len(path) - context_turns) :]
                 yield turn, chat_messages(system_prompt, context), chat_messages("", [turn])
             if not turn.get("replaced_by"):
@@ -127,10 +131,13 @@ def sft_rows(
     context_turns: int,
     min_reward: float = float("-inf"),
 ) -> list[dict]:
-    """SFT's prompt-completion format: every bot turn (whose reward reaches
-    ``min_reward`` when it is finite; unscored turns count as below it)."""
+    """SFT's prompt-completion format: every bot turn on the conversation's path (a
+    reply a retry or the safety filter replaced is never imitated) whose reward reaches
+    ``min_reward`` when it is finite (unscored turns count as below it)."""
     rows = []
     for turn, prompt, completion in bot_turns(conversations, system_prompt, context_turns):
+        if turn.get("replaced_by"):
+            continue
         if math.isfinite(min_reward) and (turn["reward"] is None or turn["reward"] < min_reward):
             continue
         rows.append(
@@ -176,7 +183,8 @@ def retry_pairs(conversations: list[dict], system_prompt: str, context_turns: in
     return [
         dpo_row(turns[replaced][0], turns[keeper][1], turns[replaced][1])
         for replaced, keeper in kept.items()
-        if turns[replaced][1] != turns[keeper][1]  # the same text twice prefers nothing
+        # a fallback line is no chosen reply; the same text twice prefers nothing
+        if keeper in turns and turns[replaced][1] != turns[keeper][1]
     ]
 
 

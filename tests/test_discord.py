@@ -450,3 +450,36 @@ def test_a_vote_on_a_reply_deleted_meanwhile_is_dropped_quietly(store, monkeypat
     monkeypatch.setattr(store, "message_for_platform", lambda platform, pid: 10**6)
     asyncio.run(client.on_raw_reaction_add(fake_reaction(123, user.id, "👍")))
     assert store.counts()["votes"] == 0
+
+
+def test_a_new_users_quick_messages_are_answered_and_logged_in_the_order_sent(store, monkeypatch):
+    """Two messages a few milliseconds apart from someone new: the first one's session is
+    made in a thread (slowly here), yet the second waits its turn (found by the soak)."""
+    import bot.discord_bot as discord_bot
+    from bot.session import Session
+
+    made = []
+
+    def slow_first_session(*args):
+        made.append(args)
+        if len(made) == 1:
+            time.sleep(0.3)
+        return Session(*args)
+
+    monkeypatch.setattr(discord_bot, "Session", slow_first_session)
+    client = client_for(store, Replies(["one back", "two back"]))
+    channel, user = fake_channel(dm=True), fake_user()
+
+    async def burst():
+        first = asyncio.create_task(client.on_message(fake_message("one", user, channel)))
+        await asyncio.sleep(0.01)
+        await asyncio.gather(first, client.on_message(fake_message("two", user, channel)))
+
+    asyncio.run(burst())
+    assert rows(store) == [
+        ("user", "one"),
+        ("bot", "one back"),
+        ("user", "two"),
+        ("bot", "two back"),
+    ]
+    assert len(made) == 1  # one session for the conversation

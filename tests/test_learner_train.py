@@ -205,6 +205,51 @@ def test_zero_reward_control_every_kl_control_learner_stays_at_the_prior(
         assert r["metrics"]["kl_to_prior"] < 0.01
 
 
+def with_retries(conversations: list[dict], retried: str, reward: float) -> list[dict]:
+    """Every fourth toy conversation gets a reply ``retried + TAIL`` the user retried
+    before its first kept reply, scored ``reward``: off the path, as the store logs it."""
+    for c in conversations[::4]:
+        replaced = {"id": 0, "role": "bot", "author": "model", "text": retried + TAIL}
+        c["turns"].insert(1, replaced | {"reward": reward, "replaced_by": 1})
+    return conversations
+
+
+def first_token_probability(model, tokenizer, word: str) -> float:
+    token = tokenizer(word, add_special_tokens=False)["input_ids"][0]
+    return float(first_token_logprobs(model, tokenizer)[token].exp())
+
+
+@pytest.mark.parametrize("algo", ["psi", "g"])
+def test_a_retried_reply_becomes_less_likely_and_a_zero_reward_control_stays(
+    algo, toy_prior, tmp_path
+):
+    """The retried reply ("why ...", reward -1 where every kept reply scores 0) is off
+    the conversation's path, yet the learner lowers its probability against the prior;
+    with the retry scored 0 the same logs leave the policy at the prior. (kl_q is left
+    out: on this toy its hard max lets unlogged tokens take over, KL ~5; see README.)"""
+    tokenizer = AutoTokenizer.from_pretrained(toy_prior)
+    prior, _ = load_model(toy_prior)
+    prior_why = first_token_probability(prior, tokenizer, "why")
+    moved = {}
+    for reward in (-1.0, 0.0):
+        logs = with_retries(toy_conversations(100, lambda w: 0.0, 1, TAIL), "why", reward)
+        dataset = build_dataset(logs, tokenizer, SYS, 64, 0.0, "toy")
+        assert dataset.meta["withdrawn_windows"] == 25
+        add_prior_logprobs(dataset, prior)
+        config = quick(algo)
+        models = prepare_models(toy_prior, config)
+        train(config, dataset, models, tmp_path / str(reward), pad_id=tokenizer.pad_token_id)
+        pi, p = (first_token_logprobs(m, tokenizer) for m in (models.q, prior))
+        moved[reward] = {
+            "p_why": first_token_probability(models.q, tokenizer, "why"),
+            "kl": float((pi.exp() * (pi - p)).sum()),
+        }
+    assert moved[-1.0]["p_why"] < 0.85 * prior_why, (prior_why, moved)
+    assert moved[-1.0]["kl"] < 0.2, moved  # moved, not collapsed
+    assert moved[0.0]["p_why"] == pytest.approx(prior_why, rel=0.03), (prior_why, moved)
+    assert moved[0.0]["kl"] < 0.01, moved
+
+
 def test_credit_reaches_the_first_word_of_a_reply_rewarded_at_its_end(toy_prior, tmp_path):
     """The reward lands on the end of turn 7 tokens after the word that earned it; the
     default λ-return carries it there within the default 200 steps, while the paper's

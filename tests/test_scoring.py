@@ -333,8 +333,12 @@ def test_a_retried_reply_gets_user_retry_and_leaves_the_path(store):
     store.end_conversation(conv, "quit")
     score_store(store, Config())
     assert store.rewards(last)["user_retry"] == 0.0
-    path = store.training_conversations()[0]["turns"]
-    assert [t["id"] for t in path if t["role"] == "bot"] == [kept, last]
+    turns = store.training_conversations()[0]["turns"]
+    assert [(t["id"], t["replaced_by"]) for t in turns if t["role"] == "bot"] == [
+        (replaced, kept),
+        (kept, None),
+        (last, None),
+    ]
 
 
 def test_only_the_latest_reply_can_be_replaced(store):
