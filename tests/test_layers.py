@@ -24,12 +24,12 @@ LAYERS = {
     ),
     "serving": "bot.safety bot.policy bot.session bot.terminal bot.discord_bot rewards.*",
     "learner": "learner.*",
-    "loop": "bot.gate bot.registry bot.cli",
+    "loop": "bot.loop.*",
 }
 
 # Imports inside a function, and why: only these stay.
 DEFERRED = {
-    "bot.cli": "commands import the torch-loading modules they run (start-up time)",
+    "bot.loop.cli": "commands import the torch-loading modules they run (start-up time)",
     ("learner.pipeline", "learner.trl_train"): "trl loads only for kto, dpo and sft",
     ("rewards.score", "rewards.learned_reward"): "a reward model loads only when one is used",
 }
@@ -38,7 +38,7 @@ DEFERRED = {
 def layer_of(module: str) -> int:
     for rank, members in enumerate(LAYERS.values()):
         for member in members.split():
-            package = member.endswith(".*") and module.split(".")[0] == member[:-2]
+            package = member.endswith(".*") and f"{module}.".startswith(f"{member[:-2]}.")
             if module == member or package:
                 return rank
     raise AssertionError(f"{module} has no layer: add it to LAYERS (and the README)")
@@ -47,9 +47,9 @@ def layer_of(module: str) -> int:
 def modules() -> dict[str, Path]:
     found = {}
     for package in PACKAGES:
-        for path in sorted((ROOT / package).glob("*.py")):
-            name = package if path.stem == "__init__" else f"{package}.{path.stem}"
-            found[name] = path
+        for path in sorted((ROOT / package).rglob("*.py")):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     return found
 
 
