@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import getpass
+import json
 import logging
 import sqlite3
 import sys
@@ -843,8 +844,6 @@ def report() -> None:
 @click.pass_obj
 def report_eval(config: Config, results: str, out: str | None) -> None:
     """The JSON of `rapport eval --out` as bar charts with intervals and training curves."""
-    import json
-
     from learner.report import write_eval_report
 
     try:
