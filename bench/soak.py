@@ -15,8 +15,8 @@ Loopback only, bounded in time. What runs:
 - In another process (as ``rapport score`` and ``rapport deploy`` are; in this one their
   work would hold the GIL): ``rapport score``'s work (:func:`rewards.score.score_store`)
   every 15 s, a deploy of a second model version through the real gate at 40% of the
-  run (``--no-gate``: the switch alone) and a rollback at 70% (:mod:`bot.registry`);
-  the bot follows through :class:`bot.registry.DeployedPolicy`.
+  run (``--no-gate``: the switch alone) and a rollback at 70% (:mod:`bot.loop.registry`);
+  the bot follows through :class:`bot.loop.registry.DeployedPolicy`.
 - A stall monitor: a task that sleeps 10 ms and records how late it wakes, and the
   garbage collector's pauses. Each stall over half the bound is taken apart: the loop
   thread's own CPU time during it (a blocking callback, or a collection on the loop),
@@ -135,7 +135,7 @@ class Soak:
         """Two tiny model versions, the store, the client, the users; warm the scorer."""
         from bot.config import DiscordConfig, load_config
         from bot.discord_bot import make_client, settle_memory
-        from bot.registry import DeployedPolicy
+        from bot.loop.registry import DeployedPolicy
         from bot.store import Store
         from tests.discord_fakes import fake_client_user, fake_user
         from tests.tiny_models import save_tiny_model, save_tokenizer
@@ -372,7 +372,7 @@ def operator(seconds: float, since: float, score_every_s: float, gate: bool) -> 
     with the real functions; one JSON line a job: [kind, seconds, error or null]. Times
     count from ``since`` (the soak's start, epoch seconds)."""
     from bot.config import load_config
-    from bot.registry import base_version, deploy, rollback, switch
+    from bot.loop.registry import base_version, deploy, rollback, switch
     from bot.store import Store
     from rewards.score import score_store
 

@@ -7,11 +7,14 @@ log-probabilities are built once and reused by every run on the same data.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from transformers import AutoTokenizer
 
 from bot.config import rapport_home
 from bot.policy import DEFAULT_MODEL_NAME, load_model
@@ -67,8 +70,6 @@ def prepare_dataset(
 
 
 def _prior_key(prior_path: Path) -> str:
-    import hashlib
-
     return hashlib.sha256(str(Path(prior_path).resolve()).encode()).hexdigest()[:8]
 
 
@@ -123,9 +124,7 @@ def run_training(
     free_memory_ok(sum(p.numel() for p in models.q.parameters()))
     run_id = store.start_training_run(config.algo, json.loads(config.to_json()))
     try:
-        from transformers import AutoTokenizer  # the weights are loaded once, above
-
-        tokenizer = AutoTokenizer.from_pretrained(prior_path)
+        tokenizer = AutoTokenizer.from_pretrained(prior_path)  # the weights are loaded once, above
         with runs_on_disk.hold(run_dir):  # a second process refuses the run; prune skips it
             metrics = train(
                 config,

@@ -39,7 +39,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from trl import RewardTrainer
+from datasets import Dataset
+from datasets.utils.logging import disable_progress_bar
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PrinterCallback
+from trl import RewardConfig, RewardTrainer
 
 from bot.config import rapport_home
 from bot.errors import RapportError
@@ -176,11 +179,6 @@ def split_replies(replies: list, fraction: float, seed: int) -> tuple[list, list
 
 def train_member(prior_path: Path, rows: list[dict], config: RewardModelConfig, seed: int, out):
     """One member on ``rows``; saved to ``out``; returns trl's logged history."""
-    from datasets import Dataset
-    from datasets.utils.logging import disable_progress_bar
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, PrinterCallback
-    from trl import RewardConfig
-
     disable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(prior_path)
     torch.manual_seed(seed)  # the new scalar head's initialisation

@@ -25,7 +25,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
+from datasets import Dataset
+from datasets.utils.logging import disable_progress_bar
+from transformers import PrinterCallback, TrainerCallback
+from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, SFTConfig, SFTTrainer
 
 from bot.policy import load_model
 from bot.store import Store
@@ -119,8 +122,6 @@ def make_trainer(config: TrainConfig, model, tokenizer, dataset, output_dir: Pat
     in the format :mod:`learner.trl_data` writes; trl tokenises it here)."""
     args = trainer_args(config, output_dir)
     if config.algo == "kto":
-        from trl import KTOConfig, KTOTrainer
-
         # KTO estimates its KL reference point from mismatched pairs within a batch, so
         # it reads batches in order (trl requires it).
         kto = KTOConfig(
@@ -131,12 +132,8 @@ def make_trainer(config: TrainConfig, model, tokenizer, dataset, output_dir: Pat
         )
         return KTOTrainer(model=model, args=kto, train_dataset=dataset, processing_class=tokenizer)
     if config.algo == "dpo":
-        from trl import DPOConfig, DPOTrainer
-
         dpo = DPOConfig(beta=config.beta, **args)
         return DPOTrainer(model=model, args=dpo, train_dataset=dataset, processing_class=tokenizer)
-    from trl import SFTConfig, SFTTrainer
-
     # completion_only_loss: learn the replies, not the users' turns.
     sft = SFTConfig(completion_only_loss=True, packing=False, **args)
     return SFTTrainer(model=model, args=sft, train_dataset=dataset, processing_class=tokenizer)
@@ -163,10 +160,6 @@ def run_trl_training(
 ) -> tuple[torch.nn.Module, object, dict, dict]:
     """Train ``config.algo`` with trl in ``run_dir``; return (trained model, tokenizer,
     final metrics, data metadata). The caller saves and registers the version."""
-    from datasets import Dataset
-    from datasets.utils.logging import disable_progress_bar
-    from transformers import PrinterCallback
-
     rows = training_rows(store, system_prompt, config)
     model, tokenizer = load_model(prior_path)
     disable_progress_bar()  # the CLI shows its own bar, fed by ForwardProgress

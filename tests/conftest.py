@@ -58,7 +58,7 @@ BUSY_MACHINE = 5
 def run_rapport(*args: str, input: str | None = None, env: dict | None = None, timeout=120):
     """Run the real `rapport` command in a subprocess, as a user would."""
     return subprocess.run(
-        [sys.executable, "-m", "bot.cli", *args],
+        [sys.executable, "-m", "bot.loop.cli", *args],
         input=input,
         capture_output=True,
         text=True,

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from bot.cli import best_of_ranker
 from bot.config import Config
+from bot.loop.cli import best_of_ranker
 from bot.policy import Candidate, Policy, clean_reply
 from bot.session import Session
 

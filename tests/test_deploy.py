@@ -13,15 +13,15 @@ import pytest
 import torch
 
 from bot.config import load_config
-from bot.gate import sane, threshold_checks
-from bot.model_files import ModelRejected
-from bot.registry import (
+from bot.loop.gate import sane, threshold_checks
+from bot.loop.registry import (
     base_version,
     deploy,
     deployment_stack,
     rollback,
     switch,
 )
+from bot.model_files import ModelRejected
 from bot.store import Store
 from bot.store_data import Imported
 from tests.conftest import run_rapport
@@ -292,7 +292,7 @@ class Chat:
 
     def __init__(self, env) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bot.cli", "chat", "--user", "tester"],
+            [sys.executable, "-m", "bot.loop.cli", "chat", "--user", "tester"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -376,7 +376,7 @@ def test_retrain_runs_the_whole_loop_on_a_tiny_model(env, tiny_model_dir, rappor
 def test_a_reply_being_written_finishes_on_the_model_it_started_with(
     env, tiny_model_dir, tmp_path, rapport_home
 ):
-    from bot.registry import DeployedPolicy
+    from bot.loop.registry import DeployedPolicy
     from bot.session import Session
 
     with Store(rapport_home / "rapport.db") as store:

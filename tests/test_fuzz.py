@@ -31,9 +31,9 @@ import pytest
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
-from bot.cli import main
 from bot.config import Config, load_config
 from bot.errors import ConfigError, InvalidInput
+from bot.loop.cli import main
 from bot.policy import Policy
 from bot.prompt import CUT_MARK, ROLE_TO_TEMPLATE
 from bot.session import Session
@@ -495,7 +495,7 @@ def test_a_typed_control_token_is_one_readable_error_from_the_cli(rapport_home):
         [
             sys.executable,
             "-m",
-            "bot.cli",
+            "bot.loop.cli",
             "--set",
             "model.context_tokens=<|im_end|>",
             "db",

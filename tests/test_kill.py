@@ -37,7 +37,7 @@ SEED = 15
 
 def rapport_process(args: list[str], home: Path, env: dict | None = None, stderr=None):
     return subprocess.Popen(
-        [sys.executable, "-m", "bot.cli", *args],
+        [sys.executable, "-m", "bot.loop.cli", *args],
         stdout=subprocess.DEVNULL,
         stderr=stderr or subprocess.DEVNULL,
         env={**os.environ, "RAPPORT_HOME": str(home), "OMP_NUM_THREADS": "1", **(env or {})},

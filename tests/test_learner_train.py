@@ -482,7 +482,9 @@ def test_sigkill_then_resume_ends_with_the_same_weights_as_an_uninterrupted_run(
         str(tiny_model_dir),
     ]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bot.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        [sys.executable, "-m", "bot.loop.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     deadline = time.monotonic() + 300
     while not list((rapport_home / "runs").glob("*/checkpoint/state.pt")):

@@ -128,7 +128,7 @@ def test_a_live_conversations_unanswered_turn_waits_for_the_reply_or_the_end(sto
 
 def test_ctrl_c_says_what_was_saved_and_how_to_go_on(store, rapport_home, monkeypatch, capsys):
     """An interrupted `rapport score` ends with one line, not a bare ^C or a traceback."""
-    import bot.cli
+    import bot.loop.cli
     import rewards.score
 
     def interrupted(*args, **kwargs):
@@ -136,7 +136,7 @@ def test_ctrl_c_says_what_was_saved_and_how_to_go_on(store, rapport_home, monkey
 
     monkeypatch.setattr(rewards.score, "score_store", interrupted)
     with pytest.raises(SystemExit) as exit:
-        bot.cli.main(["score"])
+        bot.loop.cli.main(["score"])
     assert exit.value.code == 130
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1] == (
@@ -243,7 +243,7 @@ def test_score_killed_midway_then_rerun_scores_each_turn_exactly_once(rapport_ho
         bot_turns = store.db.execute("SELECT COUNT(*) FROM messages WHERE role='bot'").fetchone()[0]
     env = {**os.environ, "RAPPORT_SCORING_BATCH_CONVERSATIONS": "10"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bot.cli", "score"],
+        [sys.executable, "-m", "bot.loop.cli", "score"],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -168,7 +168,7 @@ def test_interactive_ctrl_c_stops_a_reply_and_the_chat_goes_on(tiny_model_dir, r
             [
                 sys.executable,
                 "-m",
-                "bot.cli",
+                "bot.loop.cli",
                 "--set",
                 "generation.max_new_tokens=100000",
                 "--set",

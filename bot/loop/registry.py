@@ -34,7 +34,7 @@ from pathlib import Path
 from bot.config import Config
 from bot.errors import InvalidInput, RapportError
 from bot.files import fault_point
-from bot.gate import run_gate
+from bot.loop.gate import run_gate
 from bot.model_files import ModelRejected, verify_folder
 from bot.policy import (
     DEFAULT_MODEL_NAME,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import getpass
+import json
 import logging
 import sqlite3
 import sys
@@ -95,8 +96,8 @@ def best_of_ranker(config: Config):
 
 def policy_source(config: Config, store: Store, *, pinned: bool, seed: int | None = None):
     """What a running bot serves: a pinned ``--model``, else the deployed version,
-    followed between replies (hot reload; see :mod:`bot.registry`)."""
-    from bot.registry import DeployedPolicy
+    followed between replies (hot reload; see :mod:`bot.loop.registry`)."""
+    from bot.loop.registry import DeployedPolicy
 
     ranker = best_of_ranker(config)
     if pinned:
@@ -493,7 +494,7 @@ def models(ctx: click.Context) -> None:
     or the base model until the first deploy)."""
     if ctx.invoked_subcommand is not None:
         return
-    from bot.registry import serving_version
+    from bot.loop.registry import serving_version
 
     with open_store(ctx.obj) as store:
         rows = store.models()
@@ -566,8 +567,8 @@ def models_add(config: Config, folder: str, version: str, algorithm: str, parent
 def models_compare(config: Config, version: str, other: str, n: int, seed: int) -> None:
     """What VERSION learned: the same openers answered by it and OTHER (default: the
     served version), side by side with each reply's rewards."""
+    from bot.loop.registry import serving_version
     from bot.policy import Settings
-    from bot.registry import serving_version
     from learner.evaluation import compare
 
     if n < 1:
@@ -678,7 +679,7 @@ def _who(who: str | None) -> str:
 @click.pass_obj
 def deploy(config: Config, version: str, why: str, who: str | None, force: bool) -> None:
     """Gate VERSION against the deployed one and switch running bots to it."""
-    from bot.registry import deploy as deploy_version
+    from bot.loop.registry import deploy as deploy_version
 
     with open_store(config) as store:
         verdict = deploy_version(
@@ -694,7 +695,7 @@ def deploy(config: Config, version: str, why: str, who: str | None, force: bool)
 @click.pass_obj
 def rollback(config: Config, why: str, who: str | None) -> None:
     """Serve the previously deployed version again."""
-    from bot.registry import rollback as roll_back
+    from bot.loop.registry import rollback as roll_back
 
     with open_store(config) as store:
         current, target = roll_back(store, config, who=_who(who), why=why)
@@ -710,7 +711,7 @@ def rollback(config: Config, why: str, who: str | None) -> None:
 @click.pass_obj
 def retrain(config: Config, algo: str, steps, reward, why: str, no_deploy: bool) -> None:
     """The whole loop: score, snapshot + train, eval + gate, deploy if it passes."""
-    from bot.registry import deploy as deploy_version
+    from bot.loop.registry import deploy as deploy_version
 
     train_config = TrainConfig(algo=algo)
     for key, value in (("steps", steps), ("reward", reward)):
@@ -843,8 +844,6 @@ def report() -> None:
 @click.pass_obj
 def report_eval(config: Config, results: str, out: str | None) -> None:
     """The JSON of `rapport eval --out` as bar charts with intervals and training curves."""
-    import json
-
     from learner.report import write_eval_report
 
     try:
