@@ -1,12 +1,14 @@
 """Sharing the machine: the chat beside a training, the training beside an idle bot.
 
-Two settings in the same run (issue 18, "Sharing the machine"):
+Three settings in the same run (issue 18, "Sharing the machine"):
 
 - ``old defaults``: what every rapport process did before ``[processes]``: torch's thread
   per core, OpenMP threads that spin while they wait, batch work at the chat's priority
   (the settings that make ``bot.processes.apply`` do nothing);
 - ``new settings``: the ``[processes]`` config (its defaults, or what ``RAPPORT_CONFIG``
-  and ``RAPPORT_PROCESSES_*`` say).
+  and ``RAPPORT_PROCESSES_*`` say): batch work at nice 19 with passive OpenMP waits;
+- ``new, bot passive``: the same, and the bot's OpenMP threads wait passively too
+  (``processes.serve_passive_wait``, off by default: this row says whether it should be).
 
 For each, four measurements:
 
@@ -25,7 +27,7 @@ Setup, once, in a temporary ``RAPPORT_HOME``: the first ``--conversations`` chit
 conversations are imported and scored, and a one-step run prepares the training data
 (the later runs reuse it).
 
-Run (an idle machine; about 10 minutes at the defaults):
+Run (an idle machine; about 15 minutes at the defaults):
 ``.venv/bin/python bench/colocation_bench.py [--replies N] [--steps S]``.
 A quick smoke run: ``--replies 2 --steps 2 --batch-size 1 --max-tokens 64``.
 """
@@ -52,9 +54,14 @@ OLD_DEFAULTS = (
     "processes.batch_nice=0",
     "processes.batch_threads=0",
     "processes.serve_threads=0",
-    "processes.passive_wait=false",
+    "processes.batch_passive_wait=false",
+    "processes.serve_passive_wait=false",
 )
-SETTINGS = {"old defaults": OLD_DEFAULTS, "new settings": ()}
+SETTINGS = {
+    "old defaults": OLD_DEFAULTS,
+    "new settings": (),
+    "new, bot passive": ("processes.serve_passive_wait=true",),
+}
 GOAL = 0.70
 
 
@@ -225,7 +232,7 @@ def row(name: str, r: dict) -> str:
     train_kept = r["train_alone_s"] / r["train_beside_idle_bot_s"]
     during = r["train_during_chat_s"]
     return (
-        f"{name:<13} {alone['ttft'] * 1000:>6.0f} {alone['rate']:>6.1f} "
+        f"{name:<17} {alone['ttft'] * 1000:>6.0f} {alone['rate']:>6.1f} "
         f"{beside['ttft'] * 1000:>8.0f} {beside['rate']:>6.1f} {chat_kept:>6.0%} "
         f"{r['train_alone_s']:>7.2f} {r['train_beside_idle_bot_s']:>7.2f} {train_kept:>6.0%} "
         f"{during if during is not None else float('nan'):>8.2f}"
@@ -233,9 +240,9 @@ def row(name: str, r: dict) -> str:
 
 
 HEADER = (
-    f"{'':<13} {'chat alone':>13} {'chat + training':>15} {'':>6} "
+    f"{'':<17} {'chat alone':>13} {'chat + training':>15} {'':>6} "
     f"{'train s/step':>15} {'':>6} {'train':>8}\n"
-    f"{'settings':<13} {'TTFT':>6} {'tok/s':>6} {'TTFT ms':>8} {'tok/s':>6} {'kept':>6} "
+    f"{'settings':<17} {'TTFT':>6} {'tok/s':>6} {'TTFT ms':>8} {'tok/s':>6} {'kept':>6} "
     f"{'alone':>7} {'+idle':>7} {'kept':>6} {'+chat':>8}"
 )
 

@@ -361,11 +361,18 @@ class ProcessesConfig:
     serve_threads: int = _help(
         "torch threads of `rapport chat` and `rapport discord`; 0 is torch's default.", 0
     )
-    passive_wait: bool = _help(
-        "OpenMP threads sleep while they wait instead of spinning (OMP_WAIT_POLICY=PASSIVE, "
-        "in every command; an OMP_WAIT_POLICY you set is kept). Spinning threads of two "
-        "processes on the same cores take turns burning CPU for nothing.",
+    batch_passive_wait: bool = _help(
+        "OpenMP threads of batch commands sleep while they wait instead of spinning "
+        "(OMP_WAIT_POLICY=PASSIVE; an OMP_WAIT_POLICY you set is kept): spinning threads of "
+        "two processes on the same cores take turns burning CPU for nothing.",
         True,
+    )
+    serve_passive_wait: bool = _help(
+        "The same for `rapport chat` and `rapport discord`. Off: between the ~200 small "
+        "matmuls of a token a waiting thread spins briefly, since waking a sleeping one "
+        "may cost more than the matmul; beside batch work at a high niceness the bot's "
+        "threads get the cores anyway. bench/colocation_bench.py measures both.",
+        False,
     )
 
     def validate(self) -> None:
@@ -381,8 +388,8 @@ class ProcessesConfig:
     def settings(self, kind: str) -> ProcessSettings:
         """What a ``"serving"`` or ``"batch"`` process applies (bot.processes.apply)."""
         if kind == "serving":
-            return ProcessSettings(0, self.serve_threads, self.passive_wait)
-        return ProcessSettings(self.batch_nice, self.batch_threads, self.passive_wait)
+            return ProcessSettings(0, self.serve_threads, self.serve_passive_wait)
+        return ProcessSettings(self.batch_nice, self.batch_threads, self.batch_passive_wait)
 
 
 @dataclass

@@ -14,9 +14,12 @@ So every command is one of two kinds, decided by its name alone: *serving* (``ch
 ``discord``) and *batch* (every other command). Before any heavy import, the ``rapport``
 entry point applies the ``[processes]`` settings of its kind (:func:`apply`):
 
-- ``OMP_WAIT_POLICY=PASSIVE``: an idle OpenMP thread sleeps instead of spinning. libgomp
-  reads the variable once, when it loads with torch, so it is set in the environment
-  first; a value the user set is kept.
+- ``OMP_WAIT_POLICY=PASSIVE`` (batch work; serving too if configured): an idle OpenMP
+  thread sleeps instead of spinning. libgomp reads the variable once, when it loads with
+  torch, so it is set in the environment first; a value the user set is kept. The bot
+  keeps libgomp's default, a short spin: a token is ~200 small matmuls, and waking a
+  sleeping thread for each may cost more than the matmul (not measured idle yet: the
+  bench's ``new, bot passive`` row measures it).
 - The torch thread count (``OMP_NUM_THREADS``, which torch reads when it starts its thread
   pool), when the config names one; 0 keeps torch's default (one per core) and any
   ``OMP_NUM_THREADS`` the user set.
