@@ -77,6 +77,14 @@ def time_stream(policy: Policy, prompt_ids: list[int]) -> tuple[float, float, li
     return first, (len(tokens) - 1) / (elapsed - first), tokens
 
 
+def bench_prompts(policy: Policy, replies: int) -> list[list[int]]:
+    """The prompt ids of ``replies`` one-turn chats (PROMPTS, repeated as needed)."""
+    prompts = [policy.prompt_ids([Turn("user", p)]) for p in PROMPTS[:replies]]
+    while len(prompts) < replies:
+        prompts += prompts[: replies - len(prompts)]
+    return prompts
+
+
 def forced_policy(model, tokenizer, config: Config, seed: int) -> Policy:
     settings = Settings.from_config(config.generation)
     policy = Policy(
@@ -103,15 +111,17 @@ def dynamic_int8(model):
     )
 
 
-def bench_rapport(name, model, tokenizer, config, prompts, fp32_model) -> dict:
+def bench_rapport(name, model, tokenizer, config, prompts, fp32_model=None) -> dict:
+    """One row: each prompt's forced-length reply; perplexity when a fp32 judge is given."""
     ttfts, rates, ppls = [], [], []
     for i, prompt_ids in enumerate(prompts):
         policy = forced_policy(model, tokenizer, config, seed=i)
         ttft, rate, tokens = time_stream(policy, prompt_ids)
         ttfts.append(ttft)
         rates.append(rate)
-        ppls.append(perplexity(fp32_model, prompt_ids, tokens))
-    return {"name": name, "ttft": ttfts, "rate": rates, "ppl": ppls}
+        if fp32_model is not None:
+            ppls.append(perplexity(fp32_model, prompt_ids, tokens))
+    return {"name": name, "ttft": ttfts, "rate": rates, "ppl": ppls or None}
 
 
 @torch.inference_mode()
@@ -164,17 +174,119 @@ def bench_llama_cpp(prompts, threads: int) -> dict | None:
     return {"name": "llama.cpp (peer)", "ttft": ttfts, "rate": rates, "ppl": None}
 
 
+def bench_ranker(folder: Path):
+    """A ranking ensemble as ``rapport reward-model train`` makes one (its members, size,
+    input length), built from the default model with an untrained score head: it ranks
+    at random, but costs what a trained one costs."""
+    import json
+
+    from transformers import AutoModelForSequenceClassification
+
+    from learner.reward_model import RewardModelConfig
+    from rewards.learned_reward import INFO_FILE
+    from rewards.rank import RewardRanker
+
+    rm = RewardModelConfig()
+    base = default_model_dir()
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
+    model.config.pad_token_id = model.config.eos_token_id
+    model.save_pretrained(folder / "member")
+    load_model(base)[1].save_pretrained(folder / "member")
+    info = {
+        "id": "bench",
+        "target": "votes",
+        "members": ["member"] * rm.members,  # the same weights, as many forwards
+        "max_tokens": rm.max_tokens,
+        "normalisation": [(0.0, 1.0)] * rm.members,
+    }
+    (folder / INFO_FILE).write_text(json.dumps(info))
+    return RewardRanker(folder)
+
+
+def bench_best_of(policy: Policy, prompts: list[str], n: int) -> dict:
+    """Time to the reply a person is shown, as bot.session sends it: with n = 1 one reply
+    streamed to its end; with n > 1 the n candidates sampled together, then ranked.
+    Replies end where the model ends them (generation.max_new_tokens at most)."""
+    from rewards.rank import rank
+
+    total, sampling = [], []
+    for i, text in enumerate(prompts):
+        policy.generator = torch.Generator().manual_seed(i)
+        turns = [Turn("user", text)]
+        start = time.perf_counter()
+        if n == 1:
+            policy.reply(turns)
+            sampling.append(time.perf_counter() - start)
+        else:
+            candidates = policy.sample_replies(turns, n)
+            sampling.append(time.perf_counter() - start)
+            texts = [c.text for c in candidates]
+            rank(text, texts, policy.ranker, policy.caution)
+        total.append(time.perf_counter() - start)
+    return {"name": f"best-of-{n}", "total": total, "sampling": sampling}
+
+
+def best_of_rows(config: Config, model, tokenizer, replies: int, n: int) -> None:
+    """Time to the chosen reply, best-of-n vs one reply, on the same prompts and seeds
+    (issue 18 goal: <= 1.5x), with the share of sampling and of ranking."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ranker = bench_ranker(Path(tmp))
+        settings = Settings.from_config(config.generation)
+        policy = Policy(
+            model,
+            tokenizer,
+            version="bench",
+            model_config=config.model,
+            settings=settings,
+            seed=0,
+            best_of=n,
+            ranker=ranker,
+            caution=config.generation.best_of_caution,
+        )
+        prompts = (PROMPTS * replies)[:replies]
+        bench_best_of(policy, prompts[:1], n)  # warm-up
+        rows = [bench_best_of(policy, prompts, 1), bench_best_of(policy, prompts, n)]
+    members = len(ranker.ensemble.members)
+    print(
+        f"\ntime to the chosen reply ({replies} prompts, up to "
+        f"{config.generation.max_new_tokens} tokens, {members} ranking members; medians)"
+    )
+    print(f"{'row':<12} {'total ms':>9} {'sampling ms':>12} {'ranking ms':>11}")
+    for row in rows:
+        total, sampling = statistics.median(row["total"]), statistics.median(row["sampling"])
+        ranking = statistics.median(
+            a - b for a, b in zip(row["total"], row["sampling"], strict=True)
+        )
+        print(
+            f"{row['name']:<12} {total * 1000:>9.0f} {sampling * 1000:>12.0f} "
+            f"{ranking * 1000:>11.0f}"
+        )
+    ratio = statistics.median(rows[1]["total"]) / statistics.median(rows[0]["total"])
+    print(f"best-of-{n} / one reply: {ratio:.2f}x (goal <= 1.5x)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--replies", type=int, default=12, help="replies per row (>= 10)")
+    parser.add_argument(
+        "--best-of", type=int, default=4, help="time to the chosen reply, best-of-N vs one"
+    )
+    parser.add_argument(
+        "--best-of-only", action="store_true", help="only the best-of-N rows (served int8)"
+    )
     args = parser.parse_args()
     config = Config()
+    if args.best_of_only:
+        model, tokenizer = load_model(default_model_dir())
+        served = prepare_for_serving(model, config.model.serve_precision)
+        best_of_rows(config, served, tokenizer, args.replies, args.best_of)
+        return
     config.generation.max_new_tokens = NEW_TOKENS
     fp32_model, tokenizer = load_model(default_model_dir())
     policy = forced_policy(fp32_model, tokenizer, config, seed=0)
-    prompts = [policy.prompt_ids([Turn("user", p)]) for p in PROMPTS[: args.replies]]
-    while len(prompts) < args.replies:
-        prompts += prompts[: args.replies - len(prompts)]
+    prompts = bench_prompts(policy, args.replies)
     threads = torch.get_num_threads()
     # warm-up: first calls allocate and pick kernels
     time_stream(policy, prompts[0])
@@ -211,6 +323,9 @@ def main() -> None:
         print(
             f"llama.cpp / int8 tokens/s: {statistics.median(peer['rate']) / rate:.2f}x (goal <= 2x)"
         )
+    if args.best_of > 1:
+        config = Config()  # replies end where the model ends them, as in the chat
+        best_of_rows(config, candidates[1][1], tokenizer, args.replies, args.best_of)
 
 
 if __name__ == "__main__":

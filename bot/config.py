@@ -38,6 +38,7 @@ from typing import Any
 import platformdirs
 
 from bot.errors import ConfigError
+from bot.processes import ProcessSettings
 
 ENV_PREFIX = "RAPPORT_"
 # Environment variables in our namespace that are not config keys.
@@ -341,6 +342,57 @@ class DiscordConfig:
 
 
 @dataclass
+class ProcessesConfig:
+    """Sharing the machine (bot/processes.py): batch commands (every command but ``chat``
+    and ``discord``: train, retrain, score, eval, simulate, reward-model train, deploy's
+    gate) yield the cores to the bot that serves people. bench/colocation_bench.py
+    measures these settings against torch's defaults."""
+
+    batch_nice: int = _help(
+        "Niceness of batch commands, 0-19 (higher yields more; 0 leaves it as started). "
+        "19: they use the cores only when the bot does not, and all of them when it is idle.",
+        19,
+    )
+    batch_threads: int = _help(
+        "torch threads of a batch command; 0 is torch's default (one per core, or "
+        "OMP_NUM_THREADS when set).",
+        0,
+    )
+    serve_threads: int = _help(
+        "torch threads of `rapport chat` and `rapport discord`; 0 is torch's default.", 0
+    )
+    batch_passive_wait: bool = _help(
+        "OpenMP threads of batch commands sleep while they wait instead of spinning "
+        "(OMP_WAIT_POLICY=PASSIVE; an OMP_WAIT_POLICY you set is kept): spinning threads of "
+        "two processes on the same cores take turns burning CPU for nothing.",
+        True,
+    )
+    serve_passive_wait: bool = _help(
+        "The same for `rapport chat` and `rapport discord`. Off: between the ~200 small "
+        "matmuls of a token a waiting thread spins briefly, since waking a sleeping one "
+        "may cost more than the matmul; beside batch work at a high niceness the bot's "
+        "threads get the cores anyway. bench/colocation_bench.py measures both.",
+        False,
+    )
+
+    def validate(self) -> None:
+        _require(0 <= self.batch_nice <= 19, "processes.batch_nice must be in [0, 19]")
+        cores = os.cpu_count() or 1
+        for name in ("batch_threads", "serve_threads"):
+            _require(
+                0 <= getattr(self, name) <= 4 * cores,
+                f"processes.{name} must be in [0, {4 * cores}] (0: one per core; "
+                f"this machine has {cores})",
+            )
+
+    def settings(self, kind: str) -> ProcessSettings:
+        """What a ``"serving"`` or ``"batch"`` process applies (bot.processes.apply)."""
+        if kind == "serving":
+            return ProcessSettings(0, self.serve_threads, self.serve_passive_wait)
+        return ProcessSettings(self.batch_nice, self.batch_threads, self.batch_passive_wait)
+
+
+@dataclass
 class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -350,6 +402,7 @@ class Config:
     gate: GateConfig = field(default_factory=GateConfig)
     safety: SafetyConfig = field(default_factory=SafetyConfig)
     discord: DiscordConfig = field(default_factory=DiscordConfig)
+    processes: ProcessesConfig = field(default_factory=ProcessesConfig)
 
     def validate(self) -> None:
         for section in dataclasses.fields(self):

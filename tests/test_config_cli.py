@@ -47,6 +47,9 @@ def test_integer_given_for_a_float_is_accepted(tmp_path):
         ("[generation]\ntop_p = 1.5\n", "top_p must be in (0, 1]"),
         ("temperature = 0.5\n", "must be a [section]"),
         ("[generation\n", "not valid TOML"),
+        ("[processes]\nbatch_nice = 20\n", "processes.batch_nice must be in [0, 19]"),
+        ("[processes]\nbatch_threads = -1\n", "processes.batch_threads must be in [0, "),
+        ("[processes]\nserve_passive_wait = 1\n", "serve_passive_wait must be true or false"),
     ],
 )
 def test_bad_config_files_fail_with_one_line(tmp_path, toml, message):

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from bot import processes
 from bot.check import check
 from bot.config import Config, load_config, rapport_home
 from bot.corpora import CHITCHAT_PLATFORM, BadLine, chitchat_conversations, jsonl_conversations
@@ -65,6 +66,8 @@ def open_store(config: Config) -> Store:
 def cli(ctx: click.Context, config_path: str | None, overrides: tuple[str, ...]) -> None:
     """rapport: a chat bot that learns what people enjoy from how they react."""
     ctx.obj = load_config(config_path, overrides)
+    # before any command imports torch (bot/processes.py): batch work yields to serving
+    processes.apply(ctx.obj.processes.settings(processes.kind_of(ctx.invoked_subcommand)))
 
 
 def load_policy(config: Config, store: Store, seed: int | None = None, ranker=None) -> Policy:

@@ -1,0 +1,85 @@
+"""Sharing one machine: batch work yields to the bot that serves people.
+
+Design
+------
+A small server runs ``rapport discord`` (or ``chat``) and, beside it, the work that
+retrains the bot: ``train``, ``retrain``, ``score``, ``eval``, ``simulate``,
+``reward-model train``, the gate of ``deploy``. Left alone, each torch process starts one
+OpenMP thread per core, and OpenMP threads spin while they wait for work: two such
+processes on two cores spend much of their time spinning against each other (issue 18
+measured a chat at 19% of its speed beside one training, and 8x the CPU for the same
+self-play with several processes at once).
+
+So every command is one of two kinds, decided by its name alone: *serving* (``chat``,
+``discord``) and *batch* (every other command). Before any heavy import, the ``rapport``
+entry point applies the ``[processes]`` settings of its kind (:func:`apply`):
+
+- ``OMP_WAIT_POLICY=PASSIVE`` (batch work; serving too if configured): an idle OpenMP
+  thread sleeps instead of spinning. libgomp reads the variable once, when it loads with
+  torch, so it is set in the environment first; a value the user set is kept. The bot
+  keeps libgomp's default, a short spin: a token is ~200 small matmuls, and waking a
+  sleeping thread for each may cost more than the matmul (not measured idle yet: the
+  bench's ``new, bot passive`` row measures it).
+- The torch thread count (``OMP_NUM_THREADS``, which torch reads when it starts its thread
+  pool), when the config names one; 0 keeps torch's default (one per core) and any
+  ``OMP_NUM_THREADS`` the user set.
+- For batch work, a niceness (``os.setpriority``): the kernel then gives the cores to the
+  serving process whenever it wants them, and to the batch work when the bot is idle.
+  On Linux a niceness belongs to a thread, and a new thread inherits its starter's: so it
+  is set on every thread there is (imports have started a few) before torch starts its
+  pool. It is only ever raised (a ``nice -n 19 rapport train`` stays at 19), never
+  lowered.
+
+torch's inter-op pool is left at its default: rapport never calls ``torch.jit.fork``, the
+only user of that pool, so its threads are never started. ``bench/colocation_bench.py``
+measures these settings against torch's defaults.
+
+This module imports nothing heavy: it runs before torch is imported.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+SERVING_COMMANDS = frozenset({"chat", "discord"})
+
+
+@dataclass(frozen=True)
+class ProcessSettings:
+    """What :func:`apply` does to one process (``bot.config.ProcessesConfig`` picks it)."""
+
+    nice: int  # the least niceness; 0 leaves the process's own
+    threads: int  # torch intra-op threads; 0: torch's default
+    passive_wait: bool
+
+
+def kind_of(command: str | None) -> str:
+    """``"serving"`` for the commands that answer people, ``"batch"`` for the rest."""
+    return "serving" if command in SERVING_COMMANDS else "batch"
+
+
+def apply(settings: ProcessSettings, environ: dict[str, str] | None = None) -> None:
+    """Set this process's wait policy, thread count and niceness (before torch loads)."""
+    environ = os.environ if environ is None else environ
+    if settings.passive_wait:
+        environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if settings.threads:
+        environ["OMP_NUM_THREADS"] = str(settings.threads)
+        torch = sys.modules.get("torch")
+        if torch is not None:  # loaded already (an in-process call): the variable is too late
+            torch.set_num_threads(settings.threads)
+    if settings.nice > os.getpriority(os.PRIO_PROCESS, 0):
+        for thread in _threads():
+            os.setpriority(os.PRIO_PROCESS, thread, settings.nice)
+
+
+def _threads() -> list[int]:
+    """This process's threads. On Linux a niceness belongs to one thread, and imports
+    before the command (numpy's, jemalloc's) have started some; elsewhere (macOS) it
+    belongs to the process, which ``0`` names."""
+    try:
+        return [int(task) for task in os.listdir("/proc/self/task")]
+    except FileNotFoundError:
+        return [0]
