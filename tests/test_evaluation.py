@@ -200,6 +200,7 @@ def test_chart_labels_keep_the_whole_model_name_on_short_lines():
     assert lines[0] == "/tmp/" and _label("prior") == "prior"
 
 
+@pytest.mark.fresh_models  # a user's first `rapport score` converts MiniLM
 def test_simulated_conversations_land_in_the_store_and_get_scored(tiny_model_dir, rapport_home):
     simulate = [
         "--set",
