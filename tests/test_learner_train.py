@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from bot.config import Config
+from bot.config import Config, load_config
 from bot.corpora import CHITCHAT_PLATFORM, chitchat_conversations
 from bot.policy import Policy, load_model
 from bot.prompt import Turn, encode_chat
@@ -287,10 +287,13 @@ def test_serving_samples_from_the_distribution_the_learner_trained(algo, rewarde
 
 
 def scored_store(home: Path, tiny_model_dir: Path) -> None:
+    """12 chitchat conversations, scored as `rapport score` scores them (setup for the
+    train commands under test: scored in this process, not a second one)."""
+    from rewards.score import score_store
+
     with Store(home / "rapport.db") as store:
         store.import_conversations(CHITCHAT_PLATFORM, list(islice(chitchat_conversations(), 12)))
-    result = run_rapport("score")
-    assert result.returncode == 0, result.stderr
+        assert score_store(store, load_config()).bot_turns > 0
 
 
 def test_rapport_train_end_to_end_registers_a_new_undeployed_version(rapport_home, tiny_model_dir):
