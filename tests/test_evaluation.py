@@ -47,6 +47,7 @@ def test_the_priors_own_samples_are_more_fluent_than_shuffled_words(
     monkeypatch.setenv("RAPPORT_HOME", str(default_model_home))
     config = Config()
     config.model.serve_precision = "fp32"
+    config.generation.max_new_tokens = 48  # 30-40 words a reply: plenty to shuffle
     policy = Policy.load(config.model, config.generation, seed=0)
     prior = policy.model
     rng = random.Random(0)
