@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -113,10 +114,21 @@ def likes_great(word: str) -> float:
     return 1.0 if word == "great" else 0.0
 
 
+@functools.cache
+def shared_toy_dataset(prior_dir: Path, rewards: tuple[float, ...]):
+    """The toy dataset under the prior in ``prior_dir`` for the reward that gives each
+    reply of REPLIES its value in ``rewards``: tokenised and scored by the prior once
+    (about 2 s), not once a run; training only reads it."""
+    tokenizer = AutoTokenizer.from_pretrained(prior_dir)
+    prior, _ = load_model(prior_dir)
+    by_word = dict(zip(REPLIES, rewards, strict=True))
+    return toy_dataset(tokenizer, prior, by_word.__getitem__, tail=TAIL)
+
+
 def run(toy_prior, tmp_path, algo, reward=likes_great, **overrides):
     tokenizer = AutoTokenizer.from_pretrained(toy_prior)
     prior, _ = load_model(toy_prior)
-    dataset = toy_dataset(tokenizer, prior, reward, tail=TAIL)
+    dataset = shared_toy_dataset(toy_prior, tuple(reward(w) for w in REPLIES))
     config = quick(algo, **overrides)
     models = prepare_models(toy_prior, config)
     metrics = train(config, dataset, models, tmp_path, pad_id=tokenizer.pad_token_id)
