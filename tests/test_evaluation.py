@@ -47,6 +47,7 @@ def test_the_priors_own_samples_are_more_fluent_than_shuffled_words(
     monkeypatch.setenv("RAPPORT_HOME", str(default_model_home))
     config = Config()
     config.model.serve_precision = "fp32"
+    config.generation.max_new_tokens = 48  # 30-40 words a reply: plenty to shuffle
     policy = Policy.load(config.model, config.generation, seed=0)
     prior = policy.model
     rng = random.Random(0)
@@ -200,6 +201,7 @@ def test_chart_labels_keep_the_whole_model_name_on_short_lines():
     assert lines[0] == "/tmp/" and _label("prior") == "prior"
 
 
+@pytest.mark.fresh_models  # a user's first `rapport score` converts MiniLM
 def test_simulated_conversations_land_in_the_store_and_get_scored(tiny_model_dir, rapport_home):
     simulate = [
         "--set",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -18,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from bot.config import Config
+from bot.config import Config, load_config
 from bot.corpora import CHITCHAT_PLATFORM, chitchat_conversations
 from bot.policy import Policy, load_model
 from bot.prompt import Turn, encode_chat
@@ -113,10 +114,21 @@ def likes_great(word: str) -> float:
     return 1.0 if word == "great" else 0.0
 
 
+@functools.cache
+def shared_toy_dataset(prior_dir: Path, rewards: tuple[float, ...]):
+    """The toy dataset under the prior in ``prior_dir`` for the reward that gives each
+    reply of REPLIES its value in ``rewards``: tokenised and scored by the prior once
+    (about 2 s), not once a run; training only reads it."""
+    tokenizer = AutoTokenizer.from_pretrained(prior_dir)
+    prior, _ = load_model(prior_dir)
+    by_word = dict(zip(REPLIES, rewards, strict=True))
+    return toy_dataset(tokenizer, prior, by_word.__getitem__, tail=TAIL)
+
+
 def run(toy_prior, tmp_path, algo, reward=likes_great, **overrides):
     tokenizer = AutoTokenizer.from_pretrained(toy_prior)
     prior, _ = load_model(toy_prior)
-    dataset = toy_dataset(tokenizer, prior, reward, tail=TAIL)
+    dataset = shared_toy_dataset(toy_prior, tuple(reward(w) for w in REPLIES))
     config = quick(algo, **overrides)
     models = prepare_models(toy_prior, config)
     metrics = train(config, dataset, models, tmp_path, pad_id=tokenizer.pad_token_id)
@@ -332,10 +344,13 @@ def test_serving_samples_from_the_distribution_the_learner_trained(algo, rewarde
 
 
 def scored_store(home: Path, tiny_model_dir: Path) -> None:
+    """12 chitchat conversations, scored as `rapport score` scores them (setup for the
+    train commands under test: scored in this process, not a second one)."""
+    from rewards.score import score_store
+
     with Store(home / "rapport.db") as store:
         store.import_conversations(CHITCHAT_PLATFORM, list(islice(chitchat_conversations(), 12)))
-    result = run_rapport("score")
-    assert result.returncode == 0, result.stderr
+        assert score_store(store, load_config()).bot_turns > 0
 
 
 def test_rapport_train_end_to_end_registers_a_new_undeployed_version(rapport_home, tiny_model_dir):
@@ -468,12 +483,15 @@ def test_sigkill_then_resume_ends_with_the_same_weights_as_an_uninterrupted_run(
     rapport_home, tiny_model_dir, tmp_path
 ):
     scored_store(rapport_home, tiny_model_dir)
+    # Killed at its first checkpoint (step 10), then 50 steps resumed: enough for the
+    # restored optimiser, target network, RNG and data order to show in the weights, and
+    # slack enough for the kill to land while it still trains.
     args = [
         "train",
         "--algo",
         "psi",
         "--steps",
-        "150",
+        "60",
         "--checkpoint-every",
         "10",
         "--max-tokens",
@@ -495,11 +513,11 @@ def test_sigkill_then_resume_ends_with_the_same_weights_as_an_uninterrupted_run(
     (run,) = list((rapport_home / "runs").iterdir())
     assert not (run / "model").exists()
     resumed = run_rapport(
-        "train", "--resume", run.name, "--steps", "150", "--model", str(tiny_model_dir), timeout=600
+        "train", "--resume", run.name, "--steps", "60", "--model", str(tiny_model_dir), timeout=600
     )
     assert resumed.returncode == 0, resumed.stderr
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 151))
+    assert steps == list(range(1, 61))
 
     # the same run, never interrupted, in a copy of the same data
     other = tmp_path / "other-home"

@@ -86,6 +86,7 @@ class TestOpenVinoBackend:
         reference = embedding.encoder("fp32", "torch").encode(self.TEXTS)
         assert torch.nn.functional.cosine_similarity(fast, reference).min() > 0.999
 
+    @pytest.mark.fresh_models
     def test_the_model_is_converted_once_into_the_cache(self, rapport_home):
         folder = embedding.openvino_model_dir()
         converted = (folder / "model.xml").stat().st_mtime_ns

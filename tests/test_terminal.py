@@ -12,11 +12,12 @@ import time
 
 import pytest
 
-from bot.config import Config
+from bot.config import Config, load_config
 from bot.policy import Policy
 from bot.session import Session
 from bot.store import Store
 from bot.terminal import Terminal
+from rewards.score import score_store
 from tests.conftest import run_rapport
 
 
@@ -231,8 +232,8 @@ def test_piped_retry_logs_both_replies_and_exports_the_pair(tiny_model_dir, rapp
         assert store.votes(new.id) == {user.user_id: 1}
     assert old.text != new.text  # sampled anew (else the pair below would say nothing)
 
-    assert run_rapport("score").returncode == 0
     with Store(rapport_home / "rapport.db") as store:
+        score_store(store, load_config())  # as `rapport score` does (tests/test_scoring.py)
         assert store.rewards(old.id)["user_retry"] == 1.0
         assert store.rewards(new.id)["user_retry"] == 0.0
     pairs = rapport_home / "pairs.jsonl"

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from bot.config import Config
+from bot.config import Config, load_config
 from bot.policy import Policy, load_model
 from bot.prompt import Turn, encode_chat
 from learner.config import TRL, TrainConfig
@@ -226,7 +226,9 @@ def test_exports_load_into_trls_trainers_and_tokenise_like_the_bot(
 def test_whole_log_exports_reimport_and_carry_votes_and_rewards(voted_log, rapport_home, tmp_path):
     from datasets import load_dataset
 
-    assert run_rapport("score").returncode == 0
+    from rewards.score import score_store
+
+    assert score_store(voted_log, load_config()).bot_turns == 48  # as `rapport score` does
     out = tmp_path / "log.jsonl"
     assert run_rapport("export", str(out), "--format", "jsonl").returncode == 0
     first = json.loads(out.read_text().splitlines()[0])
