@@ -14,6 +14,11 @@ from hypothesis import HealthCheck, settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Some tests run `rapport` in this process (the config fuzz, score's Ctrl-C); a batch
+# command raises its process's niceness for good (bot/processes.py), which would leave the
+# rest of the suite at nice 19. tests/test_processes.py checks the niceness in subprocesses
+# without this variable.
+os.environ.setdefault("RAPPORT_PROCESSES_BATCH_NICE", "0")
 
 # Fuzzing (tests/test_fuzz.py): a few dozen examples a property in the test suite, a few
 # thousand under `make fuzz` (HYPOTHESIS_PROFILE=fuzz). No deadline: a busy 2-core machine
