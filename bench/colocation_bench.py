@@ -187,7 +187,10 @@ def setup(args, env, home: Path) -> None:
             f.write(json.dumps({"id": conversation.external_id, "turns": turns}) + "\n")
     for command in (["import", "jsonl", str(path)], ["score"]):
         done = subprocess.run(
-            [sys.executable, "-m", "bot.loop.cli", *command], env=env, capture_output=True, text=True
+            [sys.executable, "-m", "bot.loop.cli", *command],
+            env=env,
+            capture_output=True,
+            text=True,
         )
         if done.returncode:
             raise SystemExit(f"rapport {command[0]} failed: {done.stderr[-2000:]}")
