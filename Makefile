@@ -45,7 +45,7 @@ bench: install
 	$(PY) bench/chat_bench.py
 	$(PY) bench/rewards_bench.py
 
-# The product's own proof (about an hour on 2 CPU cores): bench/learning_loop.py
+# The product's own proof (~95 minutes on 2 idle CPU cores; (a) alone ~56): bench/learning_loop.py
 learning-loop: install
 	$(PY) bench/learning_loop.py
 

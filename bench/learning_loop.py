@@ -25,10 +25,11 @@ over conversations; jackknife for distinct-2). During training, every
 ``--curve-every`` steps the policy answers ``--curve-n`` held-out openers and the
 targeted reward and KL are recorded: the learning curves, plotted into the HTML report.
 
-Run (2 CPU cores, about 60 minutes at the defaults; the settings are in the table's
-header): ``.venv/bin/python bench/learning_loop.py``. On a GPU, larger settings, e.g.
-``--simulate 512 --steps 300 --eval-n 500`` (``bench/gpu_check.sh`` runs it). Writes
-``results.json``, ``table.md``, ``curves.png`` and ``index.html`` into ``--out``.
+Run (2 idle CPU cores at the defaults: simulation and (a) ~56 minutes, (a) and (b) ~95;
+the settings are in the table's header): ``.venv/bin/python bench/learning_loop.py``.
+On a GPU, larger settings, e.g. ``--simulate 512 --steps 300 --eval-n 500``
+(``bench/gpu_check.sh`` runs it). Writes ``results.json``, ``table.md``, ``curves.png``
+and ``index.html`` into ``--out``.
 """
 
 from __future__ import annotations
