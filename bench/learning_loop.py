@@ -344,8 +344,8 @@ def steps_cell(run: dict | None) -> str:
     if not run:
         return "-"
     metrics = run["metrics"]
-    budget = json.loads((Path(run["folder"]).parent / "train_config.json").read_text())
-    budget = budget.get("kl_budget", 0.0)
+    saved = Path(run["folder"]).parent / "train_config.json"  # trl's runs keep none there
+    budget = json.loads(saved.read_text()).get("kl_budget", 0.0) if saved.exists() else 0.0
     if not budget:
         return str(metrics.get("step", "-"))
     how = "stopped" if metrics.get("stopped") == "kl_budget" else "not reached"
