@@ -270,10 +270,17 @@ def finished_run(config) -> Path | None:
     found = None
     for done in sorted((rapport_home() / "runs").glob("*/model/training.json")):
         run = done.parent.parent
-        saved = json.loads((run / "train_config.json").read_text())
-        if saved == wanted:
+        if saved_config(run) == wanted:
             found = run
     return found
+
+
+def saved_config(run: Path) -> dict:
+    """The TrainConfig a run saved: beside its model (KL-control, bc) or in it (trl's)."""
+    for path in (run / "train_config.json", run / "model" / "train_config.json"):
+        if path.exists():
+            return json.loads(path.read_text())
+    return {}
 
 
 def last_kl(folder) -> float:
@@ -344,8 +351,7 @@ def steps_cell(run: dict | None) -> str:
     if not run:
         return "-"
     metrics = run["metrics"]
-    saved = Path(run["folder"]).parent / "train_config.json"  # trl's runs keep none there
-    budget = json.loads(saved.read_text()).get("kl_budget", 0.0) if saved.exists() else 0.0
+    budget = saved_config(Path(run["folder"]).parent).get("kl_budget", 0.0)
     if not budget:
         return str(metrics.get("step", "-"))
     how = "stopped" if metrics.get("stopped") == "kl_budget" else "not reached"
