@@ -66,6 +66,8 @@ def arguments() -> argparse.Namespace:
     add("--batch-size", type=int, default=4)
     add("--max-tokens", type=int, default=256)
     add("--lr", type=float, default=1e-4, help="KL-control, bc and kto alike")
+    add("--td-lambda", type=float, default=1.0, help="KL-control learners only (rapport's default)")
+    add("--tau", type=float, default=0.005, help="KL-control learners only (rapport's default)")
     add("--eval-n", type=int, default=200, help="(a): held-out openers, one reply each")
     add("--eval-n-b", type=int, default=32, help="(b): held-out conversations")
     add("--eval-turns-b", type=int, default=2)
@@ -189,6 +191,7 @@ def _bf16_copy(model):
 def train_all(args, config, store, prior_dir, reward, prior_bf16, tokenizer) -> dict:
     """{algo: {version, folder, metrics, curve, seconds}} for one reward."""
     from learner.config import TrainConfig
+    from learner.kl_control import ALGORITHMS
     from learner.pipeline import run_training
 
     target = "bot_question" if reward == "bot_question" else "combined"
@@ -209,6 +212,8 @@ def train_all(args, config, store, prior_dir, reward, prior_bf16, tokenizer) -> 
             pairs_from="combined" if algo == "kto" else "votes",
             kl_budget=out[matched]["last_kl"] if matched else 0.0,
         )
+        if algo in ALGORITHMS:  # bc and kto keep their runs (and --reuse finds them)
+            train_config.td_lambda, train_config.tau = args.td_lambda, args.tau
         done = finished_run(train_config) if args.reuse else None
         if done:
             out[name] = {
@@ -440,7 +445,8 @@ def main() -> None:
     (out / "results.json").write_text(json.dumps(report, indent=2, default=str))
     settings = (
         f"{args.simulate} simulated conversations x {args.turns} bot turns; {args.steps} steps "
-        f"x {args.batch_size} windows of <= {args.max_tokens} tokens, lr {args.lr}; "
+        f"x {args.batch_size} windows of <= {args.max_tokens} tokens, lr {args.lr}, "
+        f"KL-control lambda {args.td_lambda} tau {args.tau}; "
         f"(a) {args.eval_n} held-out openers, (b) {args.eval_n_b} x {args.eval_turns_b} turns; "
         f"simulation and scoring {report['logs']['seconds'] / 60:.1f} min"
     )
