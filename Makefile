@@ -28,8 +28,12 @@ $(STAMP): pyproject.toml Makefile
 chat: install
 	$(VENV)/bin/rapport chat
 
+# One worker per core, a test file at a time each (pytest-xdist; tests/conftest.py gives
+# each worker one torch thread); then the soak, which measures the CPU its event loop
+# spends per stall, with nothing beside it.
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile -m "not alone"
+	$(PY) -m pytest -q -m alone tests
 
 # The fuzz properties of tests/test_fuzz.py at 3,000 examples each, the chat's at 750
 # (12,750 cases; figures in bench/RESULTS.md).

@@ -19,6 +19,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # rest of the suite at nice 19. tests/test_processes.py checks the niceness in subprocesses
 # without this variable.
 os.environ.setdefault("RAPPORT_PROCESSES_BATCH_NICE", "0")
+# `make test` runs the suite in one worker process per core (pytest-xdist, a file at a
+# time): each worker's torch, and the `rapport` commands it starts, get one thread, and
+# an idle OpenMP thread sleeps, so that workers never spin against each other for the
+# cores (bot/processes.py). A value set by hand is kept.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # Fuzzing (tests/test_fuzz.py): a few dozen examples a property in the test suite, a few
 # thousand under `make fuzz` (HYPOTHESIS_PROFILE=fuzz). No deadline: a busy 2-core machine
@@ -136,3 +143,17 @@ def default_model_home() -> Path:
     home = Path(sys.prefix) / "rapport-test-home"
     home.mkdir(exist_ok=True)
     return home
+
+
+# The files that take longest, first: pytest-xdist (`make test`) hands a worker one file at
+# a time in this order, so the long ones start together at the beginning instead of one
+# of them running alone at the end while the other workers sit idle.
+LONGEST_FIRST = ("test_learner_train.py", "test_train_cli.py", "test_deploy.py", "test_kill.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: each file keeps its own order

@@ -239,9 +239,9 @@ def test_jsonl_import_reports_bad_lines_by_number_and_keeps_the_good(rapport_hom
 def test_score_killed_midway_then_rerun_scores_each_turn_exactly_once(rapport_home):
     db = rapport_home / "rapport.db"
     with Store(db) as store:
-        store.import_conversations(CHITCHAT_PLATFORM, list(islice(chitchat_conversations(), 400)))
+        store.import_conversations(CHITCHAT_PLATFORM, list(islice(chitchat_conversations(), 60)))
         bot_turns = store.db.execute("SELECT COUNT(*) FROM messages WHERE role='bot'").fetchone()[0]
-    env = {**os.environ, "RAPPORT_SCORING_BATCH_CONVERSATIONS": "10"}
+    env = {**os.environ, "RAPPORT_SCORING_BATCH_CONVERSATIONS": "5"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "bot.loop.cli", "score"],
         env=env,
@@ -259,7 +259,7 @@ def test_score_killed_midway_then_rerun_scores_each_turn_exactly_once(rapport_ho
         done = store.counts()["scoring"]
     assert 0 < done < bot_turns
 
-    result = run_rapport("score", env={"RAPPORT_SCORING_BATCH_CONVERSATIONS": "10"})
+    result = run_rapport("score", env={"RAPPORT_SCORING_BATCH_CONVERSATIONS": "5"})
     assert result.returncode == 0, result.stderr
     assert f"scored {bot_turns - done:,} bot turns" in result.stdout
     with Store(db) as store:

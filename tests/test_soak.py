@@ -3,12 +3,15 @@ with `rapport score` on a timer and a deploy and a rollback midway (issue 15).""
 
 from __future__ import annotations
 
+import pytest
+
 from bench.soak import run_soak
 from bench.soak_checks import STALL_LIMIT_S
 
 SECONDS = 60  # the run itself; setup (two tiny models, the tokenizer) adds ~15 s
 
 
+@pytest.mark.alone
 def test_a_minute_of_simulated_discord_traffic_loses_nothing_and_never_stalls(rapport_home):
     """0 lost turns, forget removes everything of that user and nothing of anyone else,
     votes equal the final reactions, replies follow the deploy and the rollback, and
