@@ -45,6 +45,7 @@ from bot.errors import InvalidInput, NotFound, OptedOut, StoreError
 from bot.files import fault_point
 from bot.migrations import migrations
 from bot.store_data import LearningData, now, storable
+from bot.store_models import ModelRegistry
 from bot.store_ratings import Ratings
 from bot.store_safety import SafetyStats
 
@@ -94,7 +95,7 @@ class Message:
         return cls(**{**row, "generation": generation})
 
 
-class Store(LearningData, Ratings, SafetyStats):
+class Store(LearningData, ModelRegistry, Ratings, SafetyStats):
     """Open (creating and migrating if needed) the database at ``path``.
 
     ``path`` may be ``":memory:"`` for tests. ``key`` is the pseudonym key; by default it

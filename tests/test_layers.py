@@ -24,8 +24,8 @@ PACKAGES = ("bot", "rewards", "learner")
 LAYERS = {
     "ground": (
         "bot bot.errors bot.config bot.prompt bot.progress bot.files bot.migrations "
-        "bot.model_files bot.store_data bot.store_ratings bot.store_safety bot.store "
-        "bot.corpora bot.check bot.processes"
+        "bot.model_files bot.store_data bot.store_models bot.store_ratings bot.store_safety "
+        "bot.store bot.corpora bot.check bot.processes"
     ),
     "serving": "bot.safety bot.policy bot.session bot.terminal bot.discord_bot rewards.*",
     "learner": "learner.*",
