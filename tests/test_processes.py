@@ -20,11 +20,18 @@ from bot.processes import ProcessSettings
 from tests.conftest import BUSY_MACHINE
 
 PROBE = r"""
-import json, os, sys
+import json, os, resource, sys
+BLOCK = 64 << 20  # bytes: 16,384 pages of 4 KiB
 from bot.loop import cli
 
 def probe(*args, **kwargs):
     report = {"wait": os.environ.get("OMP_WAIT_POLICY"), "omp": os.environ.get("OMP_NUM_THREADS")}
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(10):  # a training step's buffer, freed and taken again
+        block = bytearray(BLOCK)
+        block[::4096] = bytes(len(range(0, BLOCK, 4096)))  # touch every page
+        del block
+    report["faults"] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     if os.environ.get("PROBE_TORCH"):
         import torch
         torch.ones(256, 256) @ torch.ones(256, 256)  # starts the OpenMP pool
@@ -61,7 +68,9 @@ def bare_environment() -> dict[str, str]:
     """This environment without the OpenMP variables (the suite runs with OMP_NUM_THREADS)
     and without the suite's own RAPPORT_PROCESSES_BATCH_NICE (tests/conftest.py)."""
     dropped = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "RAPPORT_PROCESSES_BATCH_NICE")
-    return {k: v for k, v in os.environ.items() if k not in dropped}
+    return {
+        k: v for k, v in os.environ.items() if k not in dropped and not k.startswith("MALLOC_")
+    }
 
 
 def probe(args: list[str], config: str = "", torch: bool = False, env: dict | None = None):
@@ -116,6 +125,20 @@ def test_serving_commands_keep_their_priority_and_threads(command, config_file):
             timeout=60 * BUSY_MACHINE,
         )
         assert report["threads"] == int(fresh.stdout)  # torch's own default
+
+
+# One 64 MiB block taken and freed 10 times: the pages faulted in (4 KiB each).
+PAGES = (64 << 20) // 4096
+
+
+def test_batch_commands_keep_freed_memory_and_serving_ones_give_it_back(tmp_path):
+    """A batch command's malloc keeps what it frees: the block is faulted in once, not at
+    every reuse; the bot's gives it back (glibc's default); the setting can be off."""
+    assert probe(["score"])["faults"] < 2 * PAGES
+    assert probe(["chat"])["faults"] > 8 * PAGES
+    path = tmp_path / "c.toml"
+    path.write_text("[processes]\nbatch_keep_freed = false\n")
+    assert probe(["score"], str(path))["faults"] > 8 * PAGES
 
 
 def test_a_wait_policy_the_user_set_is_kept_and_passive_wait_can_be_off(tmp_path):
