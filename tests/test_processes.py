@@ -68,9 +68,7 @@ def bare_environment() -> dict[str, str]:
     """This environment without the OpenMP variables (the suite runs with OMP_NUM_THREADS)
     and without the suite's own RAPPORT_PROCESSES_BATCH_NICE (tests/conftest.py)."""
     dropped = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "RAPPORT_PROCESSES_BATCH_NICE")
-    return {
-        k: v for k, v in os.environ.items() if k not in dropped and not k.startswith("MALLOC_")
-    }
+    return {k: v for k, v in os.environ.items() if k not in dropped and not k.startswith("MALLOC_")}
 
 
 def probe(args: list[str], config: str = "", torch: bool = False, env: dict | None = None):
