@@ -34,7 +34,9 @@ entry point applies the ``[processes]`` settings of its kind (:func:`apply`):
   a training step allocates and frees buffers of tens of MB (the output layer's logits
   over a 49,152-token vocabulary); by default glibc hands each back to the kernel (an
   ``munmap``, or a trim of the heap's top) and the next step faults it in again, page by
-  page. Kept, the same run of toy trainings took 0.55-0.70x the time (bench/RESULTS.md).
+  page. Kept, the test suite's toy trainings (a 32-wide model: the buffers are most of
+  the work) took 0.55-0.70x the time; SmolLM2-135M's steps, where the matmuls dominate,
+  0.87-1.0x (bench/RESULTS.md).
   The cost: the process's RSS stays at its peak until it ends, which a batch command
   reaches anyway; the serving bot keeps glibc's defaults (the soak watches its RSS).
 

@@ -250,12 +250,14 @@ def test_a_retried_reply_becomes_less_likely_and_a_zero_reward_control_stays(toy
     assert moved[0.0]["kl"] < 0.01, moved
 
 
-def test_credit_reaches_the_first_word_of_a_reply_rewarded_at_its_end(toy_prior, tmp_path):
+def test_credit_reaches_the_first_word_of_a_reply_rewarded_at_its_end(
+    rewarded, toy_prior, tmp_path
+):
     """The reward lands on the end of turn 7 tokens after the word that earned it; the
-    default λ-return carries it there within the default 200 steps, while the paper's
-    one-step target (λ = 0) has barely moved it."""
-    full = run(toy_prior, tmp_path / "full", "psi", steps=200)
-    one_step = run(toy_prior, tmp_path / "one", "psi", steps=200, td_lambda=0.0)
+    default λ-return carries it there within the run's 100 steps, while the paper's
+    one-step target (λ = 0) has barely moved it in as many."""
+    full = rewarded["psi"]
+    one_step = run(toy_prior, tmp_path / "one", "psi", td_lambda=0.0)
     assert full["p_great"] > 3 * full["prior_great"], full["p_great"]
     gain = full["p_great"] - full["prior_great"]
     assert one_step["p_great"] - one_step["prior_great"] < gain / 3, (one_step, full)
