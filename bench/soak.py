@@ -171,8 +171,8 @@ class Soak:
         must not grow) and notes which of them carry vote buttons."""
         from tests.discord_fakes import fake_channel
 
-        channel = fake_channel(dm=dm)
-        inner = channel.send.side_effect
+        channel = fake_channel(dm=dm, light=True)
+        inner = channel.send
         recent = self.votable.setdefault(channel.id, deque(maxlen=30))
 
         async def send(content=None, **kwargs):
@@ -180,19 +180,17 @@ class Soak:
             channel.sent.clear()
             if content.startswith(("Sorry", "I can't")):
                 self.apologies.append(content)
-            add = message.add_reaction.side_effect
+            add = message.add_reaction
 
             async def add_reaction(emoji):
                 await add(emoji)
                 if emoji == RETRY:  # the last button: the reply is linked and votable
                     recent.append(message.id)
 
-            message.add_reaction.side_effect = add_reaction
-            if channel.send.call_count > 200:
-                channel.reset_mock()  # the mocks' call records
+            message.add_reaction = add_reaction
             return message
 
-        channel.send.side_effect = send
+        channel.send = send
         return channel
 
     # -- the run ------------------------------------------------------------------
@@ -294,9 +292,11 @@ class Soak:
         text = f"{' '.join(words)} [{user.index}.{user.count}]"
         me = self.client.user
         if user.index % 2:  # the shared channel: mention the bot
-            message = fake_message(f"<@{me.id}> {text}", user.member, user.channel, [me])
+            message = fake_message(
+                f"<@{me.id}> {text}", user.member, user.channel, [me], light=True
+            )
         else:
-            message = fake_message(text, user.member, user.channel)
+            message = fake_message(text, user.member, user.channel, light=True)
         self.dispatch(
             user, Event("message", self.now(), text=text), self.client.on_message(message)
         )
@@ -326,21 +326,21 @@ class Soak:
                     return  # Discord sends no event for a reaction already there
                 user.reactions.setdefault(target, []).append(emoji)
             handler = self.client.on_raw_reaction_add
-        payload = fake_reaction(target, user.member.id, emoji, user.channel.id)
+        payload = fake_reaction(target, user.member.id, emoji, user.channel.id, light=True)
         event = Event(kind, self.now(), target=target, emoji=emoji)
         self.dispatch(user, event, handler(payload))
         if kind == "vote" and user.rng.random() < 0.1:  # a quick toggle: on, then off
             user.reactions[target].remove(emoji)
             if not user.reactions[target]:
                 del user.reactions[target]
-            payload = fake_reaction(target, user.member.id, emoji, user.channel.id)
+            payload = fake_reaction(target, user.member.id, emoji, user.channel.id, light=True)
             event = Event("unvote", self.now(), target=target, emoji=emoji)
             self.dispatch(user, event, self.client.on_raw_reaction_remove(payload))
 
     def command(self, user: SimUser, name: str) -> None:
         from tests.discord_fakes import fake_interaction
 
-        interaction = fake_interaction(user.member, user.channel)
+        interaction = fake_interaction(user.member, user.channel, light=True)
         callback = self.client.commands_by_name[name].callback
         self.dispatch(user, Event(name, self.now()), callback(interaction))
 
