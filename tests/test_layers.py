@@ -41,6 +41,9 @@ DEFERRED = {
         "session, registry, learner, scoring), so `rapport --help`, `db`, `models`, `runs` "
         "start in under a second"
     ),
+    ("bot.loop.cli_learn", "bot rewards learner"): "start-up time, as bot.loop.cli",
+    ("bot.loop.cli_records", "bot rewards learner"): "start-up time, as bot.loop.cli",
+    ("bot.loop.cli_common", "bot"): "start-up time, as bot.loop.cli",
     ("bot.policy", "transformers safetensors"): (
         "transformers (~1.2 s beyond torch) loads with the first model, not with the names "
         "that session, simulate and the tests' stub models import"
