@@ -23,9 +23,9 @@ PACKAGES = ("bot", "rewards", "learner")
 # before it, never one after it. ``pkg.*`` is every module in that folder.
 LAYERS = {
     "ground": (
-        "bot bot.errors bot.config bot.prompt bot.progress bot.files bot.migrations "
-        "bot.model_files bot.store_data bot.store_models bot.store_ratings bot.store_safety "
-        "bot.store bot.corpora bot.check bot.processes"
+        "bot bot.errors bot.config_sections bot.config bot.prompt bot.progress bot.files "
+        "bot.migrations bot.model_files bot.store_data bot.store_models bot.store_ratings "
+        "bot.store_safety bot.store bot.corpora bot.check bot.processes"
     ),
     "serving": "bot.safety bot.policy bot.session bot.terminal bot.discord_bot rewards.*",
     "learner": "learner.*",
