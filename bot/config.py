@@ -3,8 +3,9 @@
 Design
 ------
 The settings are dataclasses, one per TOML table (:mod:`bot.config_sections`, exported
-here), each field with its type, default and help text. ``data/rapport.toml`` is the shipped, commented default file; a test checks
-that it loads to exactly these defaults, so the two never drift.
+here), each field with its type, default and help text. ``data/rapport.toml`` is the
+shipped, commented default file; a test checks that it loads to exactly these defaults,
+so the two never drift.
 
 Precedence, lowest first:
 
