@@ -23,12 +23,14 @@ def test_a_minute_of_simulated_discord_traffic_loses_nothing_and_never_stalls(ra
     assert m["sent"] > 200 and m["lost"] == 0 and m["unanswered"] == 0
     assert m["forgets"] > 5 and m["forget_left"] == 0
     assert m["votes_wrong"] == 0 and m["wrong_version"] == 0 and m["switches"] == 2
-    # The stall bound, as the part the bot controls: no callback on the loop spent
-    # 100 ms of CPU in one stall (a blocking call: SQLite, tokenizing, generating).
-    # The wall-clock stall is printed, not asserted: on the shared 2-core machine,
-    # at nice 19 beside a benchmark, it is the wait for a core (load 9-18: 1.9-2.9 s
-    # largest, of which 1.7-2.6 s waiting for a core; bench/RESULTS.md).
+    # The stall bound, as the part the bot's process controls: no stall, less the time
+    # the kernel made the loop wait for a core, passed 100 ms (a blocking call: SQLite,
+    # tokenizing, generating; a full collection; a thread holding the GIL), and no
+    # callback spent 100 ms of CPU in one. The wall-clock stall is printed, and asserted
+    # only through its parts: on a shared 2-core machine at nice 19 beside a benchmark
+    # it is the wait for a core (load 9-18: 1.7-2.6 s of 1.9-2.9 s; bench/RESULTS.md).
     parts = {k: round(v * 1000) for k, v in m["stall_parts"].items()}
+    assert m["stall_own_max"] <= STALL_LIMIT_S, (m["stall_own_max"], parts)
     assert m["loop_cpu_max"] <= STALL_LIMIT_S, (m["loop_cpu_max"], parts)
-    others = [f for f in outcome.failures if not f.startswith("event loop: largest stall")]
+    others = [f for f in outcome.failures if not f.startswith("event loop: largest stall:")]
     assert not others, (others, parts)
