@@ -33,7 +33,7 @@ chat: install
 # spends per stall, with nothing beside it.
 test: install
 	$(PY) -m pytest -q -n auto --dist loadfile -m "not alone"
-	$(PY) -m pytest -q -m alone tests
+	$(PY) -m pytest -q -m alone tests/test_soak.py
 
 # The fuzz properties of tests/test_fuzz.py at 3,000 examples each, the chat's at 750
 # (12,750 cases; figures in bench/RESULTS.md).

@@ -103,7 +103,7 @@ def test_a_degenerate_policy_that_always_asks_the_same_question_is_caught(
         served,
         tokenizer,
         n=3,
-        turns=3,
+        turns=2,
         seed=0,
         system_prompt=config.model.system_prompt,
         settings=Settings.from_config(config.generation),
