@@ -196,6 +196,7 @@ def train_member(prior_path: Path, rows: list[dict], config: RewardModelConfig, 
         save_strategy="no",
         report_to="none",
         bf16=torch.cuda.is_available(),
+        dataloader_pin_memory=torch.cuda.is_available(),  # pinned pages serve a GPU only
         disable_tqdm=True,
     )
     trainer = MisclickRewardTrainer(

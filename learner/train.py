@@ -257,6 +257,15 @@ def load_checkpoint(run_dir: Path, models: Models, optimizer, scheduler) -> int:
         ) from None
 
 
+def accelerator_settings() -> dict:
+    """The device and precision a run trains in: the GPU with bf16 mixed precision when
+    CUDA is there, else the CPU in fp32. The mixed precision wraps the network's forward
+    only; the KL-control losses call its decoder and head directly and stay fp32 on every
+    device (bf16 logits leave a TD error the size of a reward: bench/RESULTS.md)."""
+    cuda = torch.cuda.is_available()
+    return {"cpu": not cuda, "mixed_precision": "bf16" if cuda else "no"}
+
+
 def train(
     config: TrainConfig,
     dataset: Dataset,
@@ -275,10 +284,7 @@ def train(
 
     if not dataset.train:
         raise TrainingError("the dataset has no training windows: import or chat, then score")
-    accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),
-        mixed_precision="bf16" if torch.cuda.is_available() else "no",
-    )
+    accelerator = Accelerator(**accelerator_settings())
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     optimizer = torch.optim.AdamW(

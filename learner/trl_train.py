@@ -99,6 +99,7 @@ def trainer_args(config: TrainConfig, output_dir: Path) -> dict:
         "save_strategy": "no",
         "report_to": "none",
         "bf16": torch.cuda.is_available(),
+        "dataloader_pin_memory": torch.cuda.is_available(),  # pinned pages serve a GPU only
         "disable_tqdm": True,
     }
 

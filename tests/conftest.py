@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
 from importlib.metadata import PackageNotFoundError, version
@@ -115,9 +116,19 @@ def store(rapport_home: Path):
 BUSY_MACHINE = 5
 
 
+# What a user must never see from `rapport`: a Python warning, a library's tqdm bar or
+# log report (torch.export's LeafSpec FutureWarning on the first `score`, "Loading
+# weights" when MiniLM is converted, the GGUF conversion's bar, transformers' LOAD
+# REPORT and renamed-argument warnings in `reward-model train`), or a traceback.
+LIBRARY_NOISE = re.compile(
+    r"\w+Warning: |\d+(?:\.\d+)?(?:it/s|s/it)\]|\[transformers\]|Traceback \(most recent"
+)
+
+
 def run_rapport(*args: str, input: str | None = None, env: dict | None = None, timeout=120):
-    """Run the real `rapport` command in a subprocess, as a user would."""
-    return subprocess.run(
+    """Run the real `rapport` command in a subprocess, as a user would; whatever it
+    does, its stderr holds only rapport's own lines (no ``LIBRARY_NOISE``)."""
+    result = subprocess.run(
         [sys.executable, "-m", "bot.loop.cli", *args],
         input=input,
         capture_output=True,
@@ -125,6 +136,9 @@ def run_rapport(*args: str, input: str | None = None, env: dict | None = None, t
         timeout=timeout * BUSY_MACHINE,
         env={**os.environ, **(env or {})},
     )
+    noise = LIBRARY_NOISE.search(result.stderr)
+    assert noise is None, f"`rapport {' '.join(args)}` leaked to stderr:\n{result.stderr}"
+    return result
 
 
 @pytest.fixture(scope="session")

@@ -34,6 +34,7 @@ from hypothesis import strategies as st
 from bot.config import Config, load_config
 from bot.errors import ConfigError, InvalidInput
 from bot.loop.cli import main
+from bot.loop.cli_common import plural
 from bot.policy import Policy
 from bot.prompt import CUT_MARK, ROLE_TO_TEMPLATE
 from bot.session import Session
@@ -302,7 +303,7 @@ def test_fuzz_import_jsonl_stores_each_good_conversation_once_and_reports_each_b
         if key not in seen:
             seen.add(key)
             expected.append((record.get("id"), turns))
-    assert f"imported {len(expected):,} conversations" in out
+    assert f"imported {plural(len(expected), 'conversation')};" in out
     prefix = f"{path}:"
     reported = [ln for ln in err.splitlines() if ln.startswith(prefix)]
     assert [int(ln[len(prefix) :].split(":", 1)[0]) for ln in reported] == bad

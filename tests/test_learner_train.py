@@ -331,3 +331,50 @@ def test_serving_samples_from_the_distribution_the_learner_trained(algo, rewarde
     eval_kl = sum(k * n for k, n in zip(per_window, counts, strict=True)) / sum(counts)
     assert eval_kl == pytest.approx(trained_kl, rel=1e-3, abs=1e-6)
     assert trained_kl > 0.01
+
+
+def test_on_cuda_a_run_trains_in_bf16_mixed_precision_and_trl_peers_in_bf16(monkeypatch):
+    """The device choice a GPU gets, read with CUDA faked present: the accelerator
+    trains on the GPU with bf16 mixed precision, trl's trainers get bf16; without CUDA,
+    the CPU in fp32."""
+    from learner.train import accelerator_settings
+    from learner.trl_train import trainer_args
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert accelerator_settings() == {"cpu": False, "mixed_precision": "bf16"}
+    assert trainer_args(TrainConfig(algo="kto"), Path("out"))["bf16"] is True
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert accelerator_settings() == {"cpu": True, "mixed_precision": "no"}
+    assert trainer_args(TrainConfig(algo="kto"), Path("out"))["bf16"] is False
+
+
+def test_the_kl_control_losses_stay_fp32_under_the_gpus_bf16_mixed_precision(
+    toy_prior, tmp_path, monkeypatch
+):
+    """As far as a CPU allows: a psi run under the accelerator a GPU gets (bf16
+    autocast, here on the CPU) takes the same steps as an fp32 run, to fp32 rounding,
+    because the losses never go through the autocast forward (bf16 logits would leave
+    a TD error the size of a reward). The autocast is really on: the wrapped network's
+    own forward returns bf16-rounded logits (handed back as fp32 by accelerate)."""
+    from accelerate.state import AcceleratorState
+
+    import learner.train
+
+    fp32 = run(toy_prior, tmp_path / "fp32", "psi", steps=5)
+    monkeypatch.setattr(
+        learner.train, "accelerator_settings", lambda: {"cpu": True, "mixed_precision": "bf16"}
+    )
+    AcceleratorState._reset_state(reset_partial_state=True)  # a process has one precision
+    try:
+        mixed = run(toy_prior, tmp_path / "bf16", "psi", steps=5)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+    def bf16_rounded(model) -> bool:
+        logits = model(input_ids=torch.tensor([[1, 2, 3]])).logits.detach()
+        return torch.equal(logits, logits.bfloat16().float())
+
+    assert bf16_rounded(mixed["models"].q) and not bf16_rounded(fp32["models"].q)
+    assert mixed["metrics"]["td_loss"] == pytest.approx(fp32["metrics"]["td_loss"], rel=1e-4)
+    for a, b in zip(fp32["models"].q.parameters(), mixed["models"].q.parameters(), strict=True):
+        assert b.dtype == torch.float32 and torch.allclose(a, b, atol=1e-5)

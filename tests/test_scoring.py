@@ -212,6 +212,9 @@ def test_jsonl_import_reports_bad_lines_by_number_and_keeps_the_good(rapport_hom
     result = run_rapport("import", "jsonl", str(path))
     assert result.returncode == 0, result.stderr
     assert "imported 2 conversations; 5 bad lines skipped" in result.stdout
+    # the bar counts the file's 7 non-blank lines, good and bad, and ends at 100%
+    assert "importing jsonl: 0/7" in result.stderr
+    assert "importing jsonl: 7/7 (100%)" in result.stderr
     for number, reason in [
         (2, "not JSON"),
         (3, "non-empty list"),
@@ -224,8 +227,12 @@ def test_jsonl_import_reports_bad_lines_by_number_and_keeps_the_good(rapport_hom
     again = run_rapport("import", "jsonl", str(path))
     assert "imported 0 conversations" in again.stdout
     one = tmp_path / "one.jsonl"
-    one.write_text(lines[0] + "\n{not json\n")
-    assert "; 1 bad line skipped" in run_rapport("import", "jsonl", str(one)).stdout
+    one.write_text(json.dumps({**good, "id": "c2"}) + "\n{not json\n")
+    other = {"RAPPORT_HOME": str(tmp_path / "other")}
+    assert (
+        "imported 1 conversation; 1 bad line skipped"
+        in run_rapport("import", "jsonl", str(one), env=other).stdout
+    )  # not "1 conversations"
     with Store(rapport_home / "rapport.db") as store:
         rows = store.db.execute("SELECT role, author, text FROM messages ORDER BY id").fetchall()
         assert rows == [

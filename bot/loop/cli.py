@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import getpass
 import logging
+import os
 import sys
 import warnings
 from itertools import islice
@@ -173,23 +174,39 @@ def import_() -> None:
     """Import human conversations (corpora, JSONL) into the store."""
 
 
-def _import(config: Config, platform: str, conversations, total: int | None = None) -> int:
+def _import(
+    config: Config, platform: str, conversations, total: int, bad: list[BadLine] | None = None
+) -> int:
+    """Store ``conversations`` 500 at a time; the bar counts them and the ``bad`` lines
+    skipped on the way (out of ``total``)."""
 
     def batched(items, size):  # itertools.batched is Python 3.12+
         iterator = iter(items)
         while chunk := list(islice(iterator, size)):
             yield chunk
 
-    added = 0
+    added = skipped = 0
     on_interrupt("every 500 conversations imported are saved; the same command skips them")
     with (
         open_store(config) as store,
-        progress(total or 0, f"importing {platform}") as bar,
+        progress(total, f"importing {platform}") as bar,
     ):
         for chunk in batched(conversations, 500):
             added += store.import_conversations(platform, chunk)
-            bar.update(len(chunk))
+            newly_bad = len(bad or ()) - skipped
+            skipped += newly_bad
+            bar.update(len(chunk) + newly_bad)
+        bar.update(len(bad or ()) - skipped)  # bad lines after the last conversation
     return added
+
+
+def _count_lines(path: Path) -> int:
+    """Lines that are not blank: the conversations a JSONL file holds, good and bad."""
+    try:
+        with open(path, "rb") as f:
+            return sum(1 for line in f if line.strip())
+    except OSError as e:
+        raise RapportError(f"cannot read {path}: {e.strerror}") from None
 
 
 @import_.command("chitchat")
@@ -200,7 +217,7 @@ def import_chitchat(config: Config) -> None:
     conversations = list(chitchat_conversations())
     added = _import(config, CHITCHAT_PLATFORM, conversations, len(conversations))
     skipped = len(conversations) - added
-    click.echo(f"imported {added:,} conversations ({skipped:,} already there)")
+    click.echo(f"imported {plural(added, 'conversation')} ({skipped:,} already there)")
 
 
 @import_.command("jsonl")
@@ -211,10 +228,11 @@ def import_jsonl(config: Config, path: str, platform: str) -> None:
     """Conversations from a JSONL file, one per line (format: README, bot/corpora.py)."""
 
     bad: list[BadLine] = []
-    added = _import(config, platform, jsonl_conversations(Path(path), bad))
+    lines = _count_lines(Path(path))
+    added = _import(config, platform, jsonl_conversations(Path(path), bad), lines, bad)
     for line in bad:
         click.echo(f"{path}:{line.number}: skipped: {line.reason}", err=True)
-    click.echo(f"imported {added:,} conversations; {plural(len(bad), 'bad line')} skipped")
+    click.echo(f"imported {plural(added, 'conversation')}; {plural(len(bad), 'bad line')} skipped")
 
 
 @cli.command()
@@ -235,7 +253,8 @@ def score(config: Config, reward_model: str | None) -> None:
     with open_store(config) as store:
         summary = _score(store, config, learned)
     click.echo(
-        f"scored {summary.bot_turns:,} bot turns in {summary.conversations:,} conversations; "
+        f"scored {plural(summary.bot_turns, 'bot turn')} in "
+        f"{plural(summary.conversations, 'conversation')}; "
         f"combined reward updated for {summary.combined:,}"
     )
 
@@ -298,7 +317,7 @@ def retrain(config: Config, algo: str, steps, reward, why: str, no_deploy: bool)
     train_config.validate()
     with open_store(config) as store:
         summary = _score(store, config)
-        click.echo(f"1/3 scored {summary.bot_turns:,} new bot turns")
+        click.echo(f"1/3 scored {plural(summary.bot_turns, 'new bot turn')}")
         from bot.policy import resolve_model_path
 
         registered = {m["version"]: m["path"] for m in store.models()}
@@ -328,10 +347,24 @@ for command in (train, eval_command, simulate, reward_model, models, runs, expor
     cli.add_command(command)
 
 
+def quiet_libraries() -> None:
+    """Keep the libraries' own chatter off a user's terminal: their deprecation warnings
+    (torch.export's LeafSpec on the first `score`, transformers' renamed arguments in
+    `reward-model train`), their tqdm bars (loading weights, GGUF conversion, dataset
+    maps), which would interleave with ours, and transformers' load reports. A user who
+    wants any of it back sets the variable (TQDM_DISABLE=0, TRANSFORMERS_VERBOSITY=info)."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    for name, value in (
+        ("TQDM_DISABLE", "1"),
+        ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+        ("HF_DATASETS_DISABLE_PROGRESS_BARS", "1"),
+        ("TRANSFORMERS_VERBOSITY", "error"),
+    ):
+        os.environ.setdefault(name, value)
+
+
 def main(argv: list[str] | None = None) -> None:
-    # torch's own deprecation inside its export machinery (when the sentence embedder is
-    # traced on the first `rapport score`): nothing a user can act on
-    warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
+    quiet_libraries()
     ON_INTERRUPT.clear()
     try:
         code = cli.main(args=argv, prog_name="rapport", standalone_mode=False)
