@@ -138,13 +138,22 @@ class LearningData:
             f"""
             SELECT DISTINCT m.conversation_id AS id FROM messages m
             LEFT JOIN scoring s ON s.message_id = m.id
-            WHERE m.role = 'bot' AND (
-                s.message_id IS NULL OR s.scorer_version != ? OR s.fingerprint != {FINGERPRINT})
+            WHERE m.role = 'bot' AND {NEEDS_SCORING}
             ORDER BY m.conversation_id
             """,
             [scorer_version],
         )
         return [r["id"] for r in rows]
+
+    def turns_to_score(self, scorer_version: str) -> int:
+        """How many bot turns need scoring (what ``rapport score`` will score, less the
+        live conversations' turns the user has not answered yet)."""
+        rows = self._read(
+            f"""SELECT COUNT(*) AS n FROM messages m LEFT JOIN scoring s ON s.message_id = m.id
+            WHERE m.role = 'bot' AND {NEEDS_SCORING}""",
+            [scorer_version],
+        )
+        return rows[0]["n"]
 
     def conversation_ended(self, conversation_id: int) -> bool:
         rows = self._read("SELECT ended FROM conversations WHERE id = ?", [conversation_id])
@@ -178,26 +187,15 @@ class LearningData:
             )
             return cursor.rowcount
 
-    def bot_turn_count(self, conversation_ids: list[int]) -> int:
-        """How many bot turns these conversations have (what scoring them will score)."""
-        total = 0
-        for start in range(0, len(conversation_ids), 500):
-            chunk = conversation_ids[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            total += self._read(
-                f"SELECT COUNT(*) AS n FROM messages WHERE role = 'bot' "
-                f"AND conversation_id IN ({marks})",
-                chunk,
-            )[0]["n"]
-        return total
-
-    def conversation_turns(self, conversation_ids: list[int]) -> dict[int, list[dict]]:
+    def conversation_turns(
+        self, conversation_ids: list[int], scorer_version: str | None = None
+    ) -> dict[int, list[dict]]:
         """The messages of several conversations, in order, replaced replies too (with
         ``replaced_by``), each with its votes, its conversation's ``rating`` (the
         answers, () if unrated), ``created``, ``live`` (a chat, not an imported or
         simulated log: its times are real), ``unsafe`` (the safety filter withdrew it)
-        and the fingerprint the scorer records:
-        {conversation id: [message dicts]}."""
+        the fingerprint the scorer records, and ``needs_scoring`` by ``scorer_version``
+        (bot turns; None: score every one): {conversation id: [message dicts]}."""
         if not conversation_ids:
             return {}
         marks = ",".join("?" * len(conversation_ids))
@@ -209,16 +207,19 @@ class LearningData:
                  WHERE c.id = m.conversation_id) AS live,
                 (SELECT GROUP_CONCAT(value) FROM votes v WHERE v.message_id = m.id) AS votes,
                 {FINGERPRINT} AS fingerprint, {ENDED} AS ended,
-                json_extract(m.generation, '$.unsafe') IS NOT NULL AS unsafe
-            FROM messages m WHERE m.conversation_id IN ({marks})
+                json_extract(m.generation, '$.unsafe') IS NOT NULL AS unsafe,
+                {NEEDS_SCORING} AS needs_scoring
+            FROM messages m LEFT JOIN scoring s ON s.message_id = m.id
+            WHERE m.conversation_id IN ({marks})
             ORDER BY m.conversation_id, m.turn_index
             """,
-            conversation_ids,
+            [scorer_version or "", *conversation_ids],
         )
         turns: dict[int, list[dict]] = {cid: [] for cid in conversation_ids}
         for row in rows:
             row["votes"] = tuple(int(v) for v in row["votes"].split(",")) if row["votes"] else ()
             row["rating"] = tuple(int(v) for v in row["rating"].split(",")) if row["rating"] else ()
+            row["needs_scoring"] = scorer_version is None or bool(row["needs_scoring"])
             turns[row["conversation_id"]].append(row)
         return turns
 
@@ -407,14 +408,31 @@ ENDED = "(SELECT c.ended IS NOT NULL FROM conversations c WHERE c.id = m.convers
 # The conversation's end-of-chat rating answers, comma-separated (NULL if unrated).
 RATING = """(SELECT overall || ',' || fluency || ',' || diversity || ',' || relatedness
     || ',' || empathy FROM ratings g WHERE g.conversation_id = m.conversation_id)"""
-# A bot turn's surroundings, as SQL over ``messages m``: the conversation's length, end
-# and rating, and the turn's votes. Stored when the turn is scored; any change: score
-# it again.
+# The next message on the conversation's path after ``messages m`` (NULL: none yet):
+# whether the user answered a bot turn, and with what.
+NEXT_ON_PATH = """(SELECT x.id FROM messages x WHERE x.conversation_id = m.conversation_id
+    AND x.turn_index > m.turn_index AND x.replaced_by IS NULL ORDER BY x.turn_index LIMIT 1)"""
+# Whether ``messages m`` is its conversation's last bot turn on the path (the rating's).
+LAST_BOT = """(m.id = (SELECT x.id FROM messages x WHERE x.conversation_id = m.conversation_id
+    AND x.role = 'bot' AND x.replaced_by IS NULL ORDER BY x.turn_index DESC LIMIT 1))"""
+# A bot turn's surroundings, as SQL over ``messages m``: everything its signals read
+# that can change after it is logged (a reply to it or a retry of it, whether it is
+# the last bot turn of a rated conversation, the conversation's end while it is
+# unanswered, the rating, its votes). Stored when
+# the turn is scored; any change: score it again. A turn further back is not rescored
+# when a conversation grows (rewards/context.py: a signal reads the turn, what came
+# before it and the message after it).
 FINGERPRINT = f"""(
-    (SELECT COUNT(*) FROM messages x WHERE x.conversation_id = m.conversation_id) || ':' ||
+    COALESCE(m.replaced_by, '') || ':' || COALESCE({NEXT_ON_PATH}, '') || ':' ||
+    ({LAST_BOT} AND EXISTS (SELECT 1 FROM ratings g WHERE g.conversation_id = m.conversation_id))
+    || ':' ||
     (SELECT COUNT(*) || ',' || COALESCE(SUM(value), 0) || ',' || COALESCE(MAX(created), '')
-     FROM votes v WHERE v.message_id = m.id) || ':' || {ENDED} || ':' ||
+     FROM votes v WHERE v.message_id = m.id) || ':' || ({NEXT_ON_PATH} IS NULL AND {ENDED})
+    || ':' ||
     COALESCE((SELECT created FROM ratings g WHERE g.conversation_id = m.conversation_id), ''))"""
+# Whether bot turn ``messages m`` (LEFT JOIN ``scoring s``) needs scoring by scorer
+# version ``?``: never scored, scored by another version, or its surroundings changed.
+NEEDS_SCORING = f"(s.message_id IS NULL OR s.scorer_version != ? OR s.fingerprint != {FINGERPRINT})"
 
 
 @dataclass(frozen=True)

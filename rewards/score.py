@@ -5,11 +5,13 @@ Design
 1. :meth:`Store.conversations_to_score` lists conversations with a bot turn that was
    never scored, was scored by another scorer version, or whose surroundings changed
    since (a user reply or a vote arrived: the fingerprint differs).
-2. Those conversations are read in batches; every bot turn of a batch becomes a
-   :class:`~rewards.context.Context`; every signal scores the whole batch at once (each
-   utterance is embedded once); the raw values and the scoring marks are written in one
-   transaction. A kill loses at most the batch in flight, and a re-run picks up exactly
-   the turns not yet marked: no turn is scored twice.
+2. Those conversations are read in batches; every bot turn of a batch that needs it
+   becomes a :class:`~rewards.context.Context` (a turn whose surroundings did not change
+   keeps its values: a conversation that grew by one exchange rescores the turn the
+   user answered); every signal scores the whole batch at once (each utterance is
+   embedded once); the raw values and the scoring marks are written in one
+   transaction. A kill loses at most the batch in flight, and a re-run picks up
+   exactly the turns not yet marked: no turn is scored twice.
 3. The normalisation statistics are refitted over all scored turns and the ``combined``
    reward of every bot turn is rewritten (idempotent, so it is safe to redo).
 4. Once a reward model has been trained (``rapport reward-model train``), its
@@ -69,13 +71,11 @@ def contexts_of(turns: list[dict]) -> list[tuple[dict, Context]]:
             previous = turn
         if next_user is None and not ended and after is None and not replaced:
             continue  # the last turn of a live conversation: the user may still answer
-        rest = path[k + 1 :] if k is not None else []
         context = Context(
             bot=turn["text"],
             prev_user=prev_user,
             next_user=next_user,
             earlier_bot=tuple(earlier_bot),
-            user_turns_after=sum(t["role"] == "user" for t in rest),
             votes=turn["votes"],
             replaced=replaced,
             rating=tuple(turn.get("rating") or ()) if turn["id"] == last_bot else (),
@@ -128,11 +128,15 @@ def scorer_version(learned=None) -> str:
 def score_batch(store: Store, conversation_ids: list[int], learned=None) -> int:
     """Score every bot turn of these conversations that can be scored now and commit;
     return how many. A turn still waiting for the user's answer loses any older score."""
-    conversations = store.conversation_turns(conversation_ids).values()
+    version = scorer_version(learned)
+    conversations = store.conversation_turns(conversation_ids, version).values()
     pairs = [pair for turns in conversations for pair in contexts_of(turns)]
-    scored = {turn["id"] for turn, _ in pairs}
+    scorable = {turn["id"] for turn, _ in pairs}
     waiting = [t["id"] for ts in conversations for t in ts if t["role"] == "bot"]
-    store.clear_scores([m for m in waiting if m not in scored])
+    store.clear_scores([m for m in waiting if m not in scorable])
+    # the turns whose surroundings are as when they were scored keep their values: a
+    # long conversation that grows by one exchange costs one or two turns, not all
+    pairs = [(turn, context) for turn, context in pairs if turn["needs_scoring"]]
     if not pairs:
         return 0
     contexts = [context for _, context in pairs]
@@ -143,7 +147,7 @@ def score_batch(store: Store, conversation_ids: list[int], learned=None) -> int:
         (turn["id"], name, v[i]) for name, v in values.items() for i, (turn, _) in enumerate(pairs)
     ]
     fingerprints = {turn["id"]: turn["fingerprint"] for turn, _ in pairs}
-    store.save_scores(rows, fingerprints, scorer_version(learned))
+    store.save_scores(rows, fingerprints, version)
     return len(pairs)
 
 

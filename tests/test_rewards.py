@@ -324,7 +324,7 @@ class TestEngagement:
         """1 when the user answered this turn, 0 when the conversation ended with it; how
         many turns follow does not count (the learner's return sums the later ones)."""
         values = user_continued(
-            [Context("x", next_user="ok", user_turns_after=n) for n in (1, 5)] + [Context("x")]
+            [Context("x", next_user="ok"), Context("x", next_user="ok"), Context("x")]
         )
         assert values == [1.0, 1.0, 0.0]
 

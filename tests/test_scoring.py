@@ -16,6 +16,7 @@ import pytest
 from bot.config import Config
 from bot.corpora import CHITCHAT_PLATFORM, chitchat_conversations, chitchat_path
 from bot.store import Store
+from bot.store_ratings import RATING_QUESTIONS
 from rewards.combine import combine, fit_stats, z_score
 from rewards.score import contexts_of, score_store
 from rewards.suite import COMBINED, SCORER_VERSION, SIGNAL_NAMES
@@ -62,9 +63,9 @@ def test_contexts_link_each_bot_turn_to_the_user_turns_around_it(store):
     assert liked["id"] == ids["liked"] and last["id"] == ids["last"]
     assert c1.prev_user == "I just adopted a puppy!"
     assert c1.next_user == "hahaha a corgi, I love him so much"
-    assert c1.user_turns_after == 2 and c1.votes == (1,)
+    assert c1.votes == (1,)
     assert c2.earlier_bot == ("Congrats! What breed is your dog?",)
-    assert c3.next_user is None and c3.user_turns_after == 0
+    assert c3.next_user is None
 
 
 def test_scoring_stores_every_signal_and_a_combined_reward_that_ranks_reactions(store):
@@ -91,8 +92,7 @@ def test_score_progress_counts_bot_turns_not_conversations(store):
     store.add_message(short, "user", "hi")
     store.add_message(short, "bot", "hello")
     store.end_conversation(short, "quit")
-    pending = store.conversations_to_score(SCORER_VERSION)
-    assert store.bot_turn_count(pending) == 4
+    assert store.turns_to_score(SCORER_VERSION) == 4
     config = Config()
     config.scoring.batch_conversations = 1
     steps: list[int] = []
@@ -153,13 +153,58 @@ def test_scoring_is_incremental_and_rescoring_follows_new_replies_and_votes(stor
     conv = store.message(ids["last"]).conversation_id
     store.add_message(conv, "user", "lol yes they are 😂")  # a reply to the last bot turn
     assert store.rewards(ids["last"])["user_laughter"] == 0.0
-    assert score_store(store, Config()).bot_turns == 3
+    assert score_store(store, Config()).bot_turns == 1  # the turn it answers, no other
     assert store.rewards(ids["last"])["user_laughter"] == 1.0
     store.vote(ids["last"], user, 1)
     score_store(store, Config())
     assert store.rewards(ids["last"])["manual_vote"] == 1.0
     rows = store.db.execute("SELECT COUNT(*) FROM rewards").fetchone()[0]
     assert rows == 3 * (len(SIGNAL_NAMES) + 1)
+
+
+def test_a_growing_conversation_rescores_only_the_turns_it_changes_and_ends_as_from_scratch(
+    store,
+):
+    """A live chat scored after every event, as `rapport score` on a timer sees it:
+    each exchange rescores the turn it answers (and the new one once answered), not
+    the whole conversation; a retry, a vote, the end and a rating rescore the turns
+    they touch. At the end every turn's values equal one scoring from scratch."""
+    user = store.ensure_user("discord", "ann")
+    conv = store.start_conversation(user, "discord")
+    store.add_message(conv, "user", "hi there")
+    bot = [store.add_message(conv, "bot", "Hello! How was your day?")]
+    rescored = []
+    for k in range(8):  # each user reply answers the last bot turn, then a new one waits
+        store.add_message(conv, "user", ["great haha", "ugh, boring", "lol 😂"][k % 3])
+        bot.append(store.add_message(conv, "bot", f"Tell me more about part {k}?"))
+        rescored.append(score_store(store, Config()).bot_turns)
+    assert rescored == [1] * 8  # was the whole conversation: 1, 2, ..., 8
+    retry = store.add_message(conv, "bot", "What made it great?", replaces=bot[-1])
+    assert score_store(store, Config()).bot_turns == 1  # the replaced one: its retry answered
+    store.vote(bot[3], user, 1)
+    assert score_store(store, Config()).bot_turns == 1
+    store.add_message(conv, "user", "the weather, haha")
+    assert score_store(store, Config()).bot_turns == 1  # the kept reply, answered
+    last = store.add_message(conv, "bot", "Sunny days are the best.")
+    store.end_conversation(conv, "quit")
+    assert score_store(store, Config()).bot_turns == 1  # the user left after it
+    store.rate(conv, user, dict.fromkeys(RATING_QUESTIONS, 4))
+    assert score_store(store, Config()).bot_turns == len(bot) + 2  # the rating: every turn
+    assert store.rewards(last)["user_rating"] != 0.0
+
+    def values() -> dict[int, dict[str, float]]:
+        rows = store.db.execute("SELECT message_id, name, value FROM rewards").fetchall()
+        out: dict[int, dict[str, float]] = {}
+        for message_id, name, value in rows:
+            out.setdefault(message_id, {})[name] = value
+        return out
+
+    incremental = values()
+    assert set(incremental) == {*bot, retry, last}
+    store.db.execute("DELETE FROM rewards")
+    store.db.execute("DELETE FROM scoring")
+    assert score_store(store, Config()).bot_turns == len(bot) + 2
+    assert values() == incremental
 
 
 def corpus_counts() -> tuple[int, int]:

@@ -263,8 +263,7 @@ def _score(store: Store, config: Config, learned=None):
     """``rewards.score.score_store`` with a bar counting bot turns."""
     from rewards.score import score_store, scorer_version
 
-    pending = store.conversations_to_score(scorer_version(learned))
-    with progress(store.bot_turn_count(pending), "scoring bot turns") as bar:
+    with progress(store.turns_to_score(scorer_version(learned)), "scoring bot turns") as bar:
         return score_store(store, config, progress=bar.update, learned=learned)
 
 
