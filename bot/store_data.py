@@ -146,11 +146,12 @@ class LearningData:
         return [r["id"] for r in rows]
 
     def turns_to_score(self, scorer_version: str) -> int:
-        """How many bot turns need scoring (what ``rapport score`` will score, less the
-        live conversations' turns the user has not answered yet)."""
+        """How many bot turns ``rapport score`` will score now: those that need it, less
+        the last turn of a live conversation that the user has not answered yet."""
         rows = self._read(
             f"""SELECT COUNT(*) AS n FROM messages m LEFT JOIN scoring s ON s.message_id = m.id
-            WHERE m.role = 'bot' AND {NEEDS_SCORING}""",
+            WHERE m.role = 'bot' AND {NEEDS_SCORING} AND NOT (
+                m.replaced_by IS NULL AND {NEXT_ON_PATH} IS NULL AND NOT {ENDED})""",
             [scorer_version],
         )
         return rows[0]["n"]

@@ -177,7 +177,9 @@ def test_a_growing_conversation_rescores_only_the_turns_it_changes_and_ends_as_f
     for k in range(8):  # each user reply answers the last bot turn, then a new one waits
         store.add_message(conv, "user", ["great haha", "ugh, boring", "lol 😂"][k % 3])
         bot.append(store.add_message(conv, "bot", f"Tell me more about part {k}?"))
+        announced = store.turns_to_score(SCORER_VERSION)  # the progress bar's total
         rescored.append(score_store(store, Config()).bot_turns)
+        assert announced == rescored[-1]
     assert rescored == [1] * 8  # was the whole conversation: 1, 2, ..., 8
     retry = store.add_message(conv, "bot", "What made it great?", replaces=bot[-1])
     assert score_store(store, Config()).bot_turns == 1  # the replaced one: its retry answered
