@@ -43,7 +43,8 @@ class LearningData:
         created = now()
         values = [(int(m), str(n), float(v), str(s), created) for m, n, v, s in rows]
         with self._write() as db:
-            values = [v for v in values if v[0] in _present(db, {v[0] for v in values})]
+            present = _present(db, {v[0] for v in values})  # once: it was once per row
+            values = [v for v in values if v[0] in present]
             db.conn.executemany(UPSERT_REWARD, values)
         return len(values)
 

@@ -227,6 +227,29 @@ def test_exactly_one_model_is_deployed(store):
     assert store.db["training_runs"].get(run)["status"] == "done"
 
 
+def test_rewriting_every_combined_reward_reads_the_store_once_per_500_turns(store):
+    """Found by the 60-minute soak: the refit's write transaction asked which turns
+    still exist once per row (quadratic), so on a log of 5,000 bot turns `rapport score`
+    held the write lock for tens of seconds and the bot's own writes timed out
+    ("database is locked"). The statements inside that transaction grow with the rows
+    500 at a time."""
+    user = store.ensure_user("t", "ann")
+    conversation = store.start_conversation(user, "t")
+    ids = []
+    for k in range(1200):
+        store.add_message(conversation, "user", f"hi {k}")
+        ids.append(store.add_message(conversation, "bot", f"hello {k}"))
+    statements: list[str] = []
+    store.db.conn.set_trace_callback(statements.append)
+    try:
+        assert store.set_rewards([(m, "combined", 0.5, "s1") for m in ids]) == 1200
+    finally:
+        store.db.conn.set_trace_callback(None)
+    reads = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
+    assert len(reads) == 3  # 1,200 ids in chunks of 500
+    assert store.rewards(ids[-1]) == {"combined": 0.5}
+
+
 def test_scores_of_turns_forgotten_while_scoring_are_skipped(store):
     """Found by bench/soak.py: `rapport score` read a conversation, its user's /forget
     deleted it, and saving the scores failed on the foreign key, stopping the run."""
