@@ -268,7 +268,26 @@ def check_health(soak, out: Outcome) -> None:
     out.measures.update(stall_max=worst, stall_p99=p99, rss_growth=growth, events=events)
     out.add("events dispatched", f"{events:,} in {soak.seconds:.0f} s")
     out.add("handler exceptions", f"{len(soak.errors)}", "0", not soak.errors)
-    out.add("apologies sent (failed replies or retries)", f"{len(soak.apologies)}")
+    # a reply that failed (the store locked or refused it) is a lost answer; a refused
+    # retry of an older reply and the safety filter's fallback are the bot's rules
+    kinds = {"failed replies": 0, "refused retries": 0, "safety fallbacks": 0}
+    for content in soak.apologies:
+        if content.startswith("Sorry, I couldn't answer that"):
+            kinds["failed replies"] += 1
+        elif content.startswith("I can't retry that"):
+            kinds["refused retries"] += 1
+        else:
+            kinds["safety fallbacks"] += 1
+    out.measures["failed_replies"] = kinds["failed replies"]
+    failed = [a for a in soak.apologies if a.startswith("Sorry, I couldn't answer that")]
+    out.add(
+        "replies failed / retries refused / safety fallbacks",
+        " / ".join(f"{n:,}" for n in kinds.values()),
+        "0 failed",
+        not failed,
+    )
+    for content in failed[:3]:
+        out.failures.append(f"a reply failed: {content[:200]}")
     out.add(
         "`rapport score` runs (median s)", f"{len(soak.score_runs)} ({median(soak.score_runs):.1f})"
     )
