@@ -210,18 +210,21 @@ class LearningData:
                 (SELECT GROUP_CONCAT(value) FROM votes v WHERE v.message_id = m.id) AS votes,
                 {FINGERPRINT} AS fingerprint, {ENDED} AS ended,
                 json_extract(m.generation, '$.unsafe') IS NOT NULL AS unsafe,
-                {NEEDS_SCORING} AS needs_scoring
+                s.scorer_version AS scored_version, s.fingerprint AS scored_fingerprint
             FROM messages m LEFT JOIN scoring s ON s.message_id = m.id
             WHERE m.conversation_id IN ({marks})
             ORDER BY m.conversation_id, m.turn_index
             """,
-            [scorer_version or "", *conversation_ids],
+            conversation_ids,
         )
         turns: dict[int, list[dict]] = {cid: [] for cid in conversation_ids}
         for row in rows:
             row["votes"] = tuple(int(v) for v in row["votes"].split(",")) if row["votes"] else ()
             row["rating"] = tuple(int(v) for v in row["rating"].split(",")) if row["rating"] else ()
-            row["needs_scoring"] = scorer_version is None or bool(row["needs_scoring"])
+            # as NEEDS_SCORING, from the fingerprint already read
+            scored = (row.pop("scored_version"), row.pop("scored_fingerprint"))
+            row["needs_scoring"] = scored != (scorer_version, row["fingerprint"])
+            row["needs_scoring"] |= scorer_version is None
             turns[row["conversation_id"]].append(row)
         return turns
 
