@@ -64,6 +64,7 @@ from bench.soak_checks import (  # noqa: E402
     print_table,
     rss_mib,
 )
+from bot.loop.cli import quiet_libraries  # noqa: E402
 
 VOTE_EMOJI = ("👍", "👎")
 RETRY = "🔁"
@@ -481,6 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--since", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--score-every", type=float, default=15.0, help="seconds")
     args = parser.parse_args(argv)
+    quiet_libraries()  # as `rapport` itself: the operator's first score warned (LeafSpec)
     if args.operator is not None:
         operator(args.operator, args.since, args.score_every, gate=not args.no_gate)
         return 0

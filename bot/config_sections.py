@@ -268,9 +268,16 @@ class DiscordConfig:
         "Messages a user may send the bot per minute before being asked to slow down.", 6
     )
     sharded: bool = _help("Use AutoShardedClient (for bots in many servers).", False)
+    replies_at_once: int = _help(
+        "Replies generated at the same time; later ones wait their turn (the typing "
+        "indicator shows meanwhile). On a CPU more at once only slows each one and "
+        "starves the event loop.",
+        1,
+    )
 
     def validate(self) -> None:
         require(self.idle_minutes >= 1, "discord.idle_minutes must be >= 1")
+        require(self.replies_at_once >= 1, "discord.replies_at_once must be >= 1")
         require(self.rate_limit_per_minute >= 1, "discord.rate_limit_per_minute must be >= 1")
         for part in self.allowed_channels.split(","):
             require(

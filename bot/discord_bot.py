@@ -10,7 +10,10 @@ Design
   message-content intent (Discord sends the content of DMs and mentions); with the
   intent configured it is requested. Messages from bots, itself included, are ignored.
 - One session per (channel, user), ended after ``idle_minutes`` without a message. A
-  per-session lock keeps one user's messages in order.
+  per-session lock keeps one user's messages in order. At most ``replies_at_once``
+  replies are generated at a time (default 1); the rest wait, typing, in arrival order:
+  on a CPU, parallel generations only share the cores and, each holding the GIL in
+  turn for its per-token Python, kept the event loop waiting (found by bench/soak.py).
 - A reply longer than Discord's 2,000 characters is split at paragraph, line, sentence
   or word boundaries and sent as several messages, logged as one bot turn; every part is
   linked to that turn in the store, so a reaction on any part is a vote. 👍, 👎 and 🔁
@@ -140,6 +143,9 @@ class RapportHandlers:
         self.limiter = RateLimiter(config.rate_limit_per_minute)
         self.conversations: dict[tuple[int, int], Conversation] = {}
         self.vote_lock = asyncio.Lock()
+        # generation slots: five reply threads at once each held the GIL in turn and the
+        # loop waited behind them all (122 ms stalls in bench/soak.py's hour, py-spy --gil)
+        self.writing = asyncio.Semaphore(config.replies_at_once)
         self.tree = app_commands.CommandTree(self)
         register_commands(self)
 
@@ -209,7 +215,7 @@ class RapportHandlers:
         async with self.held(message.channel.id, message.author.id) as conversation:
             conversation.channel = message.channel
             try:
-                async with message.channel.typing():
+                async with message.channel.typing(), self.writing:
                     reply = await asyncio.to_thread(conversation.session.respond, text)
             except RapportError as e:
                 log.error("reply failed in channel %s: %s", message.channel.id, e)
@@ -285,7 +291,7 @@ class RapportHandlers:
             if conversation.channel is None:
                 return  # no message of theirs seen since the conversation started
             try:
-                async with conversation.channel.typing():
+                async with conversation.channel.typing(), self.writing:
                     reply = await asyncio.to_thread(conversation.session.retry, None, message_id)
             except RapportError as e:
                 await conversation.channel.send(f"I can't retry that: {e}")

@@ -483,3 +483,45 @@ def test_a_new_users_quick_messages_are_answered_and_logged_in_the_order_sent(st
         ("bot", "two back"),
     ]
     assert len(made) == 1  # one session for the conversation
+
+
+def test_replies_are_generated_one_at_a_time_by_default_in_the_order_asked(store):
+    """Found by bench/soak.py: five reply threads at once held the GIL in turn and the
+    event loop waited behind them (122 ms); on a CPU they only shared its cores."""
+    running, most, order = [], [], []
+
+    class Counting(ScriptedPolicy):
+        def stream(self, turns, finish=None):
+            running.append(turns[-1].text)
+            most.append(len(running))
+            time.sleep(0.05)
+            order.append(running.pop())
+            yield f"back to {turns[-1].text}"
+
+    def burst(**settings):
+        running.clear(), most.clear(), order.clear()
+        client = client_for(store, Counting(), **settings)
+        channels = [fake_channel(dm=True) for _ in range(4)]
+        users = [fake_user() for _ in range(4)]
+
+        async def go():
+            tasks = []
+            for i, (channel, user) in enumerate(zip(channels, users, strict=True)):
+                tasks.append(
+                    asyncio.create_task(client.on_message(fake_message(f"m{i}", user, channel)))
+                )
+                await asyncio.sleep(0.005)  # in this order
+            await asyncio.gather(*tasks)
+
+        asyncio.run(go())
+        return [c.sent[-1].content for c in channels]
+
+    assert burst() == [f"back to m{i}" for i in range(4)]
+    assert max(most) == 1 and order == ["m0", "m1", "m2", "m3"]
+    assert burst(replies_at_once=2) == [f"back to m{i}" for i in range(4)]
+    assert max(most) == 2  # the setting is the bound, not a lock by another name
+
+
+def test_replies_at_once_below_one_is_refused():
+    with pytest.raises(Exception, match="discord.replies_at_once must be >= 1"):
+        DiscordConfig(replies_at_once=0).validate()
