@@ -42,6 +42,7 @@ import contextlib
 import gc
 import logging
 import os
+import sys
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -420,12 +421,21 @@ def read_token(config: DiscordConfig, environ: dict | None = None) -> str:
     return token
 
 
+# How long a thread may hold the GIL before one waiting for it asks for it (CPython's
+# default: 5 ms). The event loop waits behind the reply's worker and the database
+# threads in turn, a round each: at 5 ms, 85-106 ms stalls in bench/soak.py's hour, all
+# waiting for the GIL (one reply generated at a time).
+SWITCH_INTERVAL_S = 0.001
+
+
 def settle_memory() -> None:
-    """Move everything loaded so far (torch, transformers, the model: millions of
-    objects) out of the garbage collector's view. Otherwise each full collection walks
-    them all on the event loop: 370 ms stalls in ``bench/soak.py``; after this, a few."""
+    """Ready the process to serve: move everything loaded so far (torch, transformers,
+    the model: millions of objects) out of the garbage collector's view, or each full
+    collection walks them all on the event loop (370 ms stalls in ``bench/soak.py``;
+    after this, a few); and hand the GIL on sooner (``SWITCH_INTERVAL_S``)."""
     gc.collect()
     gc.freeze()
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
 
 
 def run_discord(
