@@ -7,6 +7,9 @@ the engagement ensemble (whether the user continued); each candidate is scored a
 those models score a logged bot turn (the user turn it answers and the reply, rendered
 with the safe chat template: text a user typed as a control token stays text).
 
+The members rank in bf16 where the CPU computes it natively (a person waits for the
+ranking; :func:`rewards.learned_reward.ranking_dtype`), and score the logs in fp32.
+
 The choice is pessimistic: mean − caution × spread across the ensemble's members, so a
 reply the members disagree on is not chosen for one member's lucky high score. An empty
 candidate (a reply that was only template debris) is never chosen.
@@ -17,10 +20,13 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import torch
+
 from rewards.learned_reward import (
     TARGETS,
     RewardEnsemble,
     latest_reward_model,
+    ranking_dtype,
     reward_messages,
 )
 
@@ -30,8 +36,10 @@ class RewardRanker:
     ``folders``: with a vote model and an engagement model both, the mean of their
     (z-scored) means and the root mean square of their spreads."""
 
-    def __init__(self, *folders: Path) -> None:
-        self.ensembles = [RewardEnsemble(folder) for folder in folders]
+    def __init__(self, *folders: Path, dtype: torch.dtype | None = None) -> None:
+        """``dtype``: the members' weights (default :func:`ranking_dtype`)."""
+        dtype = dtype or ranking_dtype()
+        self.ensembles = [RewardEnsemble(folder, dtype=dtype) for folder in folders]
 
     @property
     def ensemble(self) -> RewardEnsemble:

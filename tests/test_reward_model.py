@@ -17,7 +17,7 @@ from learner.reward_model import (
     train_reward_model,
     voted_replies,
 )
-from rewards.learned_reward import reward_messages
+from rewards.learned_reward import ranking_dtype, reward_messages
 from rewards.rank import RewardRanker
 from tests.conftest import run_rapport
 
@@ -116,6 +116,14 @@ def test_ensemble_ranks_held_out_pairs_above_chance_and_reports_spread(
     assert ranker is not None and ranker.version == info["id"]
     scores = ranker("how was your day?", ["it was lovely", "it was awful"])
     assert scores[0][0] > scores[1][0] and all(spread >= 0 for _, spread in scores)
+    # it ranks in the CPU's fast precision; the scores are the fp32 ensemble's to its
+    # rounding (z-units)
+    assert ranker.ensemble.members[0].dtype == ranking_dtype()
+    exact = RewardRanker(ranker.ensemble.folder, dtype=torch.float32)
+    replies = ["it was lovely", "it was awful", "great, thanks!", "terrible", "ok I guess"]
+    fast, slow = ranker("how was your day?", replies), exact("how was your day?", replies)
+    assert max(abs(f[0] - s[0]) for f, s in zip(fast, slow, strict=True)) < 0.1
+    assert max(abs(f[1] - s[1]) for f, s in zip(fast, slow, strict=True)) < 0.1
     seen = []
     member = ranker.ensemble.members[0]
     forward = member.forward
@@ -244,3 +252,10 @@ def test_an_engagement_model_learns_who_goes_on_talking_and_beats_the_base_rate(
     assert ranker is not None and ranker.version == folder.name
     scores = ranker("any plans?", ["it was lovely", "it was awful"])
     assert scores[0][0] > scores[1][0]
+
+
+def test_ranking_uses_bf16_only_where_the_cpu_computes_it_natively(monkeypatch):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert ranking_dtype() == torch.float32  # emulated bf16 is slower than fp32
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert ranking_dtype() == torch.bfloat16
