@@ -23,7 +23,7 @@ Loopback only, bounded in time. What runs:
   its wait for a core (``/proc/thread-self/schedstat``: the machine's load), the
   collector's pauses inside it (any thread's: a collection holds the GIL), and the rest
   (waiting for the GIL that a worker thread held). The bot's startup ends as
-  ``rapport discord``'s does, with :func:`bot.discord_bot.settle_memory`.
+  ``rapport discord``'s does, with :func:`bot.discord_bot.settle_for_serving`.
 
 Checked at the end (:mod:`bench.soak_checks`): every turn sent is stored exactly once
 unless its user forgot it, in the order sent; each stored turn has its reply; votes in
@@ -142,7 +142,7 @@ class Soak:
     def setup(self) -> None:
         """Two tiny model versions, the store, the client, the users; warm the scorer."""
         from bot.config import DiscordConfig, load_config
-        from bot.discord_bot import make_client, settle_memory
+        from bot.discord_bot import make_client, settle_for_serving
         from bot.loop.registry import DeployedPolicy
         from bot.store import Store
         from tests.discord_fakes import fake_client_user, fake_user
@@ -161,7 +161,7 @@ class Soak:
         self.client = make_client(self.store, self.policy_source, discord_config)
         self.client._connection.user = fake_client_user()
         warm_scorer()
-        settle_memory()  # as run_discord does before it connects
+        settle_for_serving()  # as run_discord does before it connects
         shared = self.channel(dm=False)
         rng = random.Random(self.seed)
         self.users = [

@@ -270,19 +270,13 @@ def check_health(soak, out: Outcome) -> None:
     out.add("handler exceptions", f"{len(soak.errors)}", "0", not soak.errors)
     # a reply that failed (the store locked or refused it) is a lost answer; a refused
     # retry of an older reply and the safety filter's fallback are the bot's rules
-    kinds = {"failed replies": 0, "refused retries": 0, "safety fallbacks": 0}
-    for content in soak.apologies:
-        if content.startswith("Sorry, I couldn't answer that"):
-            kinds["failed replies"] += 1
-        elif content.startswith("I can't retry that"):
-            kinds["refused retries"] += 1
-        else:
-            kinds["safety fallbacks"] += 1
-    out.measures["failed_replies"] = kinds["failed replies"]
     failed = [a for a in soak.apologies if a.startswith("Sorry, I couldn't answer that")]
+    refused = sum(a.startswith("I can't retry that") for a in soak.apologies)
+    fallbacks = len(soak.apologies) - len(failed) - refused
+    out.measures["failed_replies"] = len(failed)
     out.add(
         "replies failed / retries refused / safety fallbacks",
-        " / ".join(f"{n:,}" for n in kinds.values()),
+        f"{len(failed):,} / {refused:,} / {fallbacks:,}",
         "0 failed",
         not failed,
     )

@@ -428,7 +428,7 @@ def read_token(config: DiscordConfig, environ: dict | None = None) -> str:
 SWITCH_INTERVAL_S = 0.001
 
 
-def settle_memory() -> None:
+def settle_for_serving() -> None:
     """Ready the process to serve: move everything loaded so far (torch, transformers,
     the model: millions of objects) out of the garbage collector's view, or each full
     collection walks them all on the event loop (370 ms stalls in ``bench/soak.py``;
@@ -444,7 +444,7 @@ def run_discord(
     """Connect and serve until interrupted; errors are one line without the token."""
     token = read_token(config)
     client = make_client(store, policy_source, config, safety)
-    settle_memory()
+    settle_for_serving()
 
     async def main() -> None:
         async with client:
