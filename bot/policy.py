@@ -187,6 +187,36 @@ class Int8WeightLinear(torch.nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+def native_bf16() -> bool:
+    """Whether bf16 matmuls are faster than fp32 here: on CUDA, and on CPUs with bf16 in
+    hardware (AVX512-BF16 or AMX). Elsewhere oneDNN still runs bf16 (and
+    ``torch.ops.mkldnn._is_mkldnn_bf16_supported()`` says so) by converting to fp32 and
+    back: a (64 x 576) @ (576 x 1536) matmul took 5.3 ms in bf16 vs 2.4 ms in fp32 on an
+    Intel Xeon with AVX512 but no AVX512-BF16, where the AMD EPYC with AVX512-BF16 ran
+    bf16 several times faster than fp32 (bench/RESULTS.md)."""
+    if torch.cuda.is_available():
+        return True
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux lists them (empty elsewhere: then fp32)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def batch_precision() -> str:
+    """The precision that batched generation and forwards (self-play, ``rapport eval``,
+    the gate, the learning bench) run in: bf16 where it is native (:func:`native_bf16`),
+    fp32 where bf16 would be emulated and slower."""
+    return "bf16" if native_bf16() else "fp32"
+
+
 def prepare_for_serving(model, precision: str):
     """The serving copy of ``model`` on CPU: int8 weights (bf16 compute), bf16 or fp32.
 
@@ -251,6 +281,60 @@ def sample_next(
         choice = torch.multinomial(top / top.sum(), 1, generator=generator)
         return int(order[choice])
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def sample_rows(
+    logits: torch.Tensor,  # (B, V) scores for each row's next token, penalties applied
+    settings: Settings,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One token per row, as :func:`sample_next` picks it (temperature, then top-p
+    found within the top ``NUCLEUS_SEARCH`` tokens, the full sort only for a row whose
+    nucleus lies beyond them): (B,) token ids. Batched self-play samples with it; the
+    library's top-p sorts the whole vocabulary of every row, which on 2 CPU cores took
+    longer (~160 ms for 64 rows, plus ~95 ms for a multinomial over 49,152 tokens) than
+    the model's own decode step (~250 ms). A single row draws the same token as
+    :func:`sample_next` from the same generator state."""
+    logits = logits.float()
+    if settings.temperature == 0:
+        return torch.argmax(logits, dim=-1)
+    probs = torch.softmax(logits / settings.temperature, dim=-1)
+    if settings.top_p >= 1.0:
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    top, order = torch.topk(probs, min(NUCLEUS_SEARCH, probs.shape[-1]), dim=-1)
+    short = top.sum(-1) < settings.top_p  # rows whose nucleus goes past the top k
+    if not short.any():
+        return _nucleus(top, order, settings.top_p, generator)
+    tokens = torch.empty(len(probs), dtype=torch.long, device=probs.device)
+    if (~short).any():
+        tokens[~short] = _nucleus(top[~short], order[~short], settings.top_p, generator)
+    full, full_order = torch.sort(probs[short], descending=True)
+    tokens[short] = _nucleus(full, full_order, settings.top_p, generator)
+    return tokens
+
+
+def _nucleus(top, order, top_p: float, generator) -> torch.Tensor:
+    """Sample each row among its tokens (sorted by probability) whose preceding mass is
+    below ``top_p`` (the first always stays)."""
+    top = top * (torch.cumsum(top, dim=-1) - top < top_p)
+    choice = torch.multinomial(top / top.sum(-1, keepdim=True), 1, generator=generator)
+    return order.gather(-1, choice)[:, 0]
+
+
+class NucleusSampling:
+    """A logits processor for the library's ``generate(do_sample=False)``: it samples
+    each row with :func:`sample_rows` and leaves only the sampled token finite, so the
+    greedy pick is the sample (the library's own warpers and multinomial never run).
+    The library's repetition penalty runs before it, as in :func:`sample_next`."""
+
+    def __init__(self, settings: Settings, generator: torch.Generator | None = None):
+        self.settings, self.generator = settings, generator
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        tokens = sample_rows(scores, self.settings, self.generator)
+        picked = torch.full_like(scores, float("-inf"))
+        picked.scatter_(-1, tokens[:, None], 0.0)
+        return picked
 
 
 class Policy:

@@ -333,13 +333,30 @@ def build_dataset(
     return Dataset(train, val, meta)
 
 
+def window_key(window: Window) -> tuple:
+    """What the prior's cached statistics of a window depend on: its tokens and which of
+    them are trained actions (not its rewards)."""
+    return tuple(window.input_ids), tuple(window.mask)
+
+
 @torch.no_grad()
-def add_prior_logprobs(dataset: Dataset, prior, batch_size: int = 8, progress=None) -> None:
+def add_prior_logprobs(
+    dataset: Dataset, prior, batch_size: int = 8, progress=None, known: dict | None = None
+) -> None:
     """Cache the prior's log p(a_t|s_t) of every logged action and its log-partition
     b(s_t) and max log-probability of every state (none of them ever changes).
-    ``progress(k)`` is called after every k windows."""
+    ``known`` maps :func:`window_key` to a window already prepared with the same prior
+    (another reward's dataset of the same logs): its statistics are copied, not
+    recomputed. ``progress(k)`` is called after every k windows."""
     device = next(prior.parameters()).device
     for windows in (dataset.train, dataset.val):
+        done = [w for w in windows if window_key(w) in (known or {})]
+        for w in done:
+            same = known[window_key(w)]
+            w.logp, w.prior_lse, w.prior_max = same.logp, same.prior_lse, same.prior_max
+        if progress and done:
+            progress(len(done))
+        windows = [w for w in windows if window_key(w) not in (known or {})]
         for start in range(0, len(windows), batch_size):
             chunk = windows[start : start + batch_size]
             batch = collate(chunk, pad_id=0)

@@ -86,11 +86,19 @@ def bootstrap(
     items: Sequence, statistic: Callable[[Sequence], float], seed: int, resamples: int = 1000
 ) -> tuple[float, float]:
     """95% percentile interval of ``statistic`` over resamples of ``items``."""
+    return _percentiles([statistic(sample) for sample in _resamples(items, seed, resamples)])
+
+
+def _resamples(items: Sequence, seed: int, resamples: int):
+    """``resamples`` seeded resamples of ``items`` with replacement, each as long."""
     rng = random.Random(seed)
-    values = sorted(
-        statistic([items[rng.randrange(len(items))] for _ in items]) for _ in range(resamples)
-    )
-    return values[int(0.025 * resamples)], values[int(0.975 * resamples) - 1]
+    for _ in range(resamples):
+        yield [items[rng.randrange(len(items))] for _ in items]
+
+
+def _percentiles(values: list[float]) -> tuple[float, float]:
+    values = sorted(values)
+    return values[int(0.025 * len(values))], values[int(0.975 * len(values)) - 1]
 
 
 # Columns that count distinct replies or n-grams: a resample with duplicates biases them.
@@ -100,26 +108,37 @@ SET_COLUMNS = ("distinct_1", "distinct_2", "repeated_replies")
 def jackknife(items: Sequence, statistic: Callable[[Sequence], float]) -> tuple[float, float]:
     """95% normal interval of ``statistic`` from its leave-one-out values: the point
     ± 1.96 jackknife standard errors (it always holds the point)."""
-    point = statistic(items)
-    n = len(items)
+    loo = [statistic([x for j, x in enumerate(items) if j != i]) for i in range(len(items))]
+    return _jackknife_interval(statistic(items), loo)
+
+
+def _jackknife_interval(point: float, loo: list[float]) -> tuple[float, float]:
+    n = len(loo)
     if n < 2:
         return point, point
-    loo = [statistic([x for j, x in enumerate(items) if j != i]) for i in range(n)]
     mean = sum(loo) / n
     se = math.sqrt((n - 1) / n * sum((v - mean) ** 2 for v in loo))
     return point - 1.96 * se, point + 1.96 * se
 
 
 def intervals(measures: Sequence[dict], seed: int, resamples: int = 200) -> dict:
-    """{column: {"value", "low", "high"}} for a set of conversations' measures."""
+    """{column: {"value", "low", "high"}} for a set of conversations' measures.
+
+    Every column is read from the same resamples (one :func:`columns_of` per resample,
+    not one per column and resample: the same intervals as bootstrapping each column on
+    its own with ``seed``, ~20x fewer passes), and the replies are split into words once.
+    """
+    measures = [{**m, "words": [words(r) for r in m["replies"]]} for m in measures]
     values = columns_of(measures)
+    boot = [columns_of(sample) for sample in _resamples(measures, seed, resamples)]
+    n = len(measures)
+    loo = [columns_of(measures[:i] + measures[i + 1 :]) for i in range(n)] if n > 1 else []
     table = {}
     for column in COLUMNS:
-        statistic = lambda ms, c=column: columns_of(ms)[c]  # noqa: E731
         if column in SET_COLUMNS:
-            low, high = jackknife(measures, statistic)
+            low, high = _jackknife_interval(values[column], [v[column] for v in loo])
         else:
-            low, high = bootstrap(measures, statistic, seed, resamples=resamples)
+            low, high = _percentiles([v[column] for v in boot])
         table[column] = {"value": values[column], "low": low, "high": high}
     return table
 
@@ -193,7 +212,7 @@ def measures_of(
 def columns_of(measures: Sequence[dict]) -> dict[str, float]:
     """Every column for a set of conversations (used for the value and its bootstrap)."""
     replies = [r for m in measures for r in m["replies"]]
-    tokens = [words(r) for r in replies]
+    tokens = [t for m in measures for t in (m.get("words") or map(words, m["replies"]))]
     out = {"combined": _mean([c for m in measures for c in m["combined"]])}
     for name in SIGNAL_NAMES:
         out[name] = _mean([v for m in measures for v in m["signals"][name]])

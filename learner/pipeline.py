@@ -13,6 +13,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from pickle import UnpicklingError
 
 from transformers import AutoTokenizer
 
@@ -23,7 +24,13 @@ from bot.store import Store
 from bot.store_data import Selection
 from learner import runs as runs_on_disk
 from learner.config import TRL, TrainConfig
-from learner.data import Dataset, add_prior_logprobs, build_dataset, normalise_rewards
+from learner.data import (
+    Dataset,
+    add_prior_logprobs,
+    build_dataset,
+    normalise_rewards,
+    window_key,
+)
 from learner.train import TrainingError, free_memory_ok, prepare_models, train
 
 
@@ -59,14 +66,31 @@ def prepare_dataset(
     if (folder / "windows.pt").exists():
         return Dataset.load(folder)
     windows = len(dataset.train) + len(dataset.val)
+    known = prepared_windows(folder.parent, _prior_key(prior_path))
     with progress(windows, "preparing data (the prior's log-probabilities, once)") as bar:
-        add_prior_logprobs(dataset, prior, progress=bar.update)
+        add_prior_logprobs(dataset, prior, progress=bar.update, known=known)
     dataset.meta["prior"] = str(prior_path)
     dataset.meta["folder"] = str(folder)
     dataset.meta["reward"] = config.reward
     dataset.meta["reward_stats"] = reward_stats
     dataset.save(folder)
     return dataset
+
+
+def prepared_windows(datasets: Path, prior_key: str) -> dict:
+    """{window_key: window} of every dataset already prepared with this prior: the same
+    logs scored with another reward give the same windows, whose prior statistics do not
+    depend on the reward (so a second reward's preparation costs no prior forward). A
+    damaged dataset is skipped (it is rebuilt when its own reward is trained)."""
+    known = {}
+    for path in sorted(datasets.glob(f"*-{prior_key}/windows.pt")):
+        try:
+            prepared = Dataset.load(path.parent)
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError, EOFError, UnpicklingError):
+            continue
+        if prepared.meta.get("prior_logprobs"):
+            known.update((window_key(w), w) for w in prepared.train + prepared.val)
+    return known
 
 
 def _prior_key(prior_path: Path) -> str:

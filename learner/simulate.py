@@ -27,9 +27,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
+from transformers import LogitsProcessorList
 
 from bot.corpora import chitchat_conversations
-from bot.policy import Settings, clean_reply
+from bot.policy import NucleusSampling, Settings, clean_reply
 from bot.prompt import Turn, build_prompt
 from bot.safety import SafetyFilter
 from bot.store_data import Imported
@@ -140,14 +141,17 @@ def _generate_group(model, tokenizer, prompts, settings) -> tuple[list[str], lis
     mask = torch.tensor(
         [[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device
     )
-    sampling = settings.temperature > 0
+    # sampled by NucleusSampling inside a greedy generate: the library's top-p sorts the
+    # whole vocabulary of every row at every step, slower than the model's decode step
     out = model.generate(
         input_ids=ids,
         attention_mask=mask,
         max_new_tokens=settings.max_new_tokens,
-        do_sample=sampling,
-        temperature=settings.temperature if sampling else None,
-        top_p=settings.top_p if sampling else None,
+        do_sample=False,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        logits_processor=LogitsProcessorList([NucleusSampling(settings)]),
         repetition_penalty=settings.repetition_penalty,
         eos_token_id=list(tokenizer.all_special_ids),
         pad_token_id=pad,

@@ -67,9 +67,9 @@ def ranking_dtype() -> torch.dtype:
     bf16 vs 1,000 ms in fp32 on the development machine's AMD EPYC (bench/RESULTS.md);
     its z-scores move by bf16's rounding, far less than the candidates differ. Scoring
     the logs for the learner stays fp32."""
-    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
+    from bot.policy import native_bf16
+
+    return torch.bfloat16 if native_bf16() else torch.float32
 
 
 class RewardEnsemble:

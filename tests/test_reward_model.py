@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -254,8 +255,15 @@ def test_an_engagement_model_learns_who_goes_on_talking_and_beats_the_base_rate(
     assert scores[0][0] > scores[1][0]
 
 
-def test_ranking_uses_bf16_only_where_the_cpu_computes_it_natively(monkeypatch):
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
-    assert ranking_dtype() == torch.float32  # emulated bf16 is slower than fp32
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
-    assert ranking_dtype() == torch.bfloat16
+def test_ranking_and_batches_use_bf16_only_where_the_cpu_computes_it_natively(monkeypatch):
+    import bot.policy
+
+    real = bot.policy.cpu_flags()  # this machine's flags, as Linux lists them
+    assert "avx2" in real or not Path("/proc/cpuinfo").exists()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    # AVX512 without BF16 (an Intel Xeon here): oneDNN emulates bf16, 2x slower than fp32
+    monkeypatch.setattr(bot.policy, "cpu_flags", lambda: {"avx2", "avx512f", "avx512bw"})
+    assert ranking_dtype() == torch.float32 and bot.policy.batch_precision() == "fp32"
+    for native in ("avx512_bf16", "amx_bf16"):  # AMD EPYC (Zen 4), Intel Sapphire Rapids
+        monkeypatch.setattr(bot.policy, "cpu_flags", lambda n=native: {"avx512f", n})
+        assert ranking_dtype() == torch.bfloat16 and bot.policy.batch_precision() == "bf16"

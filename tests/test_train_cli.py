@@ -223,3 +223,47 @@ def test_a_model_too_big_for_free_memory_is_refused_in_one_line(monkeypatch):
     with pytest.raises(TrainingError, match=r"needs about .* GiB to train here and only"):
         free_memory_ok(135_000_000)
     free_memory_ok(1_000)  # a tiny model fits
+
+
+def test_a_second_reward_on_the_same_logs_reuses_the_priors_statistics(
+    rapport_home, tiny_model_dir, monkeypatch
+):
+    """Training the same logs on a second reward (the learning bench's (a) then (b))
+    prepares its data without a prior forward: every window's cached log-probabilities
+    are copied from the first reward's dataset, and equal what a forward gives."""
+    import copy
+
+    from learner import pipeline
+    from learner.config import TrainConfig
+    from learner.data import add_prior_logprobs
+
+    scored_store(rapport_home, tiny_model_dir)
+    forwards = []
+
+    def counted(path):
+        model, tokenizer = load_model(path)
+        model.register_forward_hook(lambda *_: forwards.append(1))
+        return model, tokenizer
+
+    monkeypatch.setattr(pipeline, "load_model", counted)
+    system = load_config().model.system_prompt
+    with Store(rapport_home / "rapport.db") as store:
+        first = pipeline.prepare_dataset(
+            store, tiny_model_dir, system, TrainConfig(reward="bot_question", max_tokens=96)
+        )
+        assert forwards, "the first reward's preparation runs the prior"
+        forwards.clear()
+        second = pipeline.prepare_dataset(
+            store, tiny_model_dir, system, TrainConfig(reward="combined", max_tokens=96)
+        )
+    assert forwards == []
+    assert second.meta["id"] != first.meta["id"]  # another dataset: other rewards
+    assert [w.reward for w in second.train] != [w.reward for w in first.train]
+    fresh = copy.deepcopy(second)
+    for w in fresh.train + fresh.val:
+        w.logp, w.prior_lse, w.prior_max = [], [], []
+    add_prior_logprobs(fresh, load_model(tiny_model_dir)[0])
+    for reused, computed in zip(second.train + second.val, fresh.train + fresh.val, strict=True):
+        assert reused.logp == pytest.approx(computed.logp, abs=1e-5)
+        assert reused.prior_lse == pytest.approx(computed.prior_lse, abs=1e-5)
+        assert reused.prior_max == pytest.approx(computed.prior_max, abs=1e-5)

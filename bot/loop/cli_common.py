@@ -16,14 +16,16 @@ def open_store(config: Config) -> Store:
 
 
 def served(config: Config, store: Store, spec: str):
-    """(model, tokenizer, version) of a model spec for batched self-play: served in bf16
+    """(model, tokenizer, version) of a model spec for batched self-play: served in
+    :func:`bot.policy.batch_precision` (bf16 where the CPU has it natively, else fp32)
     where the chat serves int8, because the int8 weight-only kernel is built for one-row
     decoding and is 1.6x slower than bf16 on batched generation (measured here)."""
-    from bot.policy import load_model, prepare_for_serving, resolve_model_path
+    from bot.policy import batch_precision, load_model, prepare_for_serving, resolve_model_path
 
     registered = {m["version"]: m["path"] for m in store.models()}
     model, tokenizer = load_model(resolve_model_path(spec, registered))
-    precision = "bf16" if config.model.serve_precision == "int8" else config.model.serve_precision
+    precision = config.model.serve_precision
+    precision = batch_precision() if precision == "int8" else precision
     return prepare_for_serving(model, precision), tokenizer, spec or "prior"
 
 

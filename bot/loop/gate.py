@@ -30,7 +30,13 @@ import torch
 from bot.config import Config
 from bot.errors import RapportError
 from bot.model_files import ModelRejected, verify_folder
-from bot.policy import Settings, load_model, prepare_for_serving, resolve_model_path
+from bot.policy import (
+    Settings,
+    batch_precision,
+    load_model,
+    prepare_for_serving,
+    resolve_model_path,
+)
 from bot.progress import progress
 from bot.prompt import Turn, build_prompt
 from bot.store import Store
@@ -138,7 +144,8 @@ def run_gate(
     served, _ = load_model(served_folder)
     registered = {m["version"]: m["path"] for m in store.models()}
     prior_folder = resolve_model_path(config.model.path, registered)
-    precision = "bf16" if config.model.serve_precision == "int8" else config.model.serve_precision
+    precision = config.model.serve_precision
+    precision = batch_precision() if precision == "int8" else precision  # see cli_common
     model, served = prepare_for_serving(model, precision), prepare_for_serving(served, precision)
     # before any retrained version is deployed, the served model is the prior itself
     same = prior_folder.resolve() == served_folder.resolve()
