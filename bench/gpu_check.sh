@@ -45,5 +45,6 @@ print(f"psi M=5, bf16, batch 4 x 128: {step_s * 1000:.1f} ms/step, "
 PY
 # The learning loop, unchanged, at GPU-sized settings (bench/learning_loop.py): the
 # product's own proof with more logs, steps and held-out prompts than 2 CPU cores allow.
-.venv-gpu/bin/python bench/learning_loop.py --simulate 384 --steps 150 --batch-size 8 \
-  --eval-n 400 --eval-n-b 96 --curve-every 50 --curve-n 48 --out "${OUT:-bench/out}/learning_loop_gpu"
+.venv-gpu/bin/python bench/learning_loop.py --simulate 384 --steps 150 --warmup 10 --batch-size 8 \
+  --eval-n 400 --eval-n-b 96 --curve-every 50 --curve-n 48 \
+  --curve-rewards bot_question,combined --out "${OUT:-bench/out}/learning_loop_gpu"

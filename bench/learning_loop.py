@@ -7,9 +7,11 @@
    ``bot_question`` alone, the paper's exploit case; (b) ``combined``, the default
    implicit reward. Rows: the KL-control family (psi, kl_q, g, batch_q) and the peers a
    researcher would try first: filtered behaviour cloning (``bc`` on the turns above
-   average) and trl's KTO (liked = reward above the mean). Two rows compare learners at
-   equal KL from the prior: ``bc@psi`` trains bc until its KL reaches psi's (a KL budget,
-   ``rapport train --kl-budget``), ``psi@bc`` trains psi on until it reaches bc's. And in
+   average) and trl's KTO (liked = reward above the mean). In (a) a row compares learners
+   at equal KL from the prior: ``bc@psi`` trains bc until its KL reaches psi's (a KL
+   budget, ``rapport train --kl-budget``); ``psi@bc`` (psi trained on until it reaches
+   bc's) is not a default row: past one epoch psi diverges (RESULTS.md, fourth run), so
+   ask for it with ``--algos``. (b) has the six learners (``--algos-b``). And in
    (a) the cheapest baseline of all, no training: ``prior+best-of-N``, the prior sampling
    N replies and sending the one the targeted reward ranks highest (its KL column is the
    bound log N - (N-1)/N nats per reply spread over its tokens; best-of-N has no
@@ -21,9 +23,10 @@
 
 Columns: the targeted reward, question rate, KL(π‖prior) per token, perplexity of the
 replies under the prior, distinct-2, each with its 95% interval (percentile bootstrap
-over conversations; jackknife for distinct-2). During training, every
-``--curve-every`` steps the policy answers ``--curve-n`` held-out openers and the
-targeted reward and KL are recorded: the learning curves, plotted into the HTML report.
+over conversations; jackknife for distinct-2). During the training runs of
+``--curve-rewards`` (default (a)), every ``--curve-every`` steps the policy answers
+``--curve-n`` held-out openers and the targeted reward and KL are recorded: the learning
+curves, plotted into the HTML report.
 
 Run (2 idle CPU cores at the defaults: simulation and (a) ~56 minutes, (a) and (b) ~95;
 the settings are in the table's header): ``.venv/bin/python bench/learning_loop.py``.

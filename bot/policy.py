@@ -33,6 +33,7 @@ import torch
 
 from bot.config import GenerationConfig, ModelConfig, build_once, rapport_home
 from bot.errors import RapportError
+from bot.processes import cpu_has_bf16
 from bot.prompt import Turn, build_prompt
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
@@ -189,25 +190,8 @@ class Int8WeightLinear(torch.nn.Module):
 
 def native_bf16() -> bool:
     """Whether bf16 matmuls are faster than fp32 here: on CUDA, and on CPUs with bf16 in
-    hardware (AVX512-BF16 or AMX). Elsewhere oneDNN still runs bf16 (and
-    ``torch.ops.mkldnn._is_mkldnn_bf16_supported()`` says so) by converting to fp32 and
-    back: a (64 x 576) @ (576 x 1536) matmul took 5.3 ms in bf16 vs 2.4 ms in fp32 on an
-    Intel Xeon with AVX512 but no AVX512-BF16, where the AMD EPYC with AVX512-BF16 ran
-    bf16 several times faster than fp32 (bench/RESULTS.md)."""
-    if torch.cuda.is_available():
-        return True
-    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags as Linux lists them (empty elsewhere: then fp32)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    hardware (:func:`bot.processes.cpu_has_bf16`)."""
+    return torch.cuda.is_available() or cpu_has_bf16()
 
 
 def batch_precision() -> str:

@@ -23,12 +23,13 @@ Each number comes with a 95% interval over conversations: a percentile bootstrap
 conversation out) for the columns that count *distinct* things (distinct-n, repeated
 replies). Resampling conversations with replacement duplicates their replies, so every
 bootstrap resample looks less diverse than the sample itself (distinct-2 0.83 fell
-outside its own interval [0.45, 0.69]); leaving one out never duplicates anything. The
-model
-forwards are batched across conversations (:mod:`learner.evaluate`), and callers pass the
-prior in the precision the policies are served in (bf16 on CPU): its matmuls are several
-times faster than fp32 here, and a policy that is the prior then has KL exactly 0 rather
-than the rounding difference between two precisions.
+outside its own interval [0.45, 0.69]); leaving one out never duplicates anything. Every
+column is read from the same resamples (:func:`intervals`). The model forwards are
+batched across conversations (:mod:`learner.evaluate`), and callers pass the prior in
+the precision the policies are served in (:func:`bot.policy.batch_precision`: bf16 where
+the CPU computes it natively, several times faster than fp32 there; else fp32), so a
+policy that is the prior has KL exactly 0 rather than the rounding difference between
+two precisions.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from bot.config import build_once, rapport_home
+from bot.processes import cpu_has_bf16
 
 # Texts a forward pass: PyTorch's best of 16 / 64 / 256 here; OpenVINO runs two batches
 # at once (one a core), where 16-48 were alike and 64 slower.
@@ -37,10 +38,12 @@ OPENVINO_BATCH_SIZE = 32
 # pasted essay at 128 tokens instead of 256 keeps one outlier from costing a batch 4x
 # the attention work (30% faster on the corpus), and its topic is set by then.
 MAX_TOKENS = 128
-# bf16 on CPU: 2.5-3x faster than fp32 here; similarities within 0.01 of fp32, but they
+# bf16 where the CPU computes it in hardware (bot.processes.cpu_has_bf16): 2.5-3x faster
+# than fp32 on the AMD EPYC with AVX512-BF16; similarities within 0.01 of fp32, but they
 # then depend slightly on which texts share a batch (padding changes the bf16 rounding).
-# fp32 makes batched and one-at-a-time scoring agree to 1e-6.
-PRECISION = "bf16"
+# fp32 elsewhere: OpenVINO emulates a bf16 hint on an AVX512 CPU without bf16, 24x slower
+# than fp32 (an Intel Xeon here). fp32 makes batched and one-at-a-time scoring agree to 1e-6.
+PRECISION = "bf16" if cpu_has_bf16() else "fp32"
 BACKEND = "openvino" if importlib.util.find_spec("openvino") else "torch"
 OPENVINO_PRECISION = {"bf16": "bf16", "fp32": "f32"}
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from bot.errors import RapportError
+from bot.processes import cpu_has_bf16
 from rewards.context import Context
 
 NAME = "learned_reward"
@@ -67,9 +68,7 @@ def ranking_dtype() -> torch.dtype:
     bf16 vs 1,000 ms in fp32 on the development machine's AMD EPYC (bench/RESULTS.md);
     its z-scores move by bf16's rounding, far less than the candidates differ. Scoring
     the logs for the learner stays fp32."""
-    from bot.policy import native_bf16
-
-    return torch.bfloat16 if native_bf16() else torch.float32
+    return torch.bfloat16 if cpu_has_bf16() else torch.float32
 
 
 class RewardEnsemble:

@@ -276,6 +276,15 @@ def test_every_interval_holds_its_own_point_estimate_even_for_distinct_n():
 
     low, high = bootstrap(measures, lambda ms: columns_of(ms)["distinct_2"], 0, 200)
     assert high < table["distinct_2"]["value"]
+    # one pass over the resamples gives each column the interval it gets on its own
+    from learner.evaluation import SET_COLUMNS, jackknife
+
+    for column in ("combined", "perplexity", "kl_to_prior", "bot_question", "reply_words"):
+        alone = bootstrap(measures, lambda ms, c=column: columns_of(ms)[c], 0, 200)
+        assert (table[column]["low"], table[column]["high"]) == alone, column
+    for column in SET_COLUMNS:
+        alone = jackknife(measures, lambda ms, c=column: columns_of(ms)[c])
+        assert (table[column]["low"], table[column]["high"]) == pytest.approx(alone), column
 
 
 def test_replies_generated_in_length_groups_come_back_in_input_order(tiny_model_dir):

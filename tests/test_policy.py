@@ -18,6 +18,7 @@ from bot.policy import (
     default_model_dir,
     load_model,
     sample_next,
+    sample_rows,
 )
 from bot.prompt import Turn
 
@@ -66,6 +67,42 @@ def test_sampling_matches_a_naive_loop():
         torch.nonzero(expected).flatten().tolist()
     )
     assert torch.allclose(counts / counts.sum(), expected, atol=0.03)
+
+
+def test_batched_sampling_draws_each_rows_nucleus_as_the_chat_does():
+    """sample_rows (self-play, eval) samples every row from the distribution the chat's
+    sample_next samples from, including a row whose nucleus lies beyond the top
+    NUCLEUS_SEARCH tokens (full sort) beside rows whose nucleus is found in the top-k;
+    one row draws the very token sample_next draws from the same generator state."""
+    from bot.policy import NUCLEUS_SEARCH
+
+    torch.manual_seed(0)
+    s = Settings(temperature=0.8, top_p=0.7, max_new_tokens=1, repetition_penalty=1.0)
+    none = torch.tensor([], dtype=torch.long)
+    vocab = NUCLEUS_SEARCH * 2
+    peaked = torch.full((vocab,), -10.0)
+    peaked[:6] = torch.tensor([3.0, 2.5, 2.0, 1.0, 0.5, 0.0])
+    flat = torch.randn(vocab) * 0.01  # its nucleus: ~70% of 512 tokens, past the top 256
+    rows = torch.stack([peaked, flat, peaked.flip(0)])
+    g = torch.Generator().manual_seed(2)
+    drawn = torch.stack([sample_rows(rows, s, g) for _ in range(4000)])  # (4000, 3)
+    for r in (0, 2):
+        expected = naive_sample_distribution(rows[r], none, s)
+        counts = torch.bincount(drawn[:, r], minlength=vocab).float()
+        assert set(torch.nonzero(counts).flatten().tolist()) <= set(
+            torch.nonzero(expected).flatten().tolist()
+        )
+        assert torch.allclose(counts / counts.sum(), expected, atol=0.03)
+    nucleus = set(torch.nonzero(naive_sample_distribution(flat, none, s)).flatten().tolist())
+    assert len(nucleus) > NUCLEUS_SEARCH and set(drawn[:, 1].tolist()) <= nucleus
+    assert len(set(drawn[:, 1].tolist())) > NUCLEUS_SEARCH  # reached past the top-k
+    for seed in range(20):
+        logits = torch.randn(1000) * 3
+        a = sample_next(logits, none, s, torch.Generator().manual_seed(seed))
+        b = sample_rows(logits[None], s, torch.Generator().manual_seed(seed))
+        assert a == int(b[0])
+    greedy = Settings(temperature=0, top_p=1.0, max_new_tokens=1, repetition_penalty=1.0)
+    assert sample_rows(rows, greedy).tolist() == [0, int(flat.argmax()), vocab - 1]
 
 
 def test_greedy_and_penalty():

@@ -255,15 +255,19 @@ def test_an_engagement_model_learns_who_goes_on_talking_and_beats_the_base_rate(
     assert scores[0][0] > scores[1][0]
 
 
-def test_ranking_and_batches_use_bf16_only_where_the_cpu_computes_it_natively(monkeypatch):
+def test_ranking_batches_and_embeddings_use_bf16_only_where_the_cpu_has_it(monkeypatch):
     import bot.policy
+    import bot.processes
+    from rewards import embedding
 
-    real = bot.policy.cpu_flags()  # this machine's flags, as Linux lists them
+    real = bot.processes.cpu_flags()  # this machine's flags, as Linux lists them
     assert "avx2" in real or not Path("/proc/cpuinfo").exists()
+    # the reward scorer's MiniLM follows the same rule (OpenVINO emulates bf16 24x slower)
+    assert embedding.PRECISION == ("bf16" if bot.processes.cpu_has_bf16() else "fp32")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     # AVX512 without BF16 (an Intel Xeon here): oneDNN emulates bf16, 2x slower than fp32
-    monkeypatch.setattr(bot.policy, "cpu_flags", lambda: {"avx2", "avx512f", "avx512bw"})
+    monkeypatch.setattr(bot.processes, "cpu_flags", lambda: {"avx2", "avx512f", "avx512bw"})
     assert ranking_dtype() == torch.float32 and bot.policy.batch_precision() == "fp32"
     for native in ("avx512_bf16", "amx_bf16"):  # AMD EPYC (Zen 4), Intel Sapphire Rapids
-        monkeypatch.setattr(bot.policy, "cpu_flags", lambda n=native: {"avx512f", n})
+        monkeypatch.setattr(bot.processes, "cpu_flags", lambda n=native: {"avx512f", n})
         assert ranking_dtype() == torch.bfloat16 and bot.policy.batch_precision() == "bf16"
