@@ -28,8 +28,11 @@ over conversations; jackknife for distinct-2). During the training runs of
 ``--curve-n`` held-out openers and the targeted reward and KL are recorded: the learning
 curves, plotted into the HTML report.
 
-Run (2 idle CPU cores at the defaults: simulation and (a) ~56 minutes, (a) and (b) ~95;
-the settings are in the table's header): ``.venv/bin/python bench/learning_loop.py``.
+Run: ``.venv/bin/python bench/learning_loop.py`` (``make learning-loop``). The defaults
+are sized for 2 CPU cores (48 conversations, 16 steps; the settings are in the table's
+header) and still miss the 60-minute goal: on 2 idle cores of an Intel Xeon without
+native bf16, simulation and (a) took 64 minutes, the whole bench about 95 (RESULTS.md,
+seventh run); the AMD EPYC with AVX512-BF16 is faster.
 On a GPU, larger settings, e.g. ``--simulate 512 --steps 300 --eval-n 500``
 (``bench/gpu_check.sh`` runs it). Writes ``results.json``, ``table.md``, ``curves.png``
 and ``index.html`` into ``--out``.
