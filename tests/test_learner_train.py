@@ -179,8 +179,13 @@ def test_psi_and_g_are_the_same_learner_and_batch_q_gains_less_per_nat_of_kl(rew
     paper's finding, is in the zero-reward control below)."""
     psi, g, batch_q = rewarded["psi"], rewarded["g"], rewarded["batch_q"]
     summary = {a: (round(r["p_great"], 4), round(r["kl"], 4)) for a, r in rewarded.items()}
-    assert g["p_great"] == pytest.approx(psi["p_great"], rel=1e-2), summary
-    assert g["kl"] == pytest.approx(psi["kl"], rel=1e-2, abs=1e-4), summary
+    # Equal in exact arithmetic, not in floats: the two parameterisations round
+    # differently and the toy's many steps compound it. On an AMD EPYC they ended within
+    # 1%; on an Intel Xeon (AVX512, no BF16) with one torch thread (as `make test`'s
+    # workers run) 3% apart in p_great and 7% in KL, the same before and after the
+    # changes of 2026-12-01. kl_q (+18% KL) and batch_q (-45% p_great) stay outside 10%.
+    assert g["p_great"] == pytest.approx(psi["p_great"], rel=0.1), summary
+    assert g["kl"] == pytest.approx(psi["kl"], rel=0.1, abs=1e-4), summary
     for algo in ("psi", "kl_q"):
         assert batch_q["p_great"] < rewarded[algo]["p_great"], summary
 
