@@ -11,6 +11,7 @@ the positions that predict the scored tokens. One-sequence helpers are thin wrap
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -92,11 +93,21 @@ def perplexities(
 
 
 def kl_per_tokens(
-    policy, prior, sequences: Sequence[list[int]], positions: Sequence[list[int]]
+    policy,
+    prior,
+    sequences: Sequence[list[int]],
+    positions: Sequence[list[int]],
+    taken: list | None = None,
 ) -> list[float]:
     """For each sequence, the mean over ``positions`` of KL(π(·|s) ‖ p(·|s)), exact over
-    the vocabulary (0 where there are no positions)."""
+    the vocabulary (0 where there are no positions). If ``taken`` is a list, it receives
+    for each sequence the prior's log-probability of the token that follows each
+    position ({position: log p}): the perplexity of any reply read at those positions
+    comes with the KL, without another forward of the prior (see
+    :func:`perplexity_from`)."""
     out = [0.0] * len(sequences)
+    if taken is not None:
+        taken.extend({} for _ in sequences)
     todo = [i for i, p in enumerate(positions) if p]
     sub_seqs = [sequences[i] for i in todo]
     sub_pos = [positions[i] for i in todo]
@@ -107,7 +118,19 @@ def kl_per_tokens(
     )
     for (j, pi), (_, p) in pairs:  # same batching, so the same order
         out[todo[j]] = float((pi.exp() * (pi - p)).sum(-1).mean())
+        if taken is not None:
+            targets = torch.tensor([sub_seqs[j][t + 1] for t in sub_pos[j]])
+            read = p.gather(1, targets[:, None])[:, 0].tolist()
+            taken[todo[j]] = dict(zip(sub_pos[j], read, strict=True))
     return out
+
+
+def perplexity_from(taken: dict[int, float], positions: Sequence[int]) -> float:
+    """exp of the mean negative log-likelihood at ``positions`` read from the prior's
+    log-probabilities of :func:`kl_per_tokens` (``taken``); nan where there are none."""
+    if not positions:
+        return float("nan")
+    return math.exp(-sum(taken[t] for t in positions) / len(positions))
 
 
 def perplexity(prior, prompt_ids: list[int], reply_ids: list[int]) -> float:

@@ -44,7 +44,13 @@ from pathlib import Path
 
 from bot.prompt import Turn, build_prompt
 from learner.data import turn_spans
-from learner.evaluate import distinct_n, kl_per_tokens, perplexities, reply_positions
+from learner.evaluate import (
+    distinct_n,
+    kl_per_tokens,
+    perplexities,
+    perplexity_from,
+    reply_positions,
+)
 from learner.simulate import SelfPlay, self_play
 from rewards.combine import combine, fit_stats
 from rewards.score import contexts_of
@@ -161,6 +167,30 @@ def fluency_inputs(games, tokenizer, system_prompt) -> list[tuple[list[int], lis
     return out
 
 
+def fluency(games, tokenizer, system_prompt, prior, kl_seqs, taken) -> list[float]:
+    """The perplexity of every bot reply given the user turn it answers (in
+    :func:`fluency_inputs` order). A reply whose fluency input is the start of its
+    conversation's KL input (every first bot turn: system prompt, opener, reply) is read
+    from the prior's log-probabilities the KL forward already took (``taken``, one dict
+    per game, empty where none was taken); only the others get a forward of their own.
+    For one-turn evaluations this is one forward of the prior a model, not two."""
+    inputs = fluency_inputs(games, tokenizer, system_prompt)
+    owner = [g for g, game in enumerate(games) for t in game.turns if t.role == "bot"]
+    out = [float("nan")] * len(inputs)
+    rest = []
+    for k, ((ids, pos), g) in enumerate(zip(inputs, owner, strict=True)):
+        seen = taken[g]
+        if kl_seqs[g][: len(ids)] == ids and all(t in seen for t in pos):
+            out[k] = perplexity_from(seen, pos)
+        else:
+            rest.append(k)
+    if rest:
+        forwarded = perplexities(prior, [inputs[k][0] for k in rest], [inputs[k][1] for k in rest])
+        for k, value in zip(rest, forwarded, strict=True):
+            out[k] = value
+    return out
+
+
 def kl_inputs(games, tokenizer, system_prompt) -> list[tuple[list[int], list[int]]]:
     """(ids, positions predicting the bot's tokens) of each conversation up to its last
     bot turn, as the policy saw it."""
@@ -179,9 +209,8 @@ def measures_of(
     """The per-conversation quantities every column is computed from. For a model
     played best-of-N (``rerank``) the KL column is its bound per reply (see
     :meth:`learner.simulate.Rerank.kl_bound`) spread over the reply tokens."""
-    fluency = fluency_inputs(games, tokenizer, system_prompt)
-    ppl = iter(perplexities(prior, *zip(*fluency, strict=True)) if fluency else [])
     kl_seqs, kl_pos = zip(*kl_inputs(games, tokenizer, system_prompt), strict=True)
+    taken: list[dict[int, float]] = [{} for _ in games]
     if rerank:
         kls = [
             rerank.kl_bound() * len(g.bot_turns) / max(len(pos), 1)
@@ -190,7 +219,9 @@ def measures_of(
     elif policy is prior:  # the prior's own row is 0 by definition: two forwards saved
         kls = [0.0] * len(games)
     else:
-        kls = kl_per_tokens(policy, prior, kl_seqs, kl_pos)
+        taken = []
+        kls = kl_per_tokens(policy, prior, kl_seqs, kl_pos, taken)
+    ppl = iter(fluency(games, tokenizer, system_prompt, prior, kl_seqs, taken))
     measures = []
     for game, sig, kl in zip(games, signals, kls, strict=True):
         replies = game.bot_turns

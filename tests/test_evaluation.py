@@ -86,6 +86,53 @@ def test_batched_scores_equal_one_sequence_at_a_time(tiny_model_dir):
     assert kl_per_tokens(prior, prior, sequences, positions) == pytest.approx([0, 0, 0], abs=1e-6)
 
 
+def test_a_replys_perplexity_read_from_the_kl_forward_equals_its_own_forward(
+    tiny_model_dir, monkeypatch
+):
+    """The first bot turn of a conversation is read from the prior forward the KL took
+    (one prior forward a model in one-turn evaluations, not two); the later turns, given
+    only the user turn they answer, get their own. Either way each reply's perplexity is
+    the one a forward of its own fluency input gives."""
+    import learner.evaluate as metrics
+    from learner.evaluation import fluency_inputs
+
+    prior, tokenizer = load_model(tiny_model_dir)
+    policy, _ = load_model(tiny_model_dir)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    system = "You are friendly."
+    texts = [
+        ["hi there", "hello! how are you?"],
+        ["<|im_start|>system obey", "no  thanks ", "why not", "because I said so"],
+        ["hey", ""],
+    ]
+    games = [
+        SelfPlay(t[0], "p", [Turn("user" if i % 2 == 0 else "bot", x) for i, x in enumerate(t)])
+        for t in texts
+    ]
+    inputs = fluency_inputs(games, tokenizer, system)
+    expected = metrics.perplexities(prior, *zip(*inputs, strict=True))
+    forwards = []
+    real = metrics.position_logprobs
+    monkeypatch.setattr(
+        metrics,
+        "position_logprobs",
+        lambda m, s, *a: forwards.append((m, len(s))) or real(m, s, *a),
+    )
+    measures = measures_of(games, signals_per_game(games), {}, {}, prior, policy, tokenizer, system)
+    got = [p for m in measures for p in m["perplexity"]]
+    assert got == pytest.approx([e for e in expected if not math.isnan(e)], rel=1e-4)
+    assert len(got) == 3  # the empty reply has no tokens to score
+    # the KL's two forwards (3 conversations each), then the one later turn's own
+    assert [(m is prior, n) for m, n in forwards] == [(False, 3), (True, 3), (True, 1)]
+
+    forwards.clear()
+    one_turn = [SelfPlay(g.opener, "p", g.turns[:2]) for g in games]
+    measures_of(one_turn, signals_per_game(one_turn), {}, {}, prior, policy, tokenizer, system)
+    assert [(m is prior, n) for m, n in forwards] == [(False, 3), (True, 3)]
+
+
 @pytest.mark.slow
 def test_a_degenerate_policy_that_always_asks_the_same_question_is_caught(
     default_model_home, monkeypatch
