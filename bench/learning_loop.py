@@ -185,14 +185,13 @@ class Curve:
         )
         q.train(training)
         row = results["policy"]
-        self.points.append(
-            {
-                "step": step,
-                "targeted": row[self.target]["value"],
-                "bot_question": row["bot_question"]["value"],
-                "kl_to_prior": row["kl_to_prior"]["value"],
+        point = {"step": step, "bot_question": row["bot_question"]["value"]}
+        for name, column in (("targeted", self.target), ("kl_to_prior", "kl_to_prior")):
+            point |= {
+                name: row[column]["value"],
+                f"{name}_interval": [row[column]["low"], row[column]["high"]],
             }
-        )
+        self.points.append(point)
 
     def observe(self, step: int, q) -> None:
         if self.args.curve_every and step % self.args.curve_every == 0:
@@ -431,10 +430,19 @@ def plot(curves: dict, path: Path) -> None:
             if not points:
                 continue
             steps = [p["step"] for p in points]
-            axes[0][j].plot(steps, [p["targeted"] for p in points], marker="o", label=algo)
-            axes[1][j].plot(steps, [p["kl_to_prior"] for p in points], marker="o", label=algo)
+            for row, column in ((0, "targeted"), (1, "kl_to_prior")):
+                values = [p[column] for p in points]
+                # the 95% interval of each point (on --curve-n openers: wide at CPU sizes)
+                spans = [
+                    p.get(f"{column}_interval", [v, v]) for p, v in zip(points, values, strict=True)
+                ]
+                below = [v - lo for v, (lo, _) in zip(values, spans, strict=True)]
+                above = [hi - v for v, (_, hi) in zip(values, spans, strict=True)]
+                axes[row][j].errorbar(
+                    steps, values, yerr=[below, above], marker="o", capsize=3, label=algo
+                )
         axes[0][j].set_title(f"reward: {reward}")
-        axes[0][j].set_ylabel("targeted reward (held-out)")
+        axes[0][j].set_ylabel("targeted reward (held-out, 95% interval)")
         axes[1][j].set_ylabel("KL(π‖prior) per token")
         axes[1][j].set_xlabel("training step")
         if any(curves[reward].values()):
