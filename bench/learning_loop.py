@@ -30,9 +30,12 @@ curves, plotted into the HTML report.
 
 Run: ``.venv/bin/python bench/learning_loop.py`` (``make learning-loop``). The defaults
 are sized for 2 CPU cores (48 conversations, 16 steps; the settings are in the table's
-header) and still miss the 60-minute goal: on 2 idle cores of an Intel Xeon without
-native bf16, simulation and (a) took 64 minutes, the whole bench about 95 (RESULTS.md,
-seventh run); the AMD EPYC with AVX512-BF16 is faster.
+header) and still miss the 60-minute goal for the whole bench: on 2 idle cores of an
+Intel Xeon without native bf16 it took 85 minutes, of which simulation and (a) 54 and
+(b) 30 (RESULTS.md, eighth run); ``--rewards bot_question`` runs (a) alone. With
+``--curve-n 16`` each curve point's question rate has a 95% interval about +-0.2 wide
+(plotted as error bars): on CPU the KL curves show the trajectory, the reward curves
+mostly their noise.
 On a GPU, larger settings, e.g. ``--simulate 512 --steps 300 --eval-n 500``
 (``bench/gpu_check.sh`` runs it). Writes ``results.json``, ``table.md``, ``curves.png``
 and ``index.html`` into ``--out``.
@@ -423,7 +426,8 @@ def plot(curves: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rewards = list(curves)
+    # a panel per reward that has curves (--curve-rewards); one empty panel if none
+    rewards = [r for r in curves if any(curves[r].values())] or list(curves)[:1]
     fig, axes = plt.subplots(2, len(rewards), figsize=(6 * len(rewards), 7), squeeze=False)
     for j, reward in enumerate(rewards):
         for algo, points in curves[reward].items():
