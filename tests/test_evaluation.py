@@ -352,6 +352,39 @@ def test_replies_generated_in_length_groups_come_back_in_input_order(tiny_model_
     assert cut == [True] * 4  # the untrained tiny model never ends a reply itself
 
 
+def test_best_of_n_copies_read_each_prompt_once_and_sample_what_repeated_prompts_do(
+    tiny_model_dir,
+):
+    """Best-of-N's candidates in self-play: each prompt is read once and its cache
+    repeated for its copies; the replies are the ones the prompt repeated N times gives,
+    greedy token for token, and sampled with the same seed."""
+    from learner.simulate import generate_batch
+
+    model, tokenizer = load_model(tiny_model_dir)
+    texts = ["a long opener " * 12, "hi there", "what do you think of the weather " * 3]
+    prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    repeated = [p for p in prompts for _ in range(3)]
+    rows: list[int] = []
+    hook = model.get_input_embeddings().register_forward_hook(
+        lambda _m, args, _out: rows.append(args[0].shape[0])
+    )
+    greedy = Settings(temperature=0.0, top_p=1.0, max_new_tokens=5, repetition_penalty=1.0)
+    for group in (3, 64):  # one prompt a group, and all in one
+        rows.clear()
+        cut: list[bool] = []
+        copies = generate_batch(model, tokenizer, prompts, greedy, cut, group=group, copies=3)
+        assert rows[0] == min(len(prompts), group // 3)  # the prefill: one row a prompt
+        assert copies == generate_batch(model, tokenizer, repeated, greedy, group=group)
+        assert len(cut) == 9
+    hook.remove()
+    sampled = Settings(temperature=1.0, top_p=0.9, max_new_tokens=8, repetition_penalty=1.2)
+    torch.manual_seed(3)
+    many = generate_batch(model, tokenizer, prompts, sampled, copies=3)
+    torch.manual_seed(3)
+    assert many == generate_batch(model, tokenizer, repeated, sampled)
+    assert len(set(many)) > 3  # the copies of a prompt differ: they are samples
+
+
 def test_best_of_n_in_self_play_sends_each_turns_top_ranked_reply_and_bounds_its_kl(
     tiny_model_dir,
 ):
