@@ -152,20 +152,20 @@ def _generate_group(
         [[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device
     )
     cache = None
-    if copies > 1 and width > 1:
+    if copies > 1:
         # the prompts read once (all but their last token, which generate reads), the
         # cache repeated for the copies: the prefill is ~40% of a group's generation
         # here (64 openers, 64 new tokens), and best-of-4 would read every prompt 4 times
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = model(
-            input_ids=ids[:, :-1],
-            attention_mask=mask[:, :-1],
-            position_ids=positions[:, :-1],
-            use_cache=True,
-            logits_to_keep=1,
-        ).cache
-        cache.batch_repeat_interleave(copies)
-    if copies > 1:
+        if width > 1:
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            cache = model(
+                input_ids=ids[:, :-1],
+                attention_mask=mask[:, :-1],
+                position_ids=positions[:, :-1],
+                use_cache=True,
+                logits_to_keep=1,
+            ).cache
+            cache.batch_repeat_interleave(copies)
         ids, mask = ids.repeat_interleave(copies, 0), mask.repeat_interleave(copies, 0)
     # sampled by NucleusSampling inside a greedy generate: the library's top-p sorts the
     # whole vocabulary of every row at every step, slower than the model's decode step
