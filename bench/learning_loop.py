@@ -223,7 +223,8 @@ def train_all(args, config, store, prior_dir, reward, prior_served, tokenizer) -
 
     target = "bot_question" if reward == "bot_question" else "combined"
     out = {}
-    for name in [a for a in algos_for(args, reward).split(",") if a]:  # "": the prior alone
+    names = [a for a in algos_for(args, reward).split(",") if a]  # "": the prior alone
+    for name in names:
         algo, _, matched = name.partition("@")
         began = time.perf_counter()
         train_config = TrainConfig(
@@ -257,6 +258,7 @@ def train_all(args, config, store, prior_dir, reward, prior_served, tokenizer) -
             continue
         curve = Curve(args, config, target, prior_served, tokenizer)
         curves = args.curve_every and algo != "kto" and reward in args.curve_rewards.split(",")
+        curves = curves and ALIASES.get(name) not in names  # g's curve is psi's (ALIASES)
         if curves:  # trl's trainer has its own loop
             if reward not in _START:  # step 0 is the prior, the same for every learner
                 curve.measure(0, prior_served)
@@ -336,7 +338,40 @@ def last_kl(folder) -> float:
 _START = {}  # reward -> the learning curves' first point (the prior's)
 
 
-def evaluate_all(args, config, reward, trained, prior_served, tokenizer) -> dict:
+# A trained row whose served policy is another's within this KL (nats/token, measured on
+# logged bot turns) is evaluated once: g is psi re-parameterised (identical TD errors,
+# learner.kl_control), so its weights differ from psi's by rounding (~4e-5) and its table
+# was psi's to the last digit in every run; evaluating it again cost ~5 of the 85 minutes.
+SAME_POLICY_KL = 1e-4
+ALIASES = {"g": "psi"}
+
+
+def logged_conversations(store, n: int) -> list:
+    """The first ``n`` logged conversations as games (``.turns``) for :func:`kl_inputs`."""
+    from types import SimpleNamespace
+
+    from bot.prompt import Turn
+
+    ids = [r[0] for r in store.db.execute("SELECT id FROM conversations ORDER BY id LIMIT ?", [n])]
+    games = []
+    for cid in ids:
+        turns = [Turn(m.role, m.text) for m in store.messages(cid) if m.replaced_by is None]
+        if any(t.role == "bot" for t in turns):
+            games.append(SimpleNamespace(turns=turns))
+    return games
+
+
+def policy_kl(policy, other, games, tokenizer, system_prompt) -> float:
+    """Mean over ``games``' bot tokens of KL(policy ‖ other) per token."""
+    from learner.evaluate import kl_per_tokens
+    from learner.evaluation import kl_inputs
+
+    seqs, positions = zip(*kl_inputs(games, tokenizer, system_prompt), strict=True)
+    kls = kl_per_tokens(policy, other, seqs, positions)
+    return sum(kls) / len(kls)
+
+
+def evaluate_all(args, config, reward, trained, prior_served, tokenizer, store=None) -> dict:
     from bot.policy import Settings, batch_precision, load_model, prepare_for_serving
     from learner.evaluation import evaluate
     from learner.simulate import Rerank
@@ -345,6 +380,18 @@ def evaluate_all(args, config, reward, trained, prior_served, tokenizer) -> dict
     for algo, run in trained.items():
         model, _ = load_model(run["folder"])
         models[algo] = (prepare_for_serving(model, batch_precision()), tokenizer)
+    same = {}  # row -> (the row it is evaluated as, KL between their served policies)
+    if store is not None:
+        games = logged_conversations(store, 16)
+        for row, twin in ALIASES.items():
+            if row in models and twin in models and games:
+                kl = policy_kl(
+                    models[row][0], models[twin][0], games, tokenizer, config.model.system_prompt
+                )
+                print(f"  KL({row} ‖ {twin}) = {kl:.2e} nats/token", file=sys.stderr, flush=True)
+                if kl < SAME_POLICY_KL:
+                    same[row] = (twin, kl)
+                    del models[row]
     a = reward == "bot_question"
     rerank = {}
     if a and args.best_of > 1:  # ranked by the reward the learners train on (see below)
@@ -368,7 +415,11 @@ def evaluate_all(args, config, reward, trained, prior_served, tokenizer) -> dict
         rerank=rerank,
     )
     results["seconds"] = time.perf_counter() - began
-    return results
+    for row, (twin, kl) in same.items():
+        results[row] = {**results[twin], "same_as": twin, "kl_to_same": kl}
+    # the table's rows in training order, as before
+    order = ["prior", *trained, *(k for k in results if k not in trained and k != "prior")]
+    return {k: results[k] for k in order if k in results}
 
 
 def question_ranker(user: str, replies: list[str]) -> list[tuple[float, float]]:
@@ -416,6 +467,8 @@ def table(reward: str, results: dict, trained: dict | None = None) -> str:
             cell(row["perplexity"]),
             cell(row["distinct_2"]),
         ]
+        if "same_as" in row:  # evaluated as its twin: the served policies agree
+            name = f"{name} (= {row['same_as']}: KL {row['kl_to_same']:.0e}/token)"
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -481,7 +534,7 @@ def main() -> None:
         print(f"logs: {report['logs']}", file=sys.stderr, flush=True)
         for reward in args.rewards.split(","):
             trained = train_all(args, config, store, prior_dir, reward, prior_served, tokenizer)
-            results = evaluate_all(args, config, reward, trained, prior_served, tokenizer)
+            results = evaluate_all(args, config, reward, trained, prior_served, tokenizer, store)
             report["rewards"][reward] = {"trained": trained, "eval": results}
             print(f"\n(reward: {reward})\n" + table(reward, results, trained), flush=True)
             # kept as each reward finishes: a bench stopped in (b) still has (a)
