@@ -67,6 +67,9 @@ class SelfPlay:
     # safety filter withdrew before it, in order (text, and ``unsafe``, ``cut``)
     withdrawn: dict[int, list[dict]] = field(default_factory=dict)
     fallback: set[int] = field(default_factory=set)  # bot turns that are the fallback line
+    # best-of-N: turn index of a sent bot turn -> the N sampled (reply, cut) it was chosen
+    # from, in sampling order
+    candidates: dict[int, list[tuple[str, bool]]] = field(default_factory=dict)
 
     @property
     def bot_turns(self) -> list[str]:
@@ -214,11 +217,30 @@ def best_of_batch(model, tokenizer, prompts, settings, rerank: Rerank, games):
     many = generate_batch(model, tokenizer, prompts, settings, cut, copies=n)
     replies, flags = [], []
     for k, game in enumerate(games):
+        drawn = range(k * n, (k + 1) * n)
+        game.candidates[len(game.turns)] = [(many[i], cut[i]) for i in drawn]
         texts = [t if t != "…" else "" for t in many[k * n : (k + 1) * n]]
         chosen, _ = rank(game.turns[-1].text, texts, rerank.ranker, rerank.caution)
         replies.append(texts[chosen] if chosen is not None else "…")
         flags.append(chosen is not None and cut[k * n + chosen])
     return replies, flags
+
+
+def first_candidates(games: list[SelfPlay]) -> list[SelfPlay]:
+    """One-turn best-of-N games as the plain model's own: each bot turn replaced by the
+    first of the N replies it was chosen from (each candidate is an independent sample of
+    the model with the same settings, so the first one is what a plain self-play would
+    have sampled, in distribution); unanswered, as the best-of-N games must be."""
+    out = []
+    for game in games:
+        plain = SelfPlay(game.opener, game.persona, turns=game.turns[:1])
+        for k in sorted(game.candidates):
+            text, was_cut = game.candidates[k][0]
+            if was_cut:
+                plain.cut.add(len(plain.turns))
+            plain.turns.append(Turn("bot", text))
+        out.append(plain)
+    return out
 
 
 def self_play(

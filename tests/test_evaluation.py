@@ -429,6 +429,47 @@ def test_best_of_n_in_self_play_sends_each_turns_top_ranked_reply_and_bounds_its
     assert rerank.kl_bound() == pytest.approx(bound)
 
 
+def test_a_plain_rows_one_reply_games_are_its_best_of_n_games_first_candidates(
+    tiny_model_dir, monkeypatch
+):
+    """The prior's row beside 'prior + best-of-N' (one unanswered reply per opener): its
+    replies are the first of the N candidates each best-of-N reply was chosen from, not a
+    self-play of their own; with answered or longer games each row plays its own."""
+    import learner.evaluation as evaluation
+    from learner.simulate import Rerank
+
+    model, tokenizer = load_model(tiny_model_dir)
+    played = []
+    real = evaluation.self_play
+
+    def recording(*args, **kwargs):
+        played.append(real(*args, **kwargs))
+        return played[-1]
+
+    monkeypatch.setattr(evaluation, "self_play", recording)
+    settings = Settings(temperature=1.0, top_p=1.0, max_new_tokens=6, repetition_penalty=1.0)
+    rerank = {"best": Rerank(3, lambda user, replies: [(float(len(r)), 0.0) for r in replies])}
+    common = dict(n=4, seed=5, system_prompt="s", settings=settings, weights={}, rerank=rerank)
+    models = {"plain": (model, tokenizer), "best": (model, tokenizer)}
+    results = evaluation.evaluate(
+        models, model, model, tokenizer, turns=1, answer_last=False, **common
+    )
+    assert len(played) == 1  # best-of-N's games only
+    best = played[0]
+    assert all(len(g.candidates[1]) == 3 for g in best)
+    assert all(
+        g.turns[1].text in [t for t, _ in g.candidates[1]] or g.turns[1].text == "…" for g in best
+    )
+    plain = [[t["text"] for t in game] for game in results["samples"]["plain"]]
+    assert plain == [[g.opener, g.candidates[1][0][0]] for g in best[:3]]
+    assert list(results)[1:] == ["plain", "best"]  # the rows in the order asked
+    assert results["plain"]["kl_to_prior"]["value"] == 0.0
+
+    played.clear()
+    evaluation.evaluate(models, model, model, tokenizer, turns=1, answer_last=True, **common)
+    assert len(played) == 2  # the users answer the chosen reply: each row plays its own
+
+
 def test_eval_best_of_without_a_reward_model_is_one_line(rapport_home, tiny_model_dir):
     result = run_rapport("eval", str(tiny_model_dir), "--best-of", "4", "--n", "1")
     assert result.returncode == 2 and "Traceback" not in result.stderr
