@@ -203,16 +203,12 @@ class Curve:
 
 def _served_copy(model):
     """A copy of the network in training, as the bench serves every model (bf16 where
-    the CPU has it natively, else the fp32 network itself: its weights are only read)."""
+    the CPU has it natively, else fp32 stored input-major: ``bot.policy.input_major``)."""
     import copy
 
-    import torch
+    from bot.policy import batch_precision, prepare_for_serving
 
-    from bot.policy import batch_precision
-
-    if batch_precision() == "fp32":
-        return model.eval()
-    return copy.deepcopy(model).to(torch.bfloat16).eval()
+    return prepare_for_serving(copy.deepcopy(model), batch_precision()).eval()
 
 
 def train_all(args, config, store, prior_dir, reward, prior_served, tokenizer) -> dict:

@@ -16,7 +16,9 @@ from bot.policy import (
     Settings,
     clean_reply,
     default_model_dir,
+    input_major,
     load_model,
+    prepare_for_serving,
     sample_next,
     sample_rows,
 )
@@ -188,6 +190,43 @@ def test_int8_serving_quantises_every_linear_layer_and_keeps_the_logits(tiny_mod
     relative = (served - exact).norm() / exact.norm()
     assert relative < 0.05
     assert int8.reply([Turn("user", "hello")])
+
+
+@pytest.mark.parametrize("real", [False, True], ids=["tiny", "SmolLM2"])
+def test_fp32_batch_serving_stores_weights_input_major_and_changes_no_greedy_reply(
+    real, tiny_model_dir
+):
+    """The fp32 serving copy for batched work (self-play, eval) keeps every linear
+    layer's values, stored input-major, with the output layer untied from the input
+    embeddings; its greedy replies are token for token the plain model's, batched as
+    self-play batches them (8 rows here, where the layouts' matmuls differ most)."""
+    from learner.simulate import generate_batch
+
+    folder = default_model_dir() if real else tiny_model_dir
+    plain, tokenizer = load_model(folder)
+    served = prepare_for_serving(load_model(folder)[0], "fp32")
+    pairs = zip(plain.named_modules(), served.named_modules(), strict=True)
+    for (name, a), (_, b) in pairs:
+        if isinstance(a, torch.nn.Linear):
+            assert torch.equal(a.weight, b.weight), name
+            assert b.weight.stride() == (1, b.weight.shape[0]), name
+    assert served.lm_head.weight.data_ptr() != served.get_input_embeddings().weight.data_ptr()
+    assert input_major(served) is served  # already input-major: nothing copied again
+    texts = [
+        "Hi! How was your day?",
+        "What do you like to do on weekends?",
+        "lol",
+        "ok",
+        "Tell me something interesting.",
+        "I'm so tired today.",
+        "Do you have pets?",
+        "What's your favourite food?",
+    ]
+    prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    greedy = Settings(temperature=0.0, top_p=1.0, max_new_tokens=16, repetition_penalty=1.0)
+    replies = generate_batch(served, tokenizer, prompts, greedy)
+    assert replies == generate_batch(plain, tokenizer, prompts, greedy)
+    assert len(set(replies)) > 1
 
 
 def test_a_killed_conversion_never_leaves_a_copy_that_gets_loaded(
