@@ -464,7 +464,8 @@ def table(reward: str, results: dict, trained: dict | None = None) -> str:
             cell(row["distinct_2"]),
         ]
         if "same_as" in row:  # evaluated as its twin: the served policies agree
-            name = f"{name} (= {row['same_as']}: KL {row['kl_to_same']:.0e}/token)"
+            kl = row["kl_to_same"]  # a float sum: can round to just below 0
+            name = f"{name} (= {row['same_as']}: KL {f'{kl:.0e}' if kl > 0 else '~0'}/token)"
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
