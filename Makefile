@@ -49,7 +49,7 @@ bench: install
 	$(PY) bench/chat_bench.py
 	$(PY) bench/rewards_bench.py
 
-# The product's own proof (85 minutes on 2 idle CPU cores; simulation and (a) 54): bench/learning_loop.py
+# The product's own proof (73 minutes on 2 idle CPU cores; simulation and (a) ~46): bench/learning_loop.py
 learning-loop: install
 	$(PY) bench/learning_loop.py
 

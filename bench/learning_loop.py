@@ -31,8 +31,9 @@ curves, plotted into the HTML report.
 Run: ``.venv/bin/python bench/learning_loop.py`` (``make learning-loop``). The defaults
 are sized for 2 CPU cores (48 conversations, 16 steps; the settings are in the table's
 header) and still miss the 60-minute goal for the whole bench: on 2 idle cores of an
-Intel Xeon without native bf16 it took 85 minutes, of which simulation and (a) 54 and
-(b) 30 (RESULTS.md, eighth run); ``--rewards bot_question`` runs (a) alone. With
+Intel Xeon without native bf16 it took 73 minutes, of which simulation and (a) ~46 and
+(b) ~27 (RESULTS.md, ninth run; 85 in the eighth); ``--rewards bot_question`` runs (a)
+alone. With
 ``--curve-n 16`` each curve point's question rate has a 95% interval about +-0.2 wide
 (plotted as error bars): on CPU the KL curves show the trajectory, the reward curves
 mostly their noise.
@@ -337,7 +338,7 @@ _START = {}  # reward -> the learning curves' first point (the prior's)
 # A trained row whose served policy is another's within this KL (nats/token, measured on
 # logged bot turns) is evaluated once: g is psi re-parameterised (identical TD errors,
 # learner.kl_control), so its weights differ from psi's by rounding (~4e-5) and its table
-# was psi's to the last digit in every run; evaluating it again cost ~5 of the 85 minutes.
+# was psi's to the last digit in every run; evaluating it again cost ~5 minutes.
 SAME_POLICY_KL = 1e-4
 ALIASES = {"g": "psi"}
 
