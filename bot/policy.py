@@ -215,15 +215,13 @@ def input_major(model):
     evaluation's output layer reads ~55 positions a reply (bench/RESULTS.md). The values
     are the same numbers; only the matmul's summation order may differ (a last-bit
     rounding)."""
-    head = model.get_output_embeddings()
     for module in model.modules():
         if isinstance(module, torch.nn.Linear) and module.weight.dtype == torch.float32:
             weight = module.weight.detach()
             if weight.stride() == (1, weight.shape[0]):
                 continue  # input-major already
+            # a new tensor: a tied output layer gets its own, the embeddings keep theirs
             module.weight = torch.nn.Parameter(weight.t().contiguous().t(), requires_grad=False)
-    if head is not None and head.weight is model.get_input_embeddings().weight:
-        raise AssertionError("the output layer is still tied")  # pragma: no cover
     return model
 
 
