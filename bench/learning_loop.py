@@ -24,9 +24,10 @@
 Columns: the targeted reward, question rate, KL(π‖prior) per token, perplexity of the
 replies under the prior, distinct-2, each with its 95% interval (percentile bootstrap
 over conversations; jackknife for distinct-2). During the training runs of
-``--curve-rewards`` (default (a)), every ``--curve-every`` steps the policy answers
-``--curve-n`` held-out openers and the targeted reward and KL are recorded: the learning
-curves, plotted into the HTML report.
+``--curve-rewards`` (default (a)), every ``--curve-every`` steps the policy answers the
+first ``--curve-n`` of the table's held-out openers and the targeted reward and KL are
+recorded; each curve starts at the prior's row and ends at the model's own row of the
+table (all the openers): the learning curves, plotted into the HTML report.
 
 Run: ``.venv/bin/python bench/learning_loop.py`` (``make learning-loop``). The defaults
 are sized for 2 CPU cores (48 conversations, 16 steps; the settings are in the table's
@@ -34,9 +35,9 @@ header) and still miss the 60-minute goal for the whole bench: on 2 idle cores o
 Intel Xeon without native bf16 it took 73 minutes, of which simulation and (a) ~46 and
 (b) ~27 (RESULTS.md, ninth run; 85 in the eighth); ``--rewards bot_question`` runs (a)
 alone. With
-``--curve-n 16`` each curve point's question rate has a 95% interval about +-0.2 wide
-(plotted as error bars): on CPU the KL curves show the trajectory, the reward curves
-mostly their noise.
+``--curve-n 16`` each interior point's question rate has a 95% interval about +-0.2
+wide (plotted as error bars; the ends, on 200 openers, about +-0.06): on CPU the
+interior points show the KL's trajectory, the reward's mostly its noise.
 On a GPU, larger settings, e.g. ``--simulate 512 --steps 300 --eval-n 500``
 (``bench/gpu_check.sh`` runs it). Writes ``results.json``, ``table.md``, ``curves.png``
 and ``index.html`` into ``--out``.
@@ -85,7 +86,7 @@ def arguments() -> argparse.Namespace:
     add("--td-lambda", type=float, default=1.0, help="KL-control learners only (rapport's default)")
     add("--tau", type=float, default=0.005, help="KL-control learners only (rapport's default)")
     add("--eval-n", type=int, default=200, help="(a): held-out openers, one reply each")
-    add("--eval-n-b", type=int, default=32, help="(b): held-out conversations")
+    add("--eval-n-b", type=int, default=24, help="(b): held-out conversations")
     add("--eval-turns-b", type=int, default=2)
     add("--curve-every", type=int, default=8, help="0: no learning curves")
     add("--curve-rewards", default="bot_question", help="the rewards whose runs get curves")
@@ -161,12 +162,17 @@ def simulate_and_score(args, config, store, prior_dir) -> dict:
 
 
 class Curve:
-    """Every ``every`` steps: the policy's targeted reward and KL on held-out openers
-    (other openers than the final evaluation's: another seed)."""
+    """The learning curve of one training run: every ``every`` steps inside the run, the
+    policy's targeted reward and KL on the first ``--curve-n`` of the table's held-out
+    openers. Its two ends are the table's own rows (:func:`curve_ends`): the prior's at
+    step 0 and the trained model's at its last step, both on all ``--eval-n`` openers,
+    so no curve measures again what the table measures (five learners' last points and
+    the prior's first cost ~4 of the bench's minutes)."""
 
-    def __init__(self, args, config, target, prior, tokenizer):
+    def __init__(self, args, config, target, prior, tokenizer, last_step: int):
         self.args, self.config, self.target = args, config, target
         self.prior, self.tokenizer = prior, tokenizer
+        self.last_step = last_step
         self.points: list[dict] = []
 
     def measure(self, step: int, q) -> None:
@@ -180,26 +186,46 @@ class Curve:
             self.prior,
             self.tokenizer,
             n=self.args.curve_n,
-            turns=1,
-            seed=self.args.seed + 1,
+            turns=1 if self.target == "bot_question" else self.args.eval_turns_b,
+            seed=self.args.seed + 2,  # the table's openers (held_out_openers: a prefix)
             system_prompt=self.config.model.system_prompt,
             settings=Settings.from_config(self.config.generation),
             weights=dataclasses.asdict(self.config.weights),
             answer_last=self.target == "combined",  # combined reads the user's answer
         )
         q.train(training)
-        row = results["policy"]
-        point = {"step": step, "bot_question": row["bot_question"]["value"]}
-        for name, column in (("targeted", self.target), ("kl_to_prior", "kl_to_prior")):
-            point |= {
-                name: row[column]["value"],
-                f"{name}_interval": [row[column]["low"], row[column]["high"]],
-            }
-        self.points.append(point)
+        self.points.append(curve_point(results["policy"], step, self.target, self.args.curve_n))
 
     def observe(self, step: int, q) -> None:
-        if self.args.curve_every and step % self.args.curve_every == 0:
+        inside = 0 < step < self.last_step
+        if self.args.curve_every and inside and step % self.args.curve_every == 0:
             self.measure(step, q)
+
+
+def curve_point(row: dict, step: int, target: str, openers: int) -> dict:
+    """One point of a learning curve from an evaluation row (with 95% intervals)."""
+    point = {"step": step, "openers": openers, "bot_question": row["bot_question"]["value"]}
+    for name, column in (("targeted", target), ("kl_to_prior", "kl_to_prior")):
+        point |= {
+            name: row[column]["value"],
+            f"{name}_interval": [row[column]["low"], row[column]["high"]],
+        }
+    return point
+
+
+def curve_ends(args, reward: str, trained: dict, results: dict) -> None:
+    """Close every curve of ``trained`` (in place) with the table's rows: the prior's at
+    step 0 and the model's own at the step it stopped; a curve point measured during
+    training at or after that step is dropped (a KL budget can stop a run on it)."""
+    target = "bot_question" if reward == "bot_question" else "combined"
+    n = args.eval_n if reward == "bot_question" else args.eval_n_b
+    for name, run in trained.items():
+        if not run.get("curved") or name not in results or "prior" not in results:
+            continue
+        last = run["metrics"].get("step", 0)
+        inside = [p for p in run["curve"] if 0 < p["step"] < last]
+        start = curve_point(results["prior"], 0, target, n)
+        run["curve"] = [start, *inside, curve_point(results[name], last, target, n)]
 
 
 def _served_copy(model):
@@ -253,14 +279,9 @@ def train_all(args, config, store, prior_dir, reward, prior_served, tokenizer) -
             }
             print(f"[{reward}] reusing {name}: {done}", file=sys.stderr, flush=True)
             continue
-        curve = Curve(args, config, target, prior_served, tokenizer)
-        curves = args.curve_every and algo != "kto" and reward in args.curve_rewards.split(",")
+        curve = Curve(args, config, target, prior_served, tokenizer, train_config.steps)
+        curves = bool(args.curve_every) and reward in args.curve_rewards.split(",")
         curves = curves and ALIASES.get(name) not in names  # g's curve is psi's (ALIASES)
-        if curves:  # trl's trainer has its own loop
-            if reward not in _START:  # step 0 is the prior, the same for every learner
-                curve.measure(0, prior_served)
-                _START[reward] = curve.points[0]
-            curve.points = [_START[reward]]
         steps = f"up to {train_config.steps} steps, to KL {train_config.kl_budget:.3f}"
         print(
             f"[{reward}] training {name} for {steps if matched else f'{args.steps} steps'}",
@@ -273,14 +294,15 @@ def train_all(args, config, store, prior_dir, reward, prior_served, tokenizer) -
             "prior",
             config.model.system_prompt,
             train_config,
-            observe=curve.observe if curves else None,
+            observe=curve.observe if curves and algo != "kto" else None,  # trl: its own loop
         )
         out[name] = {
             "version": version,
             "folder": str(folder),
             "metrics": metrics,
             "last_kl": last_kl(folder),
-            "curve": curve.points,
+            "curve": curve.points,  # closed by curve_ends after the evaluation
+            "curved": curves,
             "seconds": time.perf_counter() - began,
         }
         print(f"  {name}: {metrics}", file=sys.stderr, flush=True)
@@ -292,7 +314,9 @@ def train_all(args, config, store, prior_dir, reward, prior_served, tokenizer) -
 # until its latest measurement reaches B's last one: the same statistic on both sides, so
 # A and B are compared at equal KL. (A mean over several measurements lags: filtered bc
 # gains ~0.05 nats/token a step and overshot psi's KL 2.6x when stopped on a mean of 3.)
-KL_EVERY = 4
+# A measurement is two forwards of the batch (~3 s on 2 cores); the last step always
+# measures, and the bench reads only that one, so every 8 steps (not 4) saves ~1 minute.
+KL_EVERY = 8
 
 
 def algos_for(args, reward: str) -> str:
@@ -330,9 +354,6 @@ def last_kl(folder) -> float:
     kls = [json.loads(line).get("kl_to_prior") for line in path.read_text().splitlines() if line]
     kls = [k for k in kls if k is not None]
     return kls[-1] if kls else 0.0
-
-
-_START = {}  # reward -> the learning curves' first point (the prior's)
 
 
 # A trained row whose served policy is another's within this KL (nats/token, measured on
@@ -533,6 +554,7 @@ def main() -> None:
         for reward in args.rewards.split(","):
             trained = train_all(args, config, store, prior_dir, reward, prior_served, tokenizer)
             results = evaluate_all(args, config, reward, trained, prior_served, tokenizer, store)
+            curve_ends(args, reward, trained, results)
             report["rewards"][reward] = {"trained": trained, "eval": results}
             print(f"\n(reward: {reward})\n" + table(reward, results, trained), flush=True)
             # kept as each reward finishes: a bench stopped in (b) still has (a)

@@ -51,7 +51,7 @@ from learner.evaluate import (
     perplexity_from,
     reply_positions,
 )
-from learner.simulate import SelfPlay, first_candidates, self_play
+from learner.simulate import Player, SelfPlay, first_candidates, self_play_many
 from rewards.combine import combine, fit_stats
 from rewards.score import contexts_of
 from rewards.suite import SIGNAL_NAMES, score_contexts
@@ -276,8 +276,10 @@ def evaluate(
 ) -> dict:
     """{model name: {column: {"value", "low", "high"}}, "samples": ...} for every model.
 
-    ``models`` maps a name to its (model, tokenizer) as served. ``progress(1)`` is
-    called after each model's self-play and each model's scoring (2 per model).
+    ``models`` maps a name to its (model, tokenizer) as served. The models play in
+    lock-step (:func:`learner.simulate.self_play_many`: their simulated users answer in
+    one batch). ``progress(1)`` is called after each model's round of bot turns and each
+    model's scoring: :func:`progress_units` in all.
     ``answer_last=False``: the simulated users do not answer the last bot turn (see
     :func:`learner.simulate.self_play`; the signals that read the reply then read none).
     ``rerank`` maps a model name to the :class:`learner.simulate.Rerank` it is played
@@ -294,28 +296,22 @@ def evaluate(
                 if plain not in rerank and plain not in twins and model is models[name][0]:
                     twins[plain] = name
                     break
-    games = {}
-    for name in sorted(models, key=lambda m: m not in twins.values()):  # best-of-N first
-        model = models[name][0]
-        if name in twins:
-            games[name] = first_candidates(games[twins[name]])
-            if progress:
-                progress(1)
-            continue
-        games[name] = self_play(
-            model,
-            user_model,
-            tokenizer,
-            n=n,
-            turns=turns,
-            seed=seed,
-            system_prompt=system_prompt,
-            settings=settings,
-            answer_last=answer_last,
-            rerank=rerank.get(name),
-        )
+    games = self_play_many(
+        {name: Player(models[name][0], rerank.get(name)) for name in models if name not in twins},
+        user_model,
+        tokenizer,
+        n=n,
+        turns=turns,
+        seed=seed,
+        system_prompt=system_prompt,
+        settings=settings,
+        answer_last=answer_last,
+        progress=progress,
+    )
+    for plain, name in twins.items():
+        games[plain] = first_candidates(games[name])
         if progress:
-            progress(1)
+            progress(turns)
     games = {name: games[name] for name in models}
     signals = {name: signals_per_game(g) for name, g in games.items()}
     pooled = {
@@ -342,6 +338,11 @@ def evaluate(
     return results
 
 
+def progress_units(models: int, turns: int) -> int:
+    """How many ``progress(1)`` calls :func:`evaluate` makes for ``models`` models."""
+    return models * (turns + 1)
+
+
 def compare(
     models: dict[str, tuple],
     user_model,
@@ -356,19 +357,16 @@ def compare(
     """What each model says to the same ``n`` held-out openers (seeded), and what the
     simulated user answered: [{"opener", "replies": {name: {"text", "answer", "combined",
     signal: value, ...}}}]. The combined reward is z-scored over every reply here."""
-    games = {
-        name: self_play(
-            model,
-            user_model,
-            tokenizer,
-            n=n,
-            turns=1,
-            seed=seed,
-            system_prompt=system_prompt,
-            settings=settings,
-        )
-        for name, (model, _) in models.items()
-    }
+    games = self_play_many(
+        {name: Player(model) for name, (model, _) in models.items()},
+        user_model,
+        tokenizer,
+        n=n,
+        turns=1,
+        seed=seed,
+        system_prompt=system_prompt,
+        settings=settings,
+    )
     signals = {name: signals_per_game(g) for name, g in games.items()}
     pooled = {s: [v for per in signals.values() for g in per for v in g[s]] for s in SIGNAL_NAMES}
     stats = fit_stats(pooled)

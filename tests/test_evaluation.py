@@ -439,14 +439,16 @@ def test_a_plain_rows_one_reply_games_are_its_best_of_n_games_first_candidates(
     from learner.simulate import Rerank
 
     model, tokenizer = load_model(tiny_model_dir)
-    played = []
-    real = evaluation.self_play
+    played, players = [], []
+    real = evaluation.self_play_many
 
-    def recording(*args, **kwargs):
-        played.append(real(*args, **kwargs))
-        return played[-1]
+    def recording(bots, *args, **kwargs):
+        games = real(bots, *args, **kwargs)
+        players.append(list(bots))
+        played.extend(games.values())
+        return games
 
-    monkeypatch.setattr(evaluation, "self_play", recording)
+    monkeypatch.setattr(evaluation, "self_play_many", recording)
     settings = Settings(temperature=1.0, top_p=1.0, max_new_tokens=6, repetition_penalty=1.0)
     rerank = {"best": Rerank(3, lambda user, replies: [(float(len(r)), 0.0) for r in replies])}
     common = dict(n=4, seed=5, system_prompt="s", settings=settings, weights={}, rerank=rerank)
@@ -454,7 +456,7 @@ def test_a_plain_rows_one_reply_games_are_its_best_of_n_games_first_candidates(
     results = evaluation.evaluate(
         models, model, model, tokenizer, turns=1, answer_last=False, **common
     )
-    assert len(played) == 1  # best-of-N's games only
+    assert players == [["best"]]  # best-of-N's games only
     best = played[0]
     assert all(len(g.candidates[1]) == 3 for g in best)
     assert all(
@@ -465,9 +467,9 @@ def test_a_plain_rows_one_reply_games_are_its_best_of_n_games_first_candidates(
     assert list(results)[1:] == ["plain", "best"]  # the rows in the order asked
     assert results["plain"]["kl_to_prior"]["value"] == 0.0
 
-    played.clear()
+    players.clear()
     evaluation.evaluate(models, model, model, tokenizer, turns=1, answer_last=True, **common)
-    assert len(played) == 2  # the users answer the chosen reply: each row plays its own
+    assert players == [["plain", "best"]]  # the users answer the chosen reply: each plays
 
 
 def test_eval_best_of_without_a_reward_model_is_one_line(rapport_home, tiny_model_dir):
@@ -477,3 +479,54 @@ def test_eval_best_of_without_a_reward_model_is_one_line(rapport_home, tiny_mode
         "Error: --best-of ranks replies with a reward model: train one first "
         "(`rapport reward-model train`)"
     )
+
+
+def test_models_compared_play_in_lock_step_their_users_answering_in_one_batch_a_round(
+    tiny_model_dir, monkeypatch
+):
+    """`rapport eval` plays its models in lock-step: each round one batched generation of
+    the simulated users answers every model's conversations; each model's first replies
+    are exactly those it gives playing alone (its own random stream, seeded alike), and
+    its conversations are whole (same openers and personas, alternating turns)."""
+    import copy
+
+    import learner.simulate as simulate
+
+    base, tokenizer = load_model(tiny_model_dir)
+    other = copy.deepcopy(base)
+    with torch.no_grad():
+        other.get_output_embeddings().weight.mul_(3.0)  # another policy: other replies
+    users = copy.deepcopy(base)
+    calls = []
+    real = simulate.generate_batch
+
+    def counting(model, tok, prompts, *args, **kwargs):
+        calls.append(("user" if model is users else "bot", len(prompts)))
+        return real(model, tok, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(simulate, "generate_batch", counting)
+    settings = Settings(temperature=1.0, top_p=1.0, max_new_tokens=5, repetition_penalty=1.0)
+    common = dict(n=4, turns=2, seed=11, system_prompt="s", settings=settings)
+    units = []
+    games = simulate.self_play_many(
+        {"base": simulate.Player(base), "other": simulate.Player(other)},
+        users,
+        tokenizer,
+        progress=units.append,
+        **common,
+    )
+    assert sum(units) == 2 * 2  # a unit per model and round
+    user_calls = [rows for who, rows in calls if who == "user"]
+    second = sum(1 for m in games for g in games[m] if len(g.turns) > 3)  # still talking
+    assert user_calls == [8, second] if second else [8]  # both models' users, in one batch
+    for name, model in (("base", base), ("other", other)):
+        alone = self_play(model, users, tokenizer, **common)
+        assert [(g.opener, g.persona) for g in games[name]] == [
+            (g.opener, g.persona) for g in alone
+        ]
+        assert [g.turns[1].text for g in games[name]] == [g.turns[1].text for g in alone]
+        for game in games[name]:
+            roles = [t.role for t in game.turns]
+            assert roles == ["user", "bot", "user", "bot", "user"][: len(roles)]
+            assert len(roles) >= 3  # every first reply answered
+    assert [g.turns[1].text for g in games["base"]] != [g.turns[1].text for g in games["other"]]

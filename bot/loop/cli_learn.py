@@ -151,7 +151,7 @@ def eval_command(
 ) -> None:
     """Compare model versions on the same seeded simulated users (default: the prior)."""
     from bot.policy import Settings
-    from learner.evaluation import evaluate, format_table, write_json
+    from learner.evaluation import evaluate, format_table, progress_units, write_json
     from learner.simulate import Rerank
     from rewards.rank import RewardRanker
 
@@ -180,7 +180,8 @@ def eval_command(
         prior, _, _ = served(config, store, config.model.path)
         user = served(config, store, user_model)[0] if user_model else prior
         settings = Settings.from_config(config.generation)
-        with progress(2 * len(models), "evaluating (self-play, then scoring, per model)") as bar:
+        units = progress_units(len(models), turns)
+        with progress(units, "evaluating (self-play rounds, then scoring, per model)") as bar:
             results = evaluate(
                 models,
                 prior,

@@ -40,7 +40,7 @@ from bot.policy import (
 from bot.progress import progress
 from bot.prompt import Turn, build_prompt
 from bot.store import Store
-from learner.evaluation import evaluate, format_table
+from learner.evaluation import evaluate, format_table, progress_units
 from learner.simulate import generate_batch
 
 SANITY_PROMPTS = (
@@ -165,8 +165,8 @@ def run_gate(
         )
     ]
     echo(f"gate: {version} against {against} on {gate.conversations} simulated conversations")
-    title = "gate: self-play, then scoring, per model"
-    with progress(4, title) as bar:
+    title = "gate: self-play rounds, then scoring, per model"
+    with progress(progress_units(2, gate.turns), title) as bar:
         results = evaluate(
             {version: (model, tokenizer), against: (served, tokenizer)},
             prior,
