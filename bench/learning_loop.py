@@ -22,7 +22,8 @@
    since the combined reward reads the user's reply.
 
 Columns: the targeted reward, question rate, KL(π‖prior) per token, perplexity of the
-replies under the prior, distinct-2, each with its 95% interval (percentile bootstrap
+replies under the prior, that perplexity over the prior's row's (paired by opener, as
+the 1.3x bound is judged), distinct-2, each with its 95% interval (percentile bootstrap
 over conversations; jackknife for distinct-2). During the training runs of
 ``--curve-rewards`` (default (a)), every ``--curve-every`` steps the policy answers the
 first ``--curve-n`` of the table's held-out openers and the targeted reward and KL are
@@ -66,7 +67,6 @@ ALGOS = ("psi", "kl_q", "g", "batch_q", "bc", "kto", "bc@psi")
 ALGOS_B = ("psi", "kl_q", "g", "batch_q", "bc", "kto")
 MATCHED_STEPS = 6  # "A@B" may train up to this many times --steps to reach B's KL
 REWARDS = ("bot_question", "combined")
-COLUMNS = ("targeted", "bot_question", "kl_to_prior", "perplexity", "distinct_2")
 
 
 def arguments() -> argparse.Namespace:
@@ -431,6 +431,7 @@ def evaluate_all(args, config, reward, trained, prior_served, tokenizer, store=N
         progress=lambda k: print(f"  evaluated {k} more", file=sys.stderr, flush=True),
         answer_last=not a,  # (a) measures the bot's replies alone
         rerank=rerank,
+        reference="prior",  # each row's perplexity over the prior's, paired by opener
     )
     results["seconds"] = time.perf_counter() - began
     for row, (twin, kl) in same.items():
@@ -471,9 +472,9 @@ def table(reward: str, results: dict, trained: dict | None = None) -> str:
     target = "bot_question" if reward == "bot_question" else "combined"
     header = (
         f"| model | steps | {target} (targeted) | question rate | KL/token | perplexity "
-        "| distinct-2 |"
+        "| perplexity / prior's (paired) | distinct-2 |"
     )
-    lines = [header, "|---|---|---|---|---|---|---|"]
+    lines = [header, "|---|---|---|---|---|---|---|---|"]
     for name, row in results.items():
         if name in ("samples", "seconds"):
             continue
@@ -483,6 +484,7 @@ def table(reward: str, results: dict, trained: dict | None = None) -> str:
             cell(row["bot_question"]),
             cell(row["kl_to_prior"]),
             cell(row["perplexity"]),
+            cell(row["perplexity_ratio"]) if "perplexity_ratio" in row else "-",
             cell(row["distinct_2"]),
         ]
         if "same_as" in row:  # evaluated as its twin: the served policies agree

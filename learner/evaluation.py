@@ -103,6 +103,27 @@ def _resamples(items: Sequence, seed: int, resamples: int):
         yield [items[rng.randrange(len(items))] for _ in items]
 
 
+def paired_ratio(
+    ours: Sequence[list[float]], theirs: Sequence[list[float]], seed: int, resamples: int = 1000
+) -> dict:
+    """{"value", "low", "high"}: the ratio of two models' pooled mean of a per-reply
+    measure (e.g. perplexity) on the same conversations (index i: the same opener and
+    persona), with a 95% percentile interval from resampling conversation indices for
+    both at once. Pairing removes what the openers share (a hard opener makes every
+    model's reply less fluent), which two intervals side by side count twice."""
+    if len(ours) != len(theirs):
+        raise ValueError("a paired ratio needs the same conversations on both sides")
+
+    def ratio(picked: Sequence[int]) -> float:
+        top = [x for i in picked for x in ours[i] if math.isfinite(x)]
+        bottom = [x for i in picked for x in theirs[i] if math.isfinite(x)]
+        return _mean(top) / _mean(bottom) if _mean(bottom) else float("nan")
+
+    indices = list(range(len(ours)))
+    low, high = _percentiles([ratio(r) for r in _resamples(indices, seed, resamples)])
+    return {"value": ratio(indices), "low": low, "high": high}
+
+
 def _percentiles(values: list[float]) -> tuple[float, float]:
     values = sorted(values)
     return values[int(0.025 * len(values))], values[int(0.975 * len(values)) - 1]
@@ -273,6 +294,7 @@ def evaluate(
     progress: Callable[[int], None] | None = None,
     answer_last: bool = True,
     rerank: dict | None = None,
+    reference: str | None = None,
 ) -> dict:
     """{model name: {column: {"value", "low", "high"}}, "samples": ...} for every model.
 
@@ -283,7 +305,9 @@ def evaluate(
     ``answer_last=False``: the simulated users do not answer the last bot turn (see
     :func:`learner.simulate.self_play`; the signals that read the reply then read none).
     ``rerank`` maps a model name to the :class:`learner.simulate.Rerank` it is played
-    with (best-of-N, e.g. "prior + best-of-4" beside trained versions).
+    with (best-of-N, e.g. "prior + best-of-4" beside trained versions). With a
+    ``reference`` model (e.g. the prior), every row also gets ``perplexity_ratio``: its
+    perplexity over the reference's, paired by conversation (:func:`paired_ratio`).
     """
     rerank = rerank or {}
     # One-reply games (unanswered) of a model that also plays best-of-N read their reply
@@ -319,6 +343,7 @@ def evaluate(
     }
     stats = fit_stats(pooled)
     results: dict = {"samples": {}}
+    perplexities = {}
     for name, (model, _) in models.items():
         measures = measures_of(
             games[name],
@@ -332,9 +357,14 @@ def evaluate(
             rerank.get(name),
         )
         results[name] = intervals(measures, seed)
+        perplexities[name] = [m["perplexity"] for m in measures]
         if progress:
             progress(1)
         results["samples"][name] = [[asdict(t) for t in g.turns] for g in games[name][:3]]
+    if reference in perplexities:
+        for name, per in perplexities.items():
+            ratio = paired_ratio(per, perplexities[reference], seed)
+            results[name]["perplexity_ratio"] = ratio
     return results
 
 

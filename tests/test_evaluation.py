@@ -454,7 +454,7 @@ def test_a_plain_rows_one_reply_games_are_its_best_of_n_games_first_candidates(
     common = dict(n=4, seed=5, system_prompt="s", settings=settings, weights={}, rerank=rerank)
     models = {"plain": (model, tokenizer), "best": (model, tokenizer)}
     results = evaluation.evaluate(
-        models, model, model, tokenizer, turns=1, answer_last=False, **common
+        models, model, model, tokenizer, turns=1, answer_last=False, reference="plain", **common
     )
     assert players == [["best"]]  # best-of-N's games only
     best = played[0]
@@ -466,6 +466,11 @@ def test_a_plain_rows_one_reply_games_are_its_best_of_n_games_first_candidates(
     assert plain == [[g.opener, g.candidates[1][0][0]] for g in best[:3]]
     assert list(results)[1:] == ["plain", "best"]  # the rows in the order asked
     assert results["plain"]["kl_to_prior"]["value"] == 0.0
+    assert results["plain"]["perplexity_ratio"] == {"value": 1.0, "low": 1.0, "high": 1.0}
+    ratio = results["best"]["perplexity_ratio"]["value"]
+    assert ratio == pytest.approx(
+        results["best"]["perplexity"]["value"] / results["plain"]["perplexity"]["value"]
+    )
 
     players.clear()
     evaluation.evaluate(models, model, model, tokenizer, turns=1, answer_last=True, **common)
@@ -530,3 +535,32 @@ def test_models_compared_play_in_lock_step_their_users_answering_in_one_batch_a_
             assert roles == ["user", "bot", "user", "bot", "user"][: len(roles)]
             assert len(roles) >= 3  # every first reply answered
     assert [g.turns[1].text for g in games["base"]] != [g.turns[1].text for g in games["other"]]
+
+
+def test_a_paired_perplexity_ratio_cancels_what_the_openers_share():
+    """Two models on the same openers, where the opener sets most of a reply's
+    perplexity: the ratio's paired interval holds its point and is far narrower than
+    the two models' own intervals would allow; a model against itself is exactly 1."""
+    from learner.evaluation import bootstrap, paired_ratio
+
+    rng = random.Random(3)
+    hardness = [rng.lognormvariate(1.5, 0.6) for _ in range(200)]
+    ours = [[h * 1.2 * rng.uniform(0.95, 1.05)] for h in hardness]
+    theirs = [[h * rng.uniform(0.95, 1.05)] for h in hardness]
+    paired = paired_ratio(ours, theirs, seed=0)
+    assert paired["low"] <= paired["value"] <= paired["high"]
+    assert paired["value"] == pytest.approx(
+        sum(x for c in ours for x in c) / sum(x for c in theirs for x in c)
+    )
+    assert 1.15 < paired["low"] and paired["high"] < 1.25  # the true ratio, 1.2, tightly
+
+    def mean(sample):
+        return sum(x for c in sample for x in c) / len(sample)
+
+    low_ours, high_ours = bootstrap(ours, mean, seed=0)
+    low_theirs, high_theirs = bootstrap(theirs, mean, seed=1)
+    unpaired_span = high_ours / low_theirs - low_ours / high_theirs
+    assert paired["high"] - paired["low"] < unpaired_span / 5
+    assert paired_ratio(ours, ours, seed=0) == {"value": 1.0, "low": 1.0, "high": 1.0}
+    with pytest.raises(ValueError):
+        paired_ratio(ours, theirs[:-1], seed=0)
