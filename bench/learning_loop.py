@@ -202,6 +202,12 @@ class Curve:
             self.measure(step, q)
 
 
+# reward -> the prior measured on the interior points' openers (the first --curve-n of
+# the table's): a reference line in the plot. The curves' ends are on all the openers,
+# whose question rate is not the first 16's, so an interior point is read against this.
+BASELINE: dict[str, dict] = {}
+
+
 def curve_point(row: dict, step: int, target: str, openers: int) -> dict:
     """One point of a learning curve from an evaluation row (with 95% intervals)."""
     point = {"step": step, "openers": openers, "bot_question": row["bot_question"]["value"]}
@@ -282,6 +288,10 @@ def train_all(args, config, store, prior_dir, reward, prior_served, tokenizer) -
         curve = Curve(args, config, target, prior_served, tokenizer, train_config.steps)
         curves = bool(args.curve_every) and reward in args.curve_rewards.split(",")
         curves = curves and ALIASES.get(name) not in names  # g's curve is psi's (ALIASES)
+        interior = curves and algo != "kto" and args.curve_every < train_config.steps
+        if interior and reward not in BASELINE:  # the interior points' own prior
+            curve.measure(0, prior_served)
+            BASELINE[reward] = curve.points.pop()
         steps = f"up to {train_config.steps} steps, to KL {train_config.kl_budget:.3f}"
         print(
             f"[{reward}] training {name} for {steps if matched else f'{args.steps} steps'}",
@@ -494,7 +504,7 @@ def table(reward: str, results: dict, trained: dict | None = None) -> str:
     return "\n".join(lines)
 
 
-def plot(curves: dict, path: Path) -> None:
+def plot(curves: dict, path: Path, baselines: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -519,7 +529,18 @@ def plot(curves: dict, path: Path) -> None:
                 axes[row][j].errorbar(
                     steps, values, yerr=[below, above], marker="o", capsize=3, label=algo
                 )
-        axes[0][j].set_title(f"reward: {reward}")
+        start = (baselines or {}).get(reward)
+        if start:  # the prior on the interior points' openers, with its interval
+            for row, column in ((0, "targeted"), (1, "kl_to_prior")):
+                low, high = start[f"{column}_interval"]
+                axes[row][j].axhspan(low, high, color="grey", alpha=0.15)
+                axes[row][j].axhline(
+                    start[column],
+                    color="grey",
+                    linestyle=":",
+                    label=f"prior on the interior points' {start['openers']} openers",
+                )
+        axes[0][j].set_title(f"reward: {reward} (ends: the table's rows)")
         axes[0][j].set_ylabel("targeted reward (held-out, 95% interval)")
         axes[1][j].set_ylabel("KL(π‖prior) per token")
         axes[1][j].set_xlabel("training step")
@@ -558,6 +579,7 @@ def main() -> None:
             results = evaluate_all(args, config, reward, trained, prior_served, tokenizer, store)
             curve_ends(args, reward, trained, results)
             report["rewards"][reward] = {"trained": trained, "eval": results}
+            report["rewards"][reward]["curve_baseline"] = BASELINE.get(reward)
             print(f"\n(reward: {reward})\n" + table(reward, results, trained), flush=True)
             # kept as each reward finishes: a bench stopped in (b) still has (a)
             (out / "results.json").write_text(json.dumps(report, indent=2, default=str))
@@ -585,7 +607,8 @@ def main() -> None:
         reward: {a: t["curve"] for a, t in r["trained"].items()}
         for reward, r in report["rewards"].items()
     }
-    plot(curves, out / "curves.png")
+    baselines = {reward: r.get("curve_baseline") for reward, r in report["rewards"].items()}
+    plot(curves, out / "curves.png", baselines)
     html = ["<html><body><h1>rapport: the learning loop</h1>", f"<p>{md[0]}</p>"]
     for reward, r in report["rewards"].items():
         html.append(f"<h2>{reward}</h2><pre>{table(reward, r['eval'], r['trained'])}</pre>")
