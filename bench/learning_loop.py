@@ -32,9 +32,10 @@ table (all the openers): the learning curves, plotted into the HTML report.
 
 Run: ``.venv/bin/python bench/learning_loop.py`` (``make learning-loop``). The defaults
 are sized for 2 CPU cores (48 conversations, 16 steps; the settings are in the table's
-header) and still miss the 60-minute goal for the whole bench: on 2 idle cores of an
-Intel Xeon without native bf16 it took 73 minutes, of which simulation and (a) ~46 and
-(b) ~27 (RESULTS.md, ninth run; 85 in the eighth); ``--rewards bot_question`` runs (a)
+header): on 2 idle cores of an Intel Xeon @ 2.60GHz without native bf16 the whole bench
+took 49 minutes, of which simulation and (a) ~31 and (b) ~18 (RESULTS.md, tenth run);
+the same code would take about 65-70 on the slower 2.80GHz Xeon of the ninth run (73
+minutes with the code before it); ``--rewards bot_question`` runs (a)
 alone. With
 ``--curve-n 16`` each interior point's question rate has a 95% interval about +-0.2
 wide (plotted as error bars; the ends, on 200 openers, about +-0.06): on CPU the
