@@ -1,7 +1,9 @@
 """``rapport eval``: compare model versions on the same simulated users (the paper's tables).
 
 Every model plays the same seeded self-play conversations (same openers, personas and
-seeds; see :mod:`learner.simulate`). Per model, over its bot turns:
+seeds), all in lock-step: each round every model replies, then one batched generation
+answers all their simulated users; each model samples from its own stream, seeded alike
+(:func:`learner.simulate.self_play_many`). Per model, over its bot turns:
 
 - elicited reward: every implicit signal, and the combined reward with statistics fitted
   on the pooled self-play of all the models compared (so the numbers are comparable);
@@ -16,7 +18,9 @@ seeds; see :mod:`learner.simulate`). Per model, over its bot turns:
 - relatedness (embedding similarity), question rate, repetition;
 - KL(π‖prior) per token along every one of its replies, in the full conversation the
   policy acted in (one forward per conversation and model, reading every bot token);
-- reply length in words, and conversation length (bot turns before the user left).
+- reply length in words, and conversation length (bot turns before the user left);
+- with a ``reference`` model, each model's perplexity over the reference's, paired by
+  conversation (:func:`paired_ratio`).
 
 Each number comes with a 95% interval over conversations: a percentile bootstrap
 (seeded) for the columns that average over replies, and a jackknife (leave one
