@@ -289,8 +289,9 @@ def train_all(args, config, store, prior_dir, reward, prior_served, tokenizer) -
         curve = Curve(args, config, target, prior_served, tokenizer, train_config.steps)
         curves = bool(args.curve_every) and reward in args.curve_rewards.split(",")
         curves = curves and ALIASES.get(name) not in names  # g's curve is psi's (ALIASES)
-        interior = curves and algo != "kto" and args.curve_every < train_config.steps
-        if interior and reward not in BASELINE:  # the interior points' own prior
+        observed = curves and algo != "kto"  # trl's trainer has its own loop
+        if observed and args.curve_every < train_config.steps and reward not in BASELINE:
+            # the prior on the interior points' own openers
             curve.measure(0, prior_served)
             BASELINE[reward] = curve.points.pop()
         steps = f"up to {train_config.steps} steps, to KL {train_config.kl_budget:.3f}"
@@ -305,7 +306,7 @@ def train_all(args, config, store, prior_dir, reward, prior_served, tokenizer) -
             "prior",
             config.model.system_prompt,
             train_config,
-            observe=curve.observe if curves and algo != "kto" else None,  # trl: its own loop
+            observe=curve.observe if observed else None,
         )
         out[name] = {
             "version": version,

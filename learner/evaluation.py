@@ -118,10 +118,9 @@ def paired_ratio(
     if len(ours) != len(theirs):
         raise ValueError("a paired ratio needs the same conversations on both sides")
 
-    def ratio(picked: Sequence[int]) -> float:
-        top = [x for i in picked for x in ours[i] if math.isfinite(x)]
-        bottom = [x for i in picked for x in theirs[i] if math.isfinite(x)]
-        return _mean(top) / _mean(bottom) if _mean(bottom) else float("nan")
+    def ratio(picked: Sequence[int]) -> float:  # _mean skips non-finite values
+        bottom = _mean([x for i in picked for x in theirs[i]])
+        return _mean([x for i in picked for x in ours[i]]) / bottom if bottom else float("nan")
 
     indices = list(range(len(ours)))
     low, high = _percentiles([ratio(r) for r in _resamples(indices, seed, resamples)])
