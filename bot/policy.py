@@ -296,6 +296,8 @@ def sample_rows(
     logits: torch.Tensor,  # (B, V) scores for each row's next token, penalties applied
     settings: Settings,
     generator: torch.Generator | None = None,
+    keys: torch.Tensor | None = None,  # (B,) int64: paired sampling (keyed_gumbel)
+    step: int = 0,
 ) -> torch.Tensor:
     """One token per row, as :func:`sample_next` picks it (temperature, then top-p
     found within the top ``NUCLEUS_SEARCH`` tokens, the full sort only for a row whose
@@ -303,22 +305,35 @@ def sample_rows(
     library's top-p sorts the whole vocabulary of every row, which on 2 CPU cores took
     longer (~160 ms for 64 rows, plus ~95 ms for a multinomial over 49,152 tokens) than
     the model's own decode step (~250 ms). A single row draws the same token as
-    :func:`sample_next` from the same generator state."""
+    :func:`sample_next` from the same generator state.
+
+    With ``keys``, each row draws from the same distribution by the Gumbel-max trick
+    with noise that is a function of (row key, ``step``, token id) alone
+    (:func:`keyed_gumbel`), not of a generator: paired sampling (see there)."""
     logits = logits.float()
     if settings.temperature == 0:
         return torch.argmax(logits, dim=-1)
     probs = torch.softmax(logits / settings.temperature, dim=-1)
+
+    def pick(top, order, rows):  # rows: the rows' keys (paired) or None
+        if keys is None:
+            return _nucleus(top, order, settings.top_p, generator)
+        return _keyed_nucleus(top, order, settings.top_p, rows, step)
+
     if settings.top_p >= 1.0:
-        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+        if keys is None:
+            return torch.multinomial(probs, 1, generator=generator)[:, 0]
+        every = torch.arange(probs.shape[-1], device=probs.device).expand_as(probs)
+        return torch.argmax(probs.log() + keyed_gumbel(keys, step, every), dim=-1)
     top, order = torch.topk(probs, min(NUCLEUS_SEARCH, probs.shape[-1]), dim=-1)
     short = top.sum(-1) < settings.top_p  # rows whose nucleus goes past the top k
     if not short.any():
-        return _nucleus(top, order, settings.top_p, generator)
+        return pick(top, order, keys)
     tokens = torch.empty(len(probs), dtype=torch.long, device=probs.device)
     if (~short).any():
-        tokens[~short] = _nucleus(top[~short], order[~short], settings.top_p, generator)
+        tokens[~short] = pick(top[~short], order[~short], None if keys is None else keys[~short])
     full, full_order = torch.sort(probs[short], descending=True)
-    tokens[short] = _nucleus(full, full_order, settings.top_p, generator)
+    tokens[short] = pick(full, full_order, None if keys is None else keys[short])
     return tokens
 
 
@@ -330,17 +345,83 @@ def _nucleus(top, order, top_p: float, generator) -> torch.Tensor:
     return order.gather(-1, choice)[:, 0]
 
 
+def _keyed_nucleus(top, order, top_p: float, keys, step: int) -> torch.Tensor:
+    """:func:`_nucleus` by the Gumbel-max trick: the nucleus token whose log-probability
+    plus its keyed noise is largest (a sample of the renormalised nucleus)."""
+    inside = torch.cumsum(top, dim=-1) - top < top_p
+    score = torch.where(inside, top.log() + keyed_gumbel(keys, step, order), -torch.inf)
+    return order.gather(-1, score.argmax(-1, keepdim=True))[:, 0]
+
+
+_MIX = (-0x40A7B892E31B1A47, -0x6B2FB644ECCEEE15)  # splitmix64's multipliers, as int64
+_GOLDEN = -0x61C8864680B583EB  # 2^64 / golden ratio, as int64
+
+
+def _wrap(value: int) -> int:
+    """A Python int as the int64 it wraps to (two's complement)."""
+    return (value + (1 << 63)) % (1 << 64) - (1 << 63)
+
+
+def _shift(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> n) & ((1 << (64 - n)) - 1)
+
+
+def _mix64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 tensors (multiplication wraps, as in C)."""
+    x = (x ^ _shift(x, 30)) * _MIX[0]
+    x = (x ^ _shift(x, 27)) * _MIX[1]
+    return x ^ _shift(x, 31)
+
+
+def keyed_gumbel(keys: torch.Tensor, step: int, tokens: torch.Tensor) -> torch.Tensor:
+    """Gumbel noise for each row's ``tokens`` at ``step``: (B,) int64 keys, (B, K) token
+    ids -> (B, K) float32, a hash of (key, step, token id) alone.
+
+    Paired sampling (common random numbers): two models sampling a row with the same key
+    share every token's noise, so where their next-token distributions agree they draw
+    the same token (by the Gumbel-max trick, with probability at least (1 - TV) / (1 +
+    TV), TV their total-variation distance), and a comparison of the two reads the
+    difference of the models rather than the luck of two independent draws. The draw
+    depends on nothing else: not on the other rows of the batch, its size or order.
+    Only the tokens looked at are hashed (the nucleus: ~256 a row, not 49,152)."""
+    x = _mix64(_mix64(keys[:, None] + _wrap(step * _GOLDEN)) + tokens)
+    uniform = (_shift(x, 11).double() + 0.5) / 2.0**53  # in (0, 1)
+    return (-torch.log(-torch.log(uniform))).float()
+
+
+def row_key(*parts: int) -> int:
+    """A 63-bit key from integers (seed, conversation, turn, copy, ...): splitmix64
+    chained over the parts, the same on every machine and run."""
+    x = torch.tensor([0], dtype=torch.long)
+    for part in parts:
+        x = _mix64(x + _wrap(part * _GOLDEN + 1))
+    return int(x[0]) & ((1 << 63) - 1)
+
+
 class NucleusSampling:
     """A logits processor for the library's ``generate(do_sample=False)``: it samples
     each row with :func:`sample_rows` and leaves only the sampled token finite, so the
     greedy pick is the sample (the library's own warpers and multinomial never run).
-    The library's repetition penalty runs before it, as in :func:`sample_next`."""
+    The library's repetition penalty runs before it, as in :func:`sample_next`.
 
-    def __init__(self, settings: Settings, generator: torch.Generator | None = None):
+    With ``keys`` (one int per row), paired sampling: row ``r``'s ``t``-th token is
+    drawn with :func:`keyed_gumbel` noise of (``keys[r]``, ``t``) (see there)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        generator: torch.Generator | None = None,
+        keys: list[int] | None = None,
+    ):
         self.settings, self.generator = settings, generator
+        self.keys = None if keys is None else torch.tensor(keys, dtype=torch.long)
+        self.step = 0
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        tokens = sample_rows(scores, self.settings, self.generator)
+        keys = None if self.keys is None else self.keys.to(scores.device)
+        tokens = sample_rows(scores, self.settings, self.generator, keys, self.step)
+        self.step += 1
         picked = torch.full_like(scores, float("-inf"))
         picked.scatter_(-1, tokens[:, None], 0.0)
         return picked

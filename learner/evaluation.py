@@ -2,8 +2,14 @@
 
 Every model plays the same seeded self-play conversations (same openers, personas and
 seeds), all in lock-step: each round every model replies, then one batched generation
-answers all their simulated users; each model samples from its own stream, seeded alike
-(:func:`learner.simulate.self_play_many`). Per model, over its bot turns:
+answers all their simulated users (:func:`learner.simulate.self_play_many`). Sampling is
+paired: each token's draw is keyed by (seed, conversation, turn, token), so where two
+models' next-token distributions agree they draw the same token, and their users answer
+the same words alike (common random numbers; :func:`bot.policy.keyed_gumbel`). A
+difference between two rows is then the models', not two independent draws' (the
+prior's perplexity over 200 openers moved 6.59 -> 5.94 between two runs that differed
+only in its random draws, psi's ratio to it 1.17 -> 1.30). Per model, over its bot
+turns:
 
 - elicited reward: every implicit signal, and the combined reward with statistics fitted
   on the pooled self-play of all the models compared (so the numbers are comparable);
@@ -314,8 +320,10 @@ def evaluate(
     """
     rerank = rerank or {}
     # One-reply games (unanswered) of a model that also plays best-of-N read their reply
-    # from its best-of-N games' first candidates: the same distribution, sampled once
-    # (in the learning bench, the prior's 200 replies are 1.6 of its 85 minutes).
+    # from its best-of-N games' first candidates: paired, the first candidate is keyed
+    # as the plain reply, so these are exactly the replies it would play on its own,
+    # sampled once (in the learning bench, the prior's 200 replies are 1.6 of its 85
+    # minutes).
     twins = {}  # plain row -> its best-of-N row
     if turns == 1 and not answer_last:
         for name in rerank:
@@ -334,6 +342,7 @@ def evaluate(
         settings=settings,
         answer_last=answer_last,
         progress=progress,
+        paired=True,  # common random numbers: the rows differ by their models alone
     )
     for plain, name in twins.items():
         games[plain] = first_candidates(games[name])

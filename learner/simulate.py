@@ -11,6 +11,14 @@ Design
   ends its conversation by saying goodbye (or an empty line); finished conversations
   drop out of later batches.
 - Seeded: the same seed gives the same personas, openers and samples.
+- Paired (``paired=True``, what ``rapport eval`` and the gate play): every token is drawn
+  with noise keyed by (seed, conversation, turn, token) (:func:`bot.policy.keyed_gumbel`),
+  not from a shared random stream: common random numbers. Two models that would say the
+  same thing in a conversation do (their users then answer alike too), so a comparison
+  of versions measures the versions, not the luck of independent draws; and a
+  conversation's draws do not depend on what is batched beside it. Each model's replies
+  are still samples of its own distribution. ``rapport simulate`` samples unpaired (the
+  learner's data are ordinary samples).
 - ``rapport simulate`` applies the chat's reply safety filter (:mod:`bot.safety`): the
   flagged replies of a round are regenerated together, once, and those flagged again
   get the fallback; each flagged reply is logged withdrawn, replaced by the next, as a
@@ -30,7 +38,7 @@ import torch
 from transformers import LogitsProcessorList
 
 from bot.corpora import chitchat_conversations
-from bot.policy import NucleusSampling, Settings, clean_reply
+from bot.policy import NucleusSampling, Settings, clean_reply, row_key
 from bot.prompt import Turn, build_prompt
 from bot.safety import SafetyFilter
 from bot.store_data import Imported
@@ -70,6 +78,9 @@ class SelfPlay:
     # best-of-N: turn index of a sent bot turn -> the N sampled (reply, cut) it was chosen
     # from, in sampling order
     candidates: dict[int, list[tuple[str, bool]]] = field(default_factory=dict)
+    # paired sampling: the key of each turn's draws is row_key(key, turn index), None
+    # for unpaired play (see the module doc)
+    key: int | None = None
 
     @property
     def bot_turns(self) -> list[str]:
@@ -117,6 +128,7 @@ def generate_batch(
     cut: list | None = None,
     group: int = GENERATE_GROUP,
     copies: int = 1,
+    keys: list[int] | None = None,
 ) -> list[str]:
     """``copies`` sampled replies per prompt (side by side), in input order: the prompts
     sorted by length and generated ``group`` rows at a time, each group one left-padded
@@ -124,15 +136,20 @@ def generate_batch(
     length limit ended it (no stop token was sampled), as the chat logs it (see
     :meth:`bot.policy.Policy.stream_tokens`). With ``copies`` > 1 (best-of-N) each prompt
     is read once and its cache repeated for its copies, as the chat samples best-of-N's
-    candidates (:meth:`bot.policy.Policy.sample_replies`)."""
+    candidates (:meth:`bot.policy.Policy.sample_replies`). ``keys`` (one per prompt):
+    paired sampling (:class:`bot.policy.NucleusSampling`), copy ``c`` of prompt ``i``
+    keyed :func:`copy_key` (``keys[i]``, ``c``)."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     replies: list[str] = [""] * (len(prompts) * copies)
     was_cut: list[bool] = [False] * (len(prompts) * copies)
     per_group = max(group // copies, 1)
     for start in range(0, len(order), per_group):
         picked = order[start : start + per_group]
+        rows_keys = (
+            None if keys is None else [copy_key(keys[i], c) for i in picked for c in range(copies)]
+        )
         texts, cuts = _generate_group(
-            model, tokenizer, [prompts[i] for i in picked], settings, copies
+            model, tokenizer, [prompts[i] for i in picked], settings, copies, rows_keys
         )
         rows = [i * copies + c for i in picked for c in range(copies)]
         for row, text, flag in zip(rows, texts, cuts, strict=True):
@@ -142,12 +159,18 @@ def generate_batch(
     return replies
 
 
+def copy_key(key: int, copy: int) -> int:
+    """The key of copy ``copy`` of a prompt keyed ``key``: the first copy is the prompt's
+    own key, so best-of-N's first candidate is the reply a plain model draws."""
+    return key if copy == 0 else row_key(key, copy)
+
+
 @torch.no_grad()
 def _generate_group(
-    model, tokenizer, prompts, settings, copies: int = 1
+    model, tokenizer, prompts, settings, copies: int = 1, keys: list[int] | None = None
 ) -> tuple[list[str], list[bool]]:
     """(replies, cut flags) of one left-padded batched ``generate``, ``copies`` rows a
-    prompt side by side."""
+    prompt side by side; ``keys``, one per row: paired sampling."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=model.device)
@@ -181,7 +204,7 @@ def _generate_group(
         temperature=None,
         top_p=None,
         top_k=None,
-        logits_processor=LogitsProcessorList([NucleusSampling(settings)]),
+        logits_processor=LogitsProcessorList([NucleusSampling(settings, keys=keys)]),
         repetition_penalty=settings.repetition_penalty,
         eos_token_id=list(tokenizer.all_special_ids),
         pad_token_id=pad,
@@ -209,12 +232,12 @@ class Rerank:
         return math.log(self.n) - (self.n - 1) / self.n
 
 
-def best_of_batch(model, tokenizer, prompts, settings, rerank: Rerank, games):
+def best_of_batch(model, tokenizer, prompts, settings, rerank: Rerank, games, keys=None):
     """(replies, cut flags): ``rerank.n`` samples per prompt in one batched generation
     (the rows of a prompt lie side by side), each game's best by the ranking."""
     cut: list[bool] = []
     n = rerank.n
-    many = generate_batch(model, tokenizer, prompts, settings, cut, copies=n)
+    many = generate_batch(model, tokenizer, prompts, settings, cut, copies=n, keys=keys)
     replies, flags = [], []
     for k, game in enumerate(games):
         drawn = range(k * n, (k + 1) * n)
@@ -230,7 +253,8 @@ def first_candidates(games: list[SelfPlay]) -> list[SelfPlay]:
     """One-turn best-of-N games as the plain model's own: each bot turn replaced by the
     first of the N replies it was chosen from (each candidate is an independent sample of
     the model with the same settings, so the first one is what a plain self-play would
-    have sampled, in distribution); unanswered, as the best-of-N games must be."""
+    have sampled: in distribution, and in paired play exactly, its key being the plain
+    reply's); unanswered, as the best-of-N games must be."""
     out = []
     for game in games:
         plain = SelfPlay(game.opener, game.persona, turns=game.turns[:1])
@@ -281,6 +305,7 @@ def self_play_many(
     answer_last: bool = True,
     safety: SafetyFilter | None = None,
     progress: Callable[[int], None] | None = None,
+    paired: bool = False,
 ) -> dict[str, list[SelfPlay]]:
     """:func:`self_play` of several bots on the same openers and personas, in lock-step:
     each round every bot replies in its own conversations, then the simulated users of
@@ -290,12 +315,17 @@ def self_play_many(
     seeded alike (its first turn draws exactly what a :func:`self_play` of it alone
     draws: common random numbers between the models compared); the users' draws
     continue the last bot's stream (for one bot, exactly :func:`self_play`).
-    ``progress(1)`` after each bot's round of replies."""
+    ``paired``: every draw keyed by (seed, conversation, turn, token) instead (module
+    doc): the streams then play no part. ``progress(1)`` after each bot's round of
+    replies."""
     openers = held_out_openers(n, seed, split)
     games: dict[str, list[SelfPlay]] = {}
     for name in players:
         rng = random.Random(seed)
-        games[name] = [SelfPlay(opener, rng.choice(PERSONAS)) for opener in openers]
+        games[name] = [
+            SelfPlay(opener, rng.choice(PERSONAS), key=row_key(seed, i) if paired else None)
+            for i, opener in enumerate(openers)
+        ]
         for game in games[name]:
             game.turns.append(Turn("user", game.opener))
     torch.manual_seed(seed)
@@ -338,18 +368,25 @@ def _set_rng_state(state) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
+def turn_keys(games: list[SelfPlay]) -> list[int] | None:
+    """The keys of each game's next turn (paired play), or None (unpaired)."""
+    if any(g.key is None for g in games):
+        return None
+    return [row_key(g.key, len(g.turns)) for g in games]
+
+
 def _bot_round(player: Player, live, tokenizer, system_prompt, settings, context_tokens, safety):
     """Every live game's next bot turn (best-of-N if the player plays it; checked by
     ``safety`` as a chat checks its replies, if given)."""
     prompts = [build_prompt(tokenizer, system_prompt, g.turns, context_tokens) for g in live]
     cut: list[bool] = []
-    model, rerank = player.model, player.rerank
+    model, rerank, keys = player.model, player.rerank, turn_keys(live)
     if rerank:
-        replies, cut = best_of_batch(model, tokenizer, prompts, settings, rerank, live)
+        replies, cut = best_of_batch(model, tokenizer, prompts, settings, rerank, live, keys)
     else:
-        replies = generate_batch(model, tokenizer, prompts, settings, cut)
+        replies = generate_batch(model, tokenizer, prompts, settings, cut, keys=keys)
     if safety is not None:
-        check_replies(live, replies, cut, prompts, safety, model, tokenizer, settings)
+        check_replies(live, replies, cut, prompts, safety, model, tokenizer, settings, keys)
     for game, reply, was_cut in zip(live, replies, cut, strict=True):
         if was_cut:
             game.cut.add(len(game.turns))
@@ -370,7 +407,9 @@ def _user_round(live, user_model, tokenizer, settings, context_tokens) -> None:
         for g in live
     ]
     user_settings = replace(settings, max_new_tokens=min(settings.max_new_tokens, USER_MAX_TOKENS))
-    said_all = generate_batch(user_model, tokenizer, user_prompts, user_settings)
+    said_all = generate_batch(
+        user_model, tokenizer, user_prompts, user_settings, keys=turn_keys(live)
+    )
     for game, said in zip(live, said_all, strict=True):
         game.turns.append(Turn("user", said))
         if said == "…" or any(word in said.lower() for word in GOODBYES):
@@ -386,10 +425,12 @@ def check_replies(
     model,
     tokenizer,
     settings: Settings,
+    keys: list[int] | None = None,
 ) -> None:
     """The safety filter on one round of bot replies, in place: the flagged ones are
     regenerated together, once; those flagged again become the fallback line. Each
-    flagged reply is recorded on its game (``withdrawn``) for the next bot turn."""
+    flagged reply is recorded on its game (``withdrawn``) for the next bot turn. With
+    ``keys`` (paired play) the regenerated replies are keyed too (a second draw)."""
     pending = list(range(len(replies)))
     for attempt in range(2):
         scores = safety.scores([replies[i] for i in pending])
@@ -404,7 +445,10 @@ def check_replies(
         if attempt == 0:
             again: list[bool] = []
             flagged_prompts = [prompts[i] for i in flagged]
-            redone = generate_batch(model, tokenizer, flagged_prompts, settings, again)
+            redrawn = None if keys is None else [row_key(keys[i], -1) for i in flagged]
+            redone = generate_batch(
+                model, tokenizer, flagged_prompts, settings, again, keys=redrawn
+            )
             for i, text, was_cut in zip(flagged, redone, again, strict=True):
                 replies[i], cut[i] = text, was_cut
         pending = flagged

@@ -436,7 +436,7 @@ def test_a_plain_rows_one_reply_games_are_its_best_of_n_games_first_candidates(
     replies are the first of the N candidates each best-of-N reply was chosen from, not a
     self-play of their own; with answered or longer games each row plays its own."""
     import learner.evaluation as evaluation
-    from learner.simulate import Rerank
+    from learner.simulate import Player, Rerank
 
     model, tokenizer = load_model(tiny_model_dir)
     played, players = [], []
@@ -471,6 +471,21 @@ def test_a_plain_rows_one_reply_games_are_its_best_of_n_games_first_candidates(
     assert ratio == pytest.approx(
         results["best"]["perplexity"]["value"] / results["plain"]["perplexity"]["value"]
     )
+
+    # paired play: the first candidates are exactly the replies the plain model plays
+    solo = real(
+        {"plain": Player(model)},
+        model,
+        tokenizer,
+        n=4,
+        turns=1,
+        seed=5,
+        system_prompt="s",
+        settings=settings,
+        answer_last=False,
+        paired=True,
+    )["plain"]
+    assert plain == [[g.opener, g.turns[1].text] for g in solo[:3]]
 
     players.clear()
     evaluation.evaluate(models, model, model, tokenizer, turns=1, answer_last=True, **common)
@@ -535,6 +550,47 @@ def test_models_compared_play_in_lock_step_their_users_answering_in_one_batch_a_
             assert roles == ["user", "bot", "user", "bot", "user"][: len(roles)]
             assert len(roles) >= 3  # every first reply answered
     assert [g.turns[1].text for g in games["base"]] != [g.turns[1].text for g in games["other"]]
+
+
+def test_paired_play_draws_each_conversation_by_its_key_whatever_plays_beside_it(
+    tiny_model_dir,
+):
+    """`rapport eval` plays paired (common random numbers): a model's conversations,
+    its simulated users' lines included, are the same whether it plays alone or beside
+    another model (other batches, other rows); a copy of a model plays exactly its
+    conversations, where unpaired play gives the copy's users other draws; and each
+    conversation's draws are its own (the replies of a model to six openers are not one
+    draw repeated)."""
+    import copy
+
+    from learner.simulate import Player, self_play_many
+
+    base, tokenizer = load_model(tiny_model_dir)
+    other = copy.deepcopy(base)
+    with torch.no_grad():
+        other.get_output_embeddings().weight.mul_(3.0)
+    users = copy.deepcopy(base)
+    settings = Settings(temperature=1.0, top_p=0.9, max_new_tokens=6, repetition_penalty=1.0)
+    common = dict(n=6, turns=2, seed=11, system_prompt="s", settings=settings)
+
+    def texts(games):
+        return [[t.text for t in g.turns] for g in games]
+
+    alone = self_play_many({"base": Player(base)}, users, tokenizer, paired=True, **common)
+    beside = self_play_many(
+        {"other": Player(other), "base": Player(base)}, users, tokenizer, paired=True, **common
+    )
+    assert texts(beside["base"]) == texts(alone["base"])
+    assert texts(beside["other"]) != texts(alone["base"])
+    assert all(len(g.turns) >= 3 for g in alone["base"])  # the users' lines compared too
+
+    twins = {"base": Player(base), "copy": Player(copy.deepcopy(base))}
+    paired = self_play_many(twins, users, tokenizer, paired=True, **common)
+    assert texts(paired["copy"]) == texts(paired["base"]) == texts(alone["base"])
+    unpaired = self_play_many(twins, users, tokenizer, **common)
+    assert texts(unpaired["copy"]) != texts(unpaired["base"])
+    replies = [g.turns[1].text for g in alone["base"]]
+    assert len(set(replies)) > 3
 
 
 def test_a_paired_perplexity_ratio_cancels_what_the_openers_share():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -105,6 +106,57 @@ def test_batched_sampling_draws_each_rows_nucleus_as_the_chat_does():
         assert a == int(b[0])
     greedy = Settings(temperature=0, top_p=1.0, max_new_tokens=1, repetition_penalty=1.0)
     assert sample_rows(rows, greedy).tolist() == [0, int(flat.argmax()), vocab - 1]
+
+
+def test_paired_sampling_draws_each_nucleus_and_shares_the_draws_of_agreeing_models():
+    """Keyed (paired) sampling, what `rapport eval` plays: each row still samples its
+    nucleus distribution (also past the top-k, and without top-p); two models whose
+    distributions nearly agree draw the same token for the same key far more often than
+    independent draws would (at least (1 - TV)/(1 + TV), TV their total-variation
+    distance); and a row's draw is a function of its key and step alone, not of the
+    other rows beside it."""
+    from bot.policy import NUCLEUS_SEARCH, row_key
+
+    none = torch.tensor([], dtype=torch.long)
+    s = Settings(temperature=0.8, top_p=0.7, max_new_tokens=1, repetition_penalty=1.0)
+    vocab = NUCLEUS_SEARCH * 2
+    peaked = torch.full((vocab,), -10.0)
+    peaked[:6] = torch.tensor([3.0, 2.5, 2.0, 1.0, 0.5, 0.0])
+    flat = torch.randn(vocab, generator=torch.Generator().manual_seed(1)) * 0.01
+    n = 4000
+    keys = torch.tensor([row_key(7, i) for i in range(n)])
+    for row, settings in ((peaked, s), (flat, s), (peaked, replace(s, top_p=1.0))):
+        drawn = sample_rows(row.expand(n, vocab), settings, keys=keys, step=3)
+        expected = naive_sample_distribution(row, none, settings)
+        counts = torch.bincount(drawn, minlength=vocab).float()
+        assert set(drawn.tolist()) <= set(torch.nonzero(expected).flatten().tolist())
+        assert torch.allclose(counts / n, expected, atol=0.03)
+    past = sample_rows(flat.expand(n, vocab), s, keys=keys, step=3)
+    assert len(set(past.tolist())) > NUCLEUS_SEARCH  # the full sort, keyed too
+
+    # a second model a little off the first: most keys draw the same token from both
+    close = peaked + torch.randn(vocab, generator=torch.Generator().manual_seed(2)) * 0.3
+    p = naive_sample_distribution(peaked, none, s)
+    q = naive_sample_distribution(close, none, s)
+    tv = float((p - q).abs().sum() / 2)
+    a = sample_rows(peaked.expand(n, vocab), s, keys=keys, step=0)
+    b = sample_rows(close.expand(n, vocab), s, keys=keys, step=0)
+    same = float((a == b).float().mean())
+    independent = float((p * q).sum())  # P(same) of unpaired draws
+    assert 0.05 < tv < 0.3
+    assert same >= (1 - tv) / (1 + tv) - 0.02 and same > independent + 0.3
+    # another step or key: fresh draws, as unpaired ones would be
+    again = sample_rows(peaked.expand(n, vocab), s, keys=keys, step=1)
+    assert abs(float((a == again).float().mean()) - float((p * p).sum())) < 0.03
+
+    # the other rows do not matter: a row drawn alone = the same row in a mixed batch
+    batch = torch.stack([peaked, flat, close, peaked.flip(0)])
+    rows = torch.tensor([row_key(9, i) for i in range(4)])
+    for step in range(20):
+        together = sample_rows(batch, s, keys=rows, step=step)
+        for i in range(4):
+            alone = sample_rows(batch[i : i + 1], s, keys=rows[i : i + 1], step=step)
+            assert int(alone[0]) == int(together[i])
 
 
 def test_greedy_and_penalty():
