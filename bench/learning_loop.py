@@ -21,10 +21,13 @@
    distinct openers; (b) ``--eval-n-b`` conversations of ``--eval-turns-b`` bot turns,
    since the combined reward reads the user's reply.
 
-Columns: the targeted reward, question rate, KL(π‖prior) per token, perplexity of the
-replies under the prior, that perplexity over the prior's row's (paired by opener, as
-the 1.3x bound is judged), distinct-2, each with its 95% interval (percentile bootstrap
-over conversations; jackknife for distinct-2). During the training runs of
+Columns: the targeted reward, and the same minus the prior's row (paired by opener),
+question rate, KL(π‖prior) per token, perplexity of the replies under the prior, that
+perplexity over the prior's row's (paired by opener, as the 1.3x bound is judged),
+distinct-2, each with its 95% interval (percentile bootstrap over conversations;
+jackknife for distinct-2). The evaluation samples paired (``rapport eval``'s common
+random numbers: every row draws each token with the same keyed noise), which is what
+makes the paired columns sharper than two rows' intervals side by side. During the training runs of
 ``--curve-rewards`` (default (a)), every ``--curve-every`` steps the policy answers the
 first ``--curve-n`` of the table's held-out openers and the targeted reward and KL are
 recorded; each curve starts at the prior's row and ends at the model's own row of the
@@ -483,16 +486,17 @@ def steps_cell(run: dict | None) -> str:
 def table(reward: str, results: dict, trained: dict | None = None) -> str:
     target = "bot_question" if reward == "bot_question" else "combined"
     header = (
-        f"| model | steps | {target} (targeted) | question rate | KL/token | perplexity "
-        "| perplexity / prior's (paired) | distinct-2 |"
+        f"| model | steps | {target} (targeted) | targeted - prior's (paired) | question rate "
+        "| KL/token | perplexity | perplexity / prior's (paired) | distinct-2 |"
     )
-    lines = [header, "|---|---|---|---|---|---|---|---|"]
+    lines = [header, "|---|---|---|---|---|---|---|---|---|"]
     for name, row in results.items():
         if name in ("samples", "seconds"):
             continue
         cells = [
             steps_cell((trained or {}).get(name)),
             cell(row[target]),
+            cell(row["difference"][target]) if "difference" in row else "-",
             cell(row["bot_question"]),
             cell(row["kl_to_prior"]),
             cell(row["perplexity"]),

@@ -25,8 +25,9 @@ turns:
 - KL(π‖prior) per token along every one of its replies, in the full conversation the
   policy acted in (one forward per conversation and model, reading every bot token);
 - reply length in words, and conversation length (bot turns before the user left);
-- with a ``reference`` model, each model's perplexity over the reference's, paired by
-  conversation (:func:`paired_ratio`).
+- with a ``reference`` model, each model's perplexity over the reference's, and each
+  reward column minus the reference's, paired by conversation (:func:`paired_ratio`,
+  :func:`paired_difference`).
 
 Each number comes with a 95% interval over conversations: a percentile bootstrap
 (seeded) for the columns that average over replies, and a jackknife (leave one
@@ -121,16 +122,46 @@ def paired_ratio(
     persona), with a 95% percentile interval from resampling conversation indices for
     both at once. Pairing removes what the openers share (a hard opener makes every
     model's reply less fluent), which two intervals side by side count twice."""
-    if len(ours) != len(theirs):
-        raise ValueError("a paired ratio needs the same conversations on both sides")
 
-    def ratio(picked: Sequence[int]) -> float:  # _mean skips non-finite values
-        bottom = _mean([x for i in picked for x in theirs[i]])
-        return _mean([x for i in picked for x in ours[i]]) / bottom if bottom else float("nan")
+    def ratio(mine: float, reference: float) -> float:
+        return mine / reference if reference else float("nan")
+
+    return _paired(ours, theirs, seed, resamples, ratio)
+
+
+def paired_difference(
+    ours: Sequence[list[float]], theirs: Sequence[list[float]], seed: int, resamples: int = 1000
+) -> dict:
+    """{"value", "low", "high"}: our pooled mean of a per-reply measure (e.g. the
+    targeted reward) minus theirs, on the same conversations, resampled as in
+    :func:`paired_ratio`. With paired sampling (:mod:`learner.simulate`) the two rows'
+    replies share their draws, so this interval is the one that says whether a model
+    moved the measure: two rows' intervals side by side count the draws' noise twice."""
+    return _paired(ours, theirs, seed, resamples, lambda mine, reference: mine - reference)
+
+
+def _paired(ours, theirs, seed: int, resamples: int, combine) -> dict:
+    """``combine`` (our pooled mean, theirs) on the conversations, and its 95% percentile
+    interval over resamples of conversation indices taken for both at once."""
+    if len(ours) != len(theirs):
+        raise ValueError("a paired comparison needs the same conversations on both sides")
+    # each conversation's (sum, count) of finite values: a pooled mean of a resample is
+    # then two sums (what _mean of its values gives, 0 where there are none)
+    reduced = [
+        [(sum(f), len(f)) for f in ([x for x in xs if math.isfinite(x)] for xs in side)]
+        for side in (ours, theirs)
+    ]
+
+    def pooled(side, picked: Sequence[int]) -> float:
+        count = sum(side[i][1] for i in picked)
+        return sum(side[i][0] for i in picked) / count if count else 0.0
+
+    def statistic(picked: Sequence[int]) -> float:
+        return combine(pooled(reduced[0], picked), pooled(reduced[1], picked))
 
     indices = list(range(len(ours)))
-    low, high = _percentiles([ratio(r) for r in _resamples(indices, seed, resamples)])
-    return {"value": ratio(indices), "low": low, "high": high}
+    low, high = _percentiles([statistic(r) for r in _resamples(indices, seed, resamples)])
+    return {"value": statistic(indices), "low": low, "high": high}
 
 
 def _percentiles(values: list[float]) -> tuple[float, float]:
@@ -316,7 +347,9 @@ def evaluate(
     ``rerank`` maps a model name to the :class:`learner.simulate.Rerank` it is played
     with (best-of-N, e.g. "prior + best-of-4" beside trained versions). With a
     ``reference`` model (e.g. the prior), every row also gets ``perplexity_ratio``: its
-    perplexity over the reference's, paired by conversation (:func:`paired_ratio`).
+    perplexity over the reference's, and ``difference``: {reward column: its value minus
+    the reference's}, paired by conversation (:func:`paired_ratio`,
+    :func:`paired_difference`).
     """
     rerank = rerank or {}
     # One-reply games (unanswered) of a model that also plays best-of-N read their reply
@@ -355,7 +388,7 @@ def evaluate(
     }
     stats = fit_stats(pooled)
     results: dict = {"samples": {}}
-    perplexities = {}
+    perplexities, rewards = {}, {}
     for name, (model, _) in models.items():
         measures = measures_of(
             games[name],
@@ -370,6 +403,9 @@ def evaluate(
         )
         results[name] = intervals(measures, seed)
         perplexities[name] = [m["perplexity"] for m in measures]
+        rewards[name] = {"combined": [m["combined"] for m in measures]} | {
+            s: [m["signals"][s] for m in measures] for s in SIGNAL_NAMES
+        }
         if progress:
             progress(1)
         results["samples"][name] = [[asdict(t) for t in g.turns] for g in games[name][:3]]
@@ -377,6 +413,10 @@ def evaluate(
         for name, per in perplexities.items():
             ratio = paired_ratio(per, perplexities[reference], seed)
             results[name]["perplexity_ratio"] = ratio
+            results[name]["difference"] = {
+                column: paired_difference(values, rewards[reference][column], seed)
+                for column, values in rewards[name].items()
+            }
     return results
 
 

@@ -467,6 +467,13 @@ def test_a_plain_rows_one_reply_games_are_its_best_of_n_games_first_candidates(
     assert list(results)[1:] == ["plain", "best"]  # the rows in the order asked
     assert results["plain"]["kl_to_prior"]["value"] == 0.0
     assert results["plain"]["perplexity_ratio"] == {"value": 1.0, "low": 1.0, "high": 1.0}
+    zero = {"value": 0.0, "low": 0.0, "high": 0.0}
+    assert all(d == zero for d in results["plain"]["difference"].values())
+    asked = results["best"]["difference"]["bot_question"]
+    assert asked["value"] == pytest.approx(
+        results["best"]["bot_question"]["value"] - results["plain"]["bot_question"]["value"]
+    )
+    assert asked["low"] <= asked["value"] <= asked["high"]
     ratio = results["best"]["perplexity_ratio"]["value"]
     assert ratio == pytest.approx(
         results["best"]["perplexity"]["value"] / results["plain"]["perplexity"]["value"]
@@ -620,3 +627,31 @@ def test_a_paired_perplexity_ratio_cancels_what_the_openers_share():
     assert paired_ratio(ours, ours, seed=0) == {"value": 1.0, "low": 1.0, "high": 1.0}
     with pytest.raises(ValueError):
         paired_ratio(ours, theirs[:-1], seed=0)
+
+
+def test_a_paired_difference_of_question_rates_sees_a_gain_two_intervals_would_not():
+    """Paired sampling makes two models' replies alike where the models agree: here a
+    model asks in the same 45% of conversations as the reference and in 8% more. The
+    paired difference is the difference of the pooled means exactly, its interval holds
+    it and excludes 0, while the two rows' own intervals overlap; a model against itself
+    is 0 [0, 0]; values that are not finite (a reply with no score) are skipped."""
+    from learner.evaluation import bootstrap, paired_difference
+
+    rng = random.Random(5)
+    theirs = [[1.0 if rng.random() < 0.45 else 0.0] for _ in range(200)]
+    ours = [[1.0] if t == [0.0] and rng.random() < 0.15 else list(t) for t in theirs]
+    ours[0].append(float("nan"))
+    diff = paired_difference(ours, theirs, seed=0)
+    rate = [sum(c[0] for c in side) / 200 for side in (ours, theirs)]
+    assert diff["value"] == pytest.approx(rate[0] - rate[1]) and diff["value"] > 0.04
+    assert 0 < diff["low"] <= diff["value"] <= diff["high"]
+
+    def mean(sample):
+        return sum(c[0] for c in sample) / len(sample)
+
+    low_ours, _ = bootstrap(ours, mean, seed=0)
+    _, high_theirs = bootstrap(theirs, mean, seed=1)
+    assert low_ours < high_theirs  # side by side, the two intervals overlap
+    assert paired_difference(theirs, theirs, seed=0) == {"value": 0.0, "low": 0.0, "high": 0.0}
+    with pytest.raises(ValueError):
+        paired_difference(ours, theirs[:-1], seed=0)
