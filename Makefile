@@ -49,7 +49,7 @@ bench: install
 	$(PY) bench/chat_bench.py
 	$(PY) bench/rewards_bench.py
 
-# The product's own proof (49 minutes on 2 idle cores of a 2.60GHz Xeon, ~65-70 on a 2.80GHz one; (a) alone ~31): bench/learning_loop.py
+# The product's own proof (49 minutes on 2 idle cores of a 2.60GHz Xeon, ~65-70 on a 2.80GHz one, ~90 on an AVX2-only AMD EPYC; (a) alone ~31 to 58): bench/learning_loop.py
 learning-loop: install
 	$(PY) bench/learning_loop.py
 

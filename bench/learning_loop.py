@@ -38,8 +38,9 @@ are sized for 2 CPU cores (48 conversations, 16 steps; the settings are in the t
 header): on 2 idle cores of an Intel Xeon @ 2.60GHz without native bf16 the whole bench
 took 49 minutes, of which simulation and (a) ~31 and (b) ~18 (RESULTS.md, tenth run);
 the same code would take about 65-70 on the slower 2.80GHz Xeon of the ninth run (73
-minutes with the code before it); ``--rewards bot_question`` runs (a)
-alone. With
+minutes with the code before it), and about 90 on 2 cores of an AMD EPYC without
+AVX512, where simulation and (a) took 58 (eleventh run); ``--rewards bot_question``
+runs (a) alone. With
 ``--curve-n 16`` each interior point's question rate has a 95% interval about +-0.2
 wide (plotted as error bars; the ends, on 200 openers, about +-0.06): on CPU the
 interior points show the KL's trajectory, the reward's mostly its noise.
