@@ -7,7 +7,7 @@ Design
   held-out chitchat conversation (conversations the learner never trains on: the last
   ones of the corpus).
 - Self-play runs a batch of conversations in lock-step: all bots reply (one batched
-  ``generate``), then all users (another), for ``turns`` bot turns. A simulated user
+  decoding), then all users (another), for ``turns`` bot turns. A simulated user
   ends its conversation by saying goodbye (or an empty line); finished conversations
   drop out of later batches.
 - Seeded: the same seed gives the same personas, openers and samples.
@@ -35,10 +35,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
-from transformers import LogitsProcessorList
 
 from bot.corpora import chitchat_conversations
-from bot.policy import NucleusSampling, Settings, clean_reply, row_key
+from bot.policy import Settings, clean_reply, decode_rows, row_key
 from bot.prompt import Turn, build_prompt
 from bot.safety import SafetyFilter
 from bot.store_data import Imported
@@ -132,12 +131,12 @@ def generate_batch(
 ) -> list[str]:
     """``copies`` sampled replies per prompt (side by side), in input order: the prompts
     sorted by length and generated ``group`` rows at a time, each group one left-padded
-    batched ``generate``. If ``cut`` is a list, it receives for each reply whether the
-    length limit ended it (no stop token was sampled), as the chat logs it (see
+    batch (:func:`bot.policy.decode_rows`). If ``cut`` is a list, it receives for each
+    reply whether the length limit ended it (no stop token was sampled), as the chat logs it (see
     :meth:`bot.policy.Policy.stream_tokens`). With ``copies`` > 1 (best-of-N) each prompt
     is read once and its cache repeated for its copies, as the chat samples best-of-N's
     candidates (:meth:`bot.policy.Policy.sample_replies`). ``keys`` (one per prompt):
-    paired sampling (:class:`bot.policy.NucleusSampling`), copy ``c`` of prompt ``i``
+    paired sampling (:func:`bot.policy.decode_rows`), copy ``c`` of prompt ``i``
     keyed :func:`copy_key` (``keys[i]``, ``c``)."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     replies: list[str] = [""] * (len(prompts) * copies)
@@ -165,55 +164,24 @@ def copy_key(key: int, copy: int) -> int:
     return key if copy == 0 else row_key(key, copy)
 
 
-@torch.no_grad()
 def _generate_group(
     model, tokenizer, prompts, settings, copies: int = 1, keys: list[int] | None = None
 ) -> tuple[list[str], list[bool]]:
-    """(replies, cut flags) of one left-padded batched ``generate``, ``copies`` rows a
-    prompt side by side; ``keys``, one per row: paired sampling."""
+    """(replies, cut flags) of one left-padded batch (:func:`bot.policy.decode_rows`),
+    ``copies`` rows a prompt side by side (each prompt read once, its cache repeated: the
+    prefill is ~40% of a group's generation here, 64 openers, 64 new tokens); ``keys``,
+    one per row: paired sampling."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=model.device)
-    mask = torch.tensor(
-        [[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device
+    tokens, cuts = decode_rows(
+        model,
+        prompts,
+        settings,
+        set(tokenizer.all_special_ids),
+        pad=pad,
+        copies=copies,
+        keys=keys,
     )
-    cache = None
-    if copies > 1:
-        # the prompts read once (all but their last token, which generate reads), the
-        # cache repeated for the copies: the prefill is ~40% of a group's generation
-        # here (64 openers, 64 new tokens), and best-of-4 would read every prompt 4 times
-        if width > 1:
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            cache = model(
-                input_ids=ids[:, :-1],
-                attention_mask=mask[:, :-1],
-                position_ids=positions[:, :-1],
-                use_cache=True,
-                logits_to_keep=1,
-            ).cache
-            cache.batch_repeat_interleave(copies)
-        ids, mask = ids.repeat_interleave(copies, 0), mask.repeat_interleave(copies, 0)
-    # sampled by NucleusSampling inside a greedy generate: the library's top-p sorts the
-    # whole vocabulary of every row at every step, slower than the model's decode step
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=mask,
-        cache=cache,
-        max_new_tokens=settings.max_new_tokens,
-        do_sample=False,
-        temperature=None,
-        top_p=None,
-        top_k=None,
-        logits_processor=LogitsProcessorList([NucleusSampling(settings, keys=keys)]),
-        repetition_penalty=settings.repetition_penalty,
-        eos_token_id=list(tokenizer.all_special_ids),
-        pad_token_id=pad,
-    )
-    stops = set(tokenizer.all_special_ids)
-    cuts = [not any(int(t) in stops for t in row[width:]) for row in out]
-    texts = [
-        clean_reply(tokenizer.decode(row[width:], skip_special_tokens=True)) or "…" for row in out
-    ]
+    texts = [clean_reply(tokenizer.decode(row, skip_special_tokens=True)) or "…" for row in tokens]
     return texts, cuts
 
 

@@ -22,7 +22,7 @@ from learner.evaluate import (
     reply_positions,
 )
 from learner.evaluation import COLUMNS, columns_of, measures_of, signals_per_game
-from learner.simulate import SelfPlay, self_play
+from learner.simulate import Player, SelfPlay, self_play, self_play_many
 from tests.conftest import run_rapport
 
 
@@ -145,8 +145,8 @@ def test_a_degenerate_policy_that_always_asks_the_same_question_is_caught(
     config.generation.max_new_tokens = 48  # short replies keep this test to a minute
     prior, tokenizer = load_model(default_model_dir())
     served = prepare_for_serving(load_model(default_model_dir())[0], "bf16")  # as eval serves
-    games = self_play(
-        served,
+    games = self_play_many(
+        {"prior": Player(served)},
         served,
         tokenizer,
         n=3,
@@ -154,7 +154,8 @@ def test_a_degenerate_policy_that_always_asks_the_same_question_is_caught(
         seed=0,
         system_prompt=config.model.system_prompt,
         settings=Settings.from_config(config.generation),
-    )
+        paired=True,  # keyed draws, as `rapport eval` plays: the same games on every machine
+    )["prior"]
     stuck = [SelfPlay(g.opener, g.persona) for g in games]
     for g, s in zip(games, stuck, strict=True):
         s.turns = [

@@ -159,6 +159,44 @@ def test_paired_sampling_draws_each_nucleus_and_shares_the_draws_of_agreeing_mod
             assert int(alone[0]) == int(together[i])
 
 
+def test_batched_decoding_gives_each_row_its_own_reply_and_drops_ended_rows(tiny_model_dir):
+    """What batched self-play and `rapport eval` decode with: each row of a left-padded
+    batch (prompts of different lengths, copies side by side) is exactly the reply that
+    row decodes alone (keyed draws; greedy: the chat's own reply, repetition penalty
+    and all); a row ends at a stop token, or is cut at the limit and says so; and an
+    ended row leaves the batch, so the last steps run on the live rows only."""
+    from bot.policy import decode_rows, row_key
+
+    model, tokenizer = load_model(tiny_model_dir)
+    prompts = [tokenizer(t)["input_ids"] for t in ("hi", "tell me a story about cats", "ok then")]
+    stops = set(range(0, len(tokenizer), 50))  # one token in 50 ends a row
+    sampled = Settings(temperature=1.0, top_p=1.0, max_new_tokens=12, repetition_penalty=1.2)
+    keys = [row_key(5, r) for r in range(len(prompts) * 2)]
+    sizes = []
+    hook = model.register_forward_pre_hook(
+        lambda _, args, kwargs: sizes.append(len(kwargs["input_ids"])), with_kwargs=True
+    )
+    tokens, cut = decode_rows(model, prompts, sampled, stops, copies=2, keys=keys)
+    hook.remove()
+    for row, key in enumerate(keys):
+        alone, alone_cut = decode_rows(model, [prompts[row // 2]], sampled, stops, keys=[key])
+        assert tokens[row] == alone[0] and cut[row] == alone_cut[0]
+        assert not stops & set(tokens[row])
+        assert cut[row] == (len(tokens[row]) == 12)
+    assert any(cut) and not all(cut)  # some rows ended, some ran to the limit
+    assert sizes[0] == 3 and sizes[1] == 6 and sizes[-1] < 6  # ended rows left the batch
+    assert tokens[0] != tokens[1]  # two copies of a prompt: two draws
+
+    greedy = replace(sampled, temperature=0.0)
+    stop_ids = set(tokenizer.all_special_ids)
+    tokens, cut = decode_rows(model, prompts, greedy, stop_ids)
+    chat = Policy(model, tokenizer, version="t", model_config=Config().model, settings=greedy)
+    for row, prompt in enumerate(prompts):
+        finish = {}
+        assert tokens[row] == list(chat.stream_tokens(prompt, finish))
+        assert cut[row] == finish["cut"]
+
+
 def test_greedy_and_penalty():
     logits = torch.tensor([1.0, 3.0, 2.9])
     greedy = Settings(temperature=0, top_p=1.0, max_new_tokens=1, repetition_penalty=1.0)
