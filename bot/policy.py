@@ -603,44 +603,23 @@ class Policy:
     def reply(self, turns: Sequence[Turn]) -> str:
         return clean_reply("".join(self.stream(turns)))
 
-    @torch.inference_mode()
     def sample_replies(self, turns: Sequence[Turn], n: int) -> list[Candidate]:
-        """``n`` replies to the same conversation, sampled together: one prefill, its
-        cache repeated ``n`` times, then one batched forward per token until every row
-        has ended. Each row samples as :meth:`stream_tokens` does (the same settings,
-        stop tokens and length limit), so a candidate is a reply the bot could send."""
-        prompt = self.prompt_ids(turns)
-        device = self.model.device
-        out = self.model(
-            input_ids=torch.tensor([prompt], device=device), use_cache=True, logits_to_keep=1
+        """``n`` replies to the same conversation, sampled together
+        (:func:`decode_rows`): one prefill, its cache repeated ``n`` times, then one
+        batched forward per token, a candidate leaving the batch when it ends. Each row
+        samples as :meth:`stream_tokens` does (the same settings, stop tokens and length
+        limit), so a candidate is a reply the bot could send."""
+        tokens, cut = decode_rows(
+            self.model,
+            [self.prompt_ids(turns)],
+            self.settings,
+            self.stop_ids,
+            copies=n,
+            generator=self.generator,
         )
-        cache = out.cache
-        cache.batch_repeat_interleave(n)
-        logits = out.logits[:, -1].expand(n, -1)
-        seen = [torch.tensor(prompt) for _ in range(n)]
-        tokens: list[list[int]] = [[] for _ in range(n)]
-        ended = [False] * n
-        for _ in range(self.settings.max_new_tokens):
-            step = []
-            for row in range(n):
-                token = tokens[row][-1] if tokens[row] else prompt[-1]
-                if not ended[row]:
-                    token = sample_next(logits[row], seen[row], self.settings, self.generator)
-                    if token in self.stop_ids:
-                        ended[row] = True
-                    else:
-                        tokens[row].append(token)
-                        seen[row] = torch.cat([seen[row], torch.tensor([token])])
-                step.append(token)  # an ended row's input is ignored from then on
-            if all(ended):
-                break
-            out = self.model(
-                input_ids=torch.tensor(step, device=device)[:, None], cache=cache, use_cache=True
-            )
-            cache, logits = out.cache, out.logits[:, -1]
         return [
-            Candidate(clean_reply(self.tokenizer.decode(ids, skip_special_tokens=True)), not done)
-            for ids, done in zip(tokens, ended, strict=True)
+            Candidate(clean_reply(self.tokenizer.decode(ids, skip_special_tokens=True)), was_cut)
+            for ids, was_cut in zip(tokens, cut, strict=True)
         ]
 
 
