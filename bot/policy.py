@@ -17,6 +17,9 @@ Design
   a single forward pass. Sampling follows the usual order: repetition penalty,
   temperature, top-p. A reply ends at any of the tokenizer's special tokens (end of turn,
   start of a new turn, end of text) or at ``max_new_tokens``.
+- Batches (best-of-N's candidates, self-play, ``rapport eval``) decode with
+  :func:`decode_rows`, the same loop over many rows: a row that has ended leaves the
+  batch, and a row's reply never depends on the rows beside it.
 """
 
 from __future__ import annotations
