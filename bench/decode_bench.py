@@ -80,6 +80,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=128, help="held-out openers, one reply each")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="the learning bench's")
+    parser.add_argument(
+        "--context-turns",
+        type=int,
+        default=1,
+        help="turns in each prompt, the opener last (5: a third bot turn's context, as in "
+        "self-play; the earlier turns are other openers)",
+    )
     args = parser.parse_args()
 
     from dataclasses import replace
@@ -103,7 +110,12 @@ def main() -> None:
     settings = replace(Settings.from_config(config.generation), max_new_tokens=args.max_new_tokens)
     openers = simulate.held_out_openers(args.n, 2)
     system = config.model.system_prompt
-    prompts = [build_prompt(tokenizer, system, [Turn("user", o)], 1024) for o in openers]
+    pool = simulate.held_out_openers(args.n * args.context_turns, 3)
+    prompts = []
+    for i, opener in enumerate(openers):  # earlier turns: other openers, as a long context
+        said = pool[i * args.context_turns : (i + 1) * args.context_turns - 1] + [opener]
+        turns = [Turn("user" if k % 2 == len(said) % 2 else "bot", t) for k, t in enumerate(said)]
+        prompts.append(build_prompt(tokenizer, system, turns, 1024))
     keys = [row_key(2, i) for i in range(len(prompts))]
     rows, replies = [], {}
     ours = simulate._generate_group
@@ -121,7 +133,9 @@ def main() -> None:
     same = sum(a == b for a, b in zip(*replies.values(), strict=True))
     words = sum(len(r.split()) for r in replies["decode_rows"]) / len(prompts)
     print(
-        f"\n{args.n} held-out openers, one reply each (up to {args.max_new_tokens} tokens, "
+        f"\n{args.n} held-out openers after {args.context_turns - 1} earlier turns "
+        f"({sum(map(len, prompts)) / len(prompts):.0f} prompt tokens on average), one reply "
+        f"each (up to {args.max_new_tokens} tokens, "
         f"{words:.1f} words on average), SmolLM2-135M {precision}, groups of "
         f"{simulate.GENERATE_GROUP}, {os.cpu_count()} CPU cores, load {os.getloadavg()[0]:.2f}"
     )
