@@ -264,6 +264,12 @@ class Settings:
         return asdict(self)
 
 
+def penalised(scores: torch.Tensor, penalty: float) -> torch.Tensor:
+    """The repetition penalty (Keskar et al. 2019, as the library applies it): a seen
+    token's positive score divided by ``penalty``, a negative one multiplied."""
+    return torch.where(scores > 0, scores / penalty, scores * penalty)
+
+
 def sample_next(
     logits: torch.Tensor,  # (V,) scores for the next token
     seen: torch.Tensor,  # (S,) ids already in the context
@@ -273,10 +279,7 @@ def sample_next(
     """Pick the next token: repetition penalty, then temperature, then top-p."""
     logits = logits.float().cpu().clone()
     if settings.repetition_penalty != 1.0 and seen.numel():
-        picked = logits[seen]
-        logits[seen] = torch.where(
-            picked > 0, picked / settings.repetition_penalty, picked * settings.repetition_penalty
-        )
+        logits[seen] = penalised(logits[seen], settings.repetition_penalty)
     if settings.temperature == 0:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits / settings.temperature, dim=-1)
@@ -462,12 +465,7 @@ def decode_rows(
     for step in range(settings.max_new_tokens):
         scores = logits.float()
         if settings.repetition_penalty != 1.0:
-            penalised = torch.where(
-                scores > 0,
-                scores / settings.repetition_penalty,
-                scores * settings.repetition_penalty,
-            )
-            scores = torch.where(seen, penalised, scores)
+            scores = torch.where(seen, penalised(scores, settings.repetition_penalty), scores)
         picked = sample_rows(scores, settings, generator, row_keys, step)
         ended |= torch.isin(picked, stops)
         for r, token, done in zip(live.tolist(), picked.tolist(), ended.tolist(), strict=True):
