@@ -6,7 +6,9 @@ reply to each of ``--n`` held-out openers, sampled in groups of 64 left-padded r
 same sampling (a logits processor that draws each row's token as ``decode_rows`` does,
 keyed: paired sampling), which computes every row of a group until its longest reply
 ends; ``decode_rows`` drops a row once it has ended. Both draw with the same keys, so
-the replies must be the same, and the table says whether they are.
+the replies must be the same, and the table says whether they are. In fp32, decode_rows
+runs again with the other layout of the matmuls (``bot.policy.fp32_layout``: input-major
+weights, or the transposed products of few rows), the peer with the input-major one.
 
 Run: ``.venv/bin/python bench/decode_bench.py [--n 128 --max-new-tokens 64]``.
 """
@@ -14,6 +16,7 @@ Run: ``.venv/bin/python bench/decode_bench.py [--n 128 --max-new-tokens 64]``.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 import time
@@ -96,17 +99,24 @@ def main() -> None:
         Settings,
         batch_precision,
         default_model_dir,
+        input_major,
         load_model,
         prepare_for_serving,
         row_key,
+        transposed_products,
     )
     from bot.prompt import Turn, build_prompt
     from learner import simulate
 
     config = Config()
     precision = batch_precision()
-    model, tokenizer = load_model(default_model_dir())
-    model = prepare_for_serving(model, precision)
+    plain, tokenizer = load_model(default_model_dir())
+    if precision == "fp32":  # the peer on input-major weights, decode_rows on both layouts
+        layouts = {"input-major": input_major(copy.deepcopy(plain))}
+        layouts["transposed"] = transposed_products(plain)
+        model = layouts["input-major"]
+    else:
+        model, layouts = prepare_for_serving(plain, precision), {}
     settings = replace(Settings.from_config(config.generation), max_new_tokens=args.max_new_tokens)
     openers = simulate.held_out_openers(args.n, 2)
     system = config.model.system_prompt
@@ -122,16 +132,23 @@ def main() -> None:
     short = replace(settings, max_new_tokens=4)
     library_group(model, tokenizer, prompts[:4], short, keys[:4])  # warm-up, both paths
     ours(model, tokenizer, prompts[:4], short, 1, keys[:4])
-    for name, group in (("transformers generate", library_group), ("decode_rows", None)):
+    runs = [("transformers generate", model, library_group), ("decode_rows", model, None)]
+    if layouts:
+        runs = [(f"{name}, input-major", served, group) for name, served, group in runs]
+        runs.append(("decode_rows, transposed", layouts["transposed"], None))
+        ours(layouts["transposed"], tokenizer, prompts[:4], short, 1, keys[:4])
+    for name, served, group in runs:
         if group is not None:
             simulate._generate_group = lambda m, t, p, s, c, k, g=group: g(m, t, p, s, k)
         start = time.perf_counter()
         cut: list[bool] = []
-        replies[name] = simulate.generate_batch(model, tokenizer, prompts, settings, cut, keys=keys)
+        replies[name] = simulate.generate_batch(
+            served, tokenizer, prompts, settings, cut, keys=keys
+        )
         rows.append((name, time.perf_counter() - start, sum(cut)))
         simulate._generate_group = ours
-    same = sum(a == b for a, b in zip(*replies.values(), strict=True))
-    words = sum(len(r.split()) for r in replies["decode_rows"]) / len(prompts)
+    first = replies[rows[0][0]]
+    words = sum(len(r.split()) for r in replies[rows[1][0]]) / len(prompts)
     print(
         f"\n{args.n} held-out openers after {args.context_turns - 1} earlier turns "
         f"({sum(map(len, prompts)) / len(prompts):.0f} prompt tokens on average), one reply "
@@ -139,11 +156,14 @@ def main() -> None:
         f"{words:.1f} words on average), SmolLM2-135M {precision}, groups of "
         f"{simulate.GENERATE_GROUP}, {os.cpu_count()} CPU cores, load {os.getloadavg()[0]:.2f}"
     )
-    print(f"| {'row':<22} | {'seconds':>8} | {'cut':>4} |")
-    print(f"|{'-' * 24}|{'-' * 10}|{'-' * 6}|")
+    print(f"| {'row':<36} | {'seconds':>8} | {'cut':>4} | {'speed-up':>8} | {'same replies':>12} |")
+    print(f"|{'-' * 38}|{'-' * 10}|{'-' * 6}|{'-' * 10}|{'-' * 14}|")
     for name, seconds, cuts in rows:
-        print(f"| {name:<22} | {seconds:>8.1f} | {cuts:>4} |")
-    print(f"speed-up: {rows[0][1] / rows[1][1]:.2f}x; the same reply in {same} of {len(prompts)}")
+        same = sum(a == b for a, b in zip(first, replies[name], strict=True))
+        print(
+            f"| {name:<36} | {seconds:>8.1f} | {cuts:>4} | {rows[0][1] / seconds:>7.2f}x "
+            f"| {same:>5} of {len(prompts):<3} |"
+        )
 
 
 if __name__ == "__main__":

@@ -241,7 +241,7 @@ def curve_ends(args, reward: str, trained: dict, results: dict) -> None:
 
 def _served_copy(model):
     """A copy of the network in training, as the bench serves every model (bf16 where
-    the CPU has it natively, else fp32 stored input-major: ``bot.policy.input_major``)."""
+    the CPU has it natively, else fp32 in the CPU's ``bot.policy.fp32_layout``)."""
     import copy
 
     from bot.policy import batch_precision, prepare_for_serving

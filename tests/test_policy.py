@@ -12,11 +12,14 @@ from bot.config import Config
 from bot.errors import RapportError
 from bot.policy import (
     DEFAULT_MODEL_NAME,
+    SKINNY_ROWS,
     Int8WeightLinear,
     Policy,
     Settings,
+    TransposedProductLinear,
     clean_reply,
     default_model_dir,
+    fp32_layout,
     input_major,
     load_model,
     prepare_for_serving,
@@ -282,26 +285,46 @@ def test_int8_serving_quantises_every_linear_layer_and_keeps_the_logits(tiny_mod
     assert int8.reply([Turn("user", "hello")])
 
 
+@pytest.mark.parametrize("layout", ["input-major", "transposed"])
 @pytest.mark.parametrize("real", [False, True], ids=["tiny", "SmolLM2"])
-def test_fp32_batch_serving_stores_weights_input_major_and_changes_no_greedy_reply(
-    real, tiny_model_dir
+def test_fp32_batch_serving_layouts_keep_the_weights_and_change_no_greedy_reply(
+    real, layout, tiny_model_dir, monkeypatch
 ):
-    """The fp32 serving copy for batched work (self-play, eval) keeps every linear
-    layer's values, stored input-major, with the output layer untied from the input
-    embeddings; its greedy replies are token for token the plain model's, batched as
-    self-play batches them (8 rows here, where the layouts' matmuls differ most)."""
+    """The fp32 serving copy for batched work (self-play, eval), in either layout of its
+    matmuls (the CPU picks one: ``fp32_layout``), keeps every linear layer's values:
+    input-major with the output layer untied from the input embeddings, or the
+    transposed products on the layers' own (still tied) weights. Its logits are the
+    plain model's for few rows and for many (the transposed layout switches products
+    at ``SKINNY_ROWS``), and its greedy replies are token for token the plain model's,
+    batched as self-play batches them (8 rows, where the layouts' matmuls differ most)."""
     from learner.simulate import generate_batch
 
+    flags = {"avx512f", "avx2"} if layout == "input-major" else {"avx2"}
+    monkeypatch.setattr("bot.policy.cpu_flags", lambda: flags)
+    assert fp32_layout() == layout
     folder = default_model_dir() if real else tiny_model_dir
     plain, tokenizer = load_model(folder)
     served = prepare_for_serving(load_model(folder)[0], "fp32")
+    tied = served.lm_head.weight.data_ptr() == served.get_input_embeddings().weight.data_ptr()
     pairs = zip(plain.named_modules(), served.named_modules(), strict=True)
     for (name, a), (_, b) in pairs:
         if isinstance(a, torch.nn.Linear):
             assert torch.equal(a.weight, b.weight), name
-            assert b.weight.stride() == (1, b.weight.shape[0]), name
-    assert served.lm_head.weight.data_ptr() != served.get_input_embeddings().weight.data_ptr()
-    assert input_major(served) is served  # already input-major: nothing copied again
+            if layout == "input-major":
+                assert b.weight.stride() == (1, b.weight.shape[0]), name
+            else:
+                assert isinstance(b, TransposedProductLinear), name
+    if layout == "input-major":
+        assert not tied
+        assert input_major(served) is served  # already input-major: nothing copied again
+    else:
+        assert tied
+    with torch.no_grad():
+        for shape in ((8, 1), (2, SKINNY_ROWS)):  # a decoding step, a prefill past the switch
+            ids = torch.randint(
+                0, plain.config.vocab_size, shape, generator=torch.Generator().manual_seed(0)
+            )
+            torch.testing.assert_close(served(ids).logits, plain(ids).logits, rtol=1e-4, atol=1e-4)
     texts = [
         "Hi! How was your day?",
         "What do you like to do on weekends?",
