@@ -260,13 +260,20 @@ class TransposedProductLinear(torch.nn.Linear):
         return y.t().contiguous().view(*x.shape[:-1], self.out_features)
 
 
-def transposed_products(model):
-    """``model`` with every fp32 linear layer a :class:`TransposedProductLinear`."""
+def replace_linear_layers(model, replace: Callable[[torch.nn.Linear], torch.nn.Module]):
+    """``model`` with each plain linear layer ``child`` swapped for ``replace(child)``."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if type(child) is torch.nn.Linear and child.weight.dtype == torch.float32:
-                setattr(module, name, TransposedProductLinear(child))
+            if type(child) is torch.nn.Linear:
+                setattr(module, name, replace(child))
     return model
+
+
+def transposed_products(model):
+    """``model`` with every fp32 linear layer a :class:`TransposedProductLinear`."""
+    return replace_linear_layers(
+        model, lambda c: TransposedProductLinear(c) if c.weight.dtype == torch.float32 else c
+    )
 
 
 def fp32_layout() -> str:
@@ -289,10 +296,7 @@ def prepare_for_serving(model, precision: str):
         return input_major(model) if fp32_layout() == "input-major" else transposed_products(model)
     model = model.to(torch.bfloat16)
     if precision == "int8" and hasattr(torch, "_weight_int8pack_mm"):
-        for module in list(model.modules()):
-            for name, child in list(module.named_children()):
-                if isinstance(child, torch.nn.Linear):
-                    setattr(module, name, Int8WeightLinear(child))
+        replace_linear_layers(model, Int8WeightLinear)
     return model
 
 
