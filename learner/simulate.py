@@ -17,8 +17,12 @@ Design
   same thing in a conversation do (their users then answer alike too), so a comparison
   of versions measures the versions, not the luck of independent draws; and a
   conversation's draws do not depend on what is batched beside it. Each model's replies
-  are still samples of its own distribution. ``rapport simulate`` samples unpaired (the
-  learner's data are ordinary samples).
+  are still samples of its own distribution. ``rapport simulate`` plays keyed too: the
+  learner's data are still ordinary samples of the deployed model, and the logs of a
+  seed are the same whatever draws the decoder makes for other rows (how it groups
+  prompts, how many it batches, a faster decoding path): the twelfth learning-loop
+  run drew other logs from the same seed only because the decoder had changed
+  (RESULTS.md).
 - ``rapport simulate`` applies the chat's reply safety filter (:mod:`bot.safety`): the
   flagged replies of a round are regenerated together, once, and those flagged again
   get the fallback; each flagged reply is logged withdrawn, replaced by the next, as a
@@ -125,7 +129,7 @@ def generate_batch(
     prompts: list[list[int]],
     settings: Settings,
     cut: list | None = None,
-    group: int = GENERATE_GROUP,
+    group: int | None = None,
     copies: int = 1,
     keys: list[int] | None = None,
 ) -> list[str]:
@@ -137,7 +141,8 @@ def generate_batch(
     is read once and its cache repeated for its copies, as the chat samples best-of-N's
     candidates (:meth:`bot.policy.Policy.sample_replies`). ``keys`` (one per prompt):
     paired sampling (:func:`bot.policy.decode_rows`), copy ``c`` of prompt ``i``
-    keyed :func:`copy_key` (``keys[i]``, ``c``)."""
+    keyed :func:`copy_key` (``keys[i]``, ``c``). ``group``: default ``GENERATE_GROUP``."""
+    group = group or GENERATE_GROUP
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     replies: list[str] = [""] * (len(prompts) * copies)
     was_cut: list[bool] = [False] * (len(prompts) * copies)
@@ -463,6 +468,7 @@ def simulate_into_store(
                 settings=settings,
                 split="train",
                 safety=safety,
+                paired=True,  # keyed draws: the logs of a seed whatever the decoder (doc)
             )
             added += store.import_conversations(
                 "simulated",

@@ -294,6 +294,43 @@ def test_simulated_conversations_land_in_the_store_and_get_scored(tiny_model_dir
         assert store.counts()["scoring"] >= 3
 
 
+def test_simulated_logs_of_a_seed_do_not_depend_on_how_the_decoder_batches(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """`rapport simulate` draws every token with its conversation's keyed noise: the
+    logs of a seed are the same when the decoder batches its prompts otherwise (here
+    one prompt a batch instead of up to 64), where unkeyed draws from one stream come
+    out otherwise (what gave the twelfth learning-loop run other logs from the same
+    seed after a decoder change)."""
+    import learner.simulate as simulate
+    from learner.simulate import simulate_into_store
+
+    model, tokenizer = load_model(tiny_model_dir)
+    settings = Settings(temperature=1.0, top_p=0.9, max_new_tokens=6, repetition_penalty=1.0)
+    common = dict(n=5, turns=2, seed=3, system_prompt="s", settings=settings)
+
+    def logged(name: str) -> list[tuple]:
+        with Store(tmp_path / f"{name}.db") as store:
+            simulate_into_store(store, model, model, tokenizer, version="v", batch=5, **common)
+            return store.db.execute(
+                "SELECT c.external_id, m.role, m.text, m.generation FROM messages m "
+                "JOIN conversations c ON c.id = m.conversation_id ORDER BY c.id, m.id"
+            ).fetchall()
+
+    grouped = logged("grouped")
+    monkeypatch.setattr(simulate, "GENERATE_GROUP", 1)
+    one_by_one = logged("one_by_one")
+    assert one_by_one == grouped
+    assert sum(role == "bot" for _, role, _, _ in grouped) >= 5
+    assert len({text for _, role, text, _ in grouped if role == "bot"}) > 3  # drawn, not one
+
+    # the same play unkeyed: its draws depend on the batching
+    unkeyed = self_play(model, model, tokenizer, split="train", **common)
+    monkeypatch.setattr(simulate, "GENERATE_GROUP", 64)
+    unkeyed_grouped = self_play(model, model, tokenizer, split="train", **common)
+    assert [g.bot_turns for g in unkeyed] != [g.bot_turns for g in unkeyed_grouped]
+
+
 def test_every_interval_holds_its_own_point_estimate_even_for_distinct_n():
     """30 conversations of distinct replies: resampling conversations with replacement
     would duplicate replies and put distinct-2 and the repeat rate below their own point
