@@ -90,6 +90,14 @@ def arguments() -> argparse.Namespace:
     add("--lr", type=float, default=1e-4, help="KL-control, bc and kto alike")
     add("--td-lambda", type=float, default=1.0, help="KL-control learners only (rapport's default)")
     add("--tau", type=float, default=0.005, help="KL-control learners only (rapport's default)")
+    add(
+        "--dueling",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="KL-control learners: Q = log pi + V (rapport's default); --no-dueling: the raw "
+        "form, Q = logit - b, as the runs before the thirteenth",
+    )
+    add("--value-lr-scale", type=float, default=1.0, help="dueling: the value head's lr / --lr")
     add("--eval-n", type=int, default=200, help="(a): held-out openers, one reply each")
     add("--eval-n-b", type=int, default=24, help="(b): held-out conversations")
     add("--eval-turns-b", type=int, default=2)
@@ -154,13 +162,14 @@ def simulate_and_score(args, config, store, prior_dir) -> dict:
         settings=Settings.from_config(config.generation),
         progress=lambda k: print(f"  simulated {k} more", file=sys.stderr, flush=True),
     )
-    summary = score_store(store, config)
-    cut = store.db.execute(
-        "SELECT COUNT(*) FROM messages WHERE role = 'bot' AND json_extract(generation, '$.cut')"
-    ).fetchone()[0]
+    score_store(store, config)  # scores what is not scored yet (all of it, unless --home reused)
+    bots, cut = store.db.execute(
+        "SELECT COUNT(*), SUM(json_extract(generation, '$.cut') IS NOT NULL) FROM messages "
+        "WHERE role = 'bot'"
+    ).fetchone()
     return {
         "conversations": args.simulate,
-        "bot_turns": summary.bot_turns,
+        "bot_turns": bots,
         "cut_turns": cut,
         "seconds": time.perf_counter() - began,
     }
@@ -277,6 +286,7 @@ def train_all(args, config, store, prior_dir, reward, prior_served, tokenizer) -
         )
         if algo in ALGORITHMS:  # bc and kto keep their runs (and --reuse finds them)
             train_config.td_lambda, train_config.tau = args.td_lambda, args.tau
+            train_config.dueling, train_config.value_lr_scale = args.dueling, args.value_lr_scale
         done = finished_run(train_config) if args.reuse else None
         if done:
             out[name] = {
@@ -595,7 +605,8 @@ def main() -> None:
     settings = (
         f"{args.simulate} simulated conversations x {args.turns} bot turns; {args.steps} steps "
         f"x {args.batch_size} windows of <= {args.max_tokens} tokens, lr {args.lr}, "
-        f"KL-control lambda {args.td_lambda} tau {args.tau}; "
+        f"KL-control lambda {args.td_lambda} tau {args.tau} "
+        f"{'dueling' if args.dueling else 'raw'}; "
         f"(a) {args.eval_n} held-out openers, (b) {args.eval_n_b} x {args.eval_turns_b} turns; "
         f"simulation and scoring {report['logs']['seconds'] / 60:.1f} min"
     )

@@ -84,6 +84,22 @@ class TrainConfig:
     dropout: float = _f(
         0.1, "Dropout on the target's deviation from the prior, for the Monte-Carlo samples."
     )
+    dueling: bool = _f(
+        True,
+        "KL-control: read Q as log π_θ(a|s) + V_φ(s), a policy and a small value head (a "
+        "linear read of the layer-normalised last hidden state), instead of the LM's raw "
+        "logit minus the prior's log-partition. The raw form puts the state's value in "
+        "the logits' common offset, which Adam moves by nats a step on SmolLM2 and which "
+        "then buries the reward (learner/kl_control.py). False: the raw form, as runs "
+        "before 2026-12-02 trained.",
+    )
+    value_lr_scale: float = _f(
+        1.0,
+        "The dueling form's value head learns at lr x this: V_phi(s) is what takes the "
+        "state's expected return off every token's TD error, so the policy is moved only "
+        "where the reward is decided; a head that learns slowly leaves every token of a "
+        "turn with the turn's whole reward.",
+    )
     huber_delta: float = _f(
         1.0,
         "Huber threshold on the TD error; never below reward_clip / reward_scale, so every "
@@ -148,6 +164,7 @@ class TrainConfig:
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.max_tokens >= 32, "max_tokens must be >= 32"),
             (self.lr > 0, "lr must be > 0"),
+            (self.value_lr_scale > 0, "value_lr_scale must be > 0"),
             (0 <= self.gamma <= 1, "gamma must be in [0, 1]"),
             (self.reward_scale > 0, "reward_scale must be > 0"),
             (0 < self.tau <= 1, "tau must be in (0, 1]"),
@@ -189,4 +206,5 @@ class TrainConfig:
     def from_json(cls, path: Path) -> TrainConfig:
         data = json.loads(Path(path).read_text())
         known = {f.name for f in dataclasses.fields(cls)}
+        data.setdefault("dueling", False)  # saved before the value head existed
         return cls(**{k: v for k, v in data.items() if k in known})

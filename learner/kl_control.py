@@ -40,6 +40,29 @@ constant in a, so they never change what is sampled; no prior is needed at servi
              with r ≡ 0 it pushes each logged token towards γ max Q'(s') and drifts,
              which is the paper's finding (batch Q collapses); a test shows it.
 
+The dueling form (the default): the state's value out of the logits' offset
+--------------------------------------------------------------------------
+Every Q above is ℓ_θ(s,a) − b(s) = log π_θ(a|s) + [logsumexp ℓ_θ(s) − b(s)]: the policy
+plus the state's (soft) value, which the raw form stores in the common offset of the
+LM's logits. On SmolLM2 that offset is the network's most sensitive direction: one
+Adam step at lr 2.5e-5 moved the mean Ψ of the logged tokens by −1.1 nats, and over 16
+steps it swung between −0.2 and −5.4 (bench/RESULTS.md, thirteenth run) while the
+reward is ±1 in z-units. The TD error is then mostly the offset's, the clipped gradient
+mostly corrects it, and what reaches the policy is noise: psi spent KL 0.14 nats/token
+and did not move the question rate. So by default (``TrainConfig.dueling``, Wang et al.
+2016's dueling decomposition) the two parts are read apart:
+
+    Q(s,a) − b(s) = log π_θ(a|s) + V_φ(s)
+
+log π_θ the log-softmax of the LM's logits (a common offset has no gradient there) and
+V_φ a linear head on the layer-normalised last hidden state, detached, zero at the
+start (learner.train.ValueHead). Every formula above holds with ℓ̃ = log π_θ + V_φ + b in
+place of ℓ_θ: the untrained learner is still the zero-reward fixed point (V_φ = 0,
+π_θ = p), the served policy is still softmax ℓ_θ, and V_φ is used in training only
+(the saved model is an ordinary LM). The cost: the online network's log-softmax over
+the vocabulary at the trained positions (the raw form reads one row of the output layer
+per action), ~10% of a step on 2 CPU cores.
+
 Credit that reaches the words that earned it
 --------------------------------------------
 One-step targets move the turn's reward back about one token per target refresh, and

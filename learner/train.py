@@ -13,6 +13,7 @@ how learners are compared at equal KL.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -43,6 +44,45 @@ class Models:
     q: torch.nn.Module  # Q, Psi or G network (or the policy, for bc)
     target: torch.nn.Module | None  # Polyak-averaged copy of q
     prior: torch.nn.Module  # frozen: the model the bot was started from
+    # the dueling form's V_φ and its Polyak copy (None: the raw form, or bc)
+    value: ValueHead | None = None
+    target_value: ValueHead | None = None
+
+
+class ValueHead(torch.nn.Module):
+    """V_φ(s) of the dueling form (:mod:`learner.kl_control`): a linear read of the
+    layer-normalised last hidden state, which it does not train (detached: the network's
+    body learns only through its log-softmax, where a common offset of the logits has no
+    gradient). Zero at the start, so Q = log p: the untrained learner is still the
+    zero-reward fixed point."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.linear = torch.nn.Linear(hidden_size, 1)
+        torch.nn.init.zeros_(self.linear.weight)
+        torch.nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # (..., H) -> (...)
+        normed = F.layer_norm(hidden.detach().float(), hidden.shape[-1:])
+        return self.linear(normed).squeeze(-1)
+
+
+class DuelingHead(torch.nn.Module):
+    """Q(s,·) − b(s) = log_softmax ℓ(s,·) + V_φ(s) from hidden states, (..., H) ->
+    (..., V): the dueling form's values relative to the prior's log-partition, where the
+    raw form has ℓ(s,·) − b(s). ``weight`` is the output layer's."""
+
+    def __init__(self, head: torch.nn.Module, value: ValueHead):
+        super().__init__()
+        self.head, self.value = head, value
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.head.weight
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        policy = torch.log_softmax(self.head(hidden).float(), dim=-1)
+        return policy + self.value(hidden).unsqueeze(-1)
 
 
 def batch_for_step(
@@ -74,18 +114,19 @@ def kl_control_loss(models: Models, batch, config: TrainConfig) -> tuple[torch.T
     algo, mask, next_pos = config.algo, batch["mask"], batch["next_pos"]
     lse, pmax, logp, actions = (batch[k] for k in ("prior_lse", "prior_max", "logp", "actions"))
     B, T = mask.shape
+    dueling = models.value is not None
     hidden = hidden_states(models.q, batch)  # (B, T, H)
     q = torch.zeros(mask.shape, device=hidden.device)
     q[mask] = kl_control.q_from_logit(
-        kl_control.taken_action_values(
-            hidden[mask], models.q.get_output_embeddings(), actions[mask]
-        ),
+        _taken_logits(hidden[mask], models.q, models.value, actions[mask], lse[mask]),
         lse[mask],
         logp[mask],
         algo,
     )
     with torch.no_grad():
         target_head = models.target.get_output_embeddings()
+        if dueling:
+            target_head = DuelingHead(target_head, models.target_value)
         target_hidden = hidden_states(models.target, batch)  # (B, T, H)
         # V'(s') only where a target bootstraps: the next positions of trained actions
         flat_next = (torch.arange(B, device=mask.device)[:, None] * T + next_pos)[
@@ -95,6 +136,8 @@ def kl_control_loss(models: Models, batch, config: TrainConfig) -> tuple[torch.T
         if config.mc_samples > 1 and config.dropout > 0:
             prior_hidden = hidden_states(models.prior, batch).reshape(B * T, -1)[flat_next]
         next_lse, next_max = lse.reshape(-1)[flat_next], pmax.reshape(-1)[flat_next]
+        if dueling:  # the dueling head's values are relative to b(s) already
+            next_lse = torch.zeros_like(next_lse)
 
         def lower_bound(logits, a, b):  # (M, n, V) -> (n,): the minimum over M of V'
             v = kl_control.value_from_logits(logits, next_lse[a:b], next_max[a:b], algo)
@@ -111,7 +154,9 @@ def kl_control_loss(models: Models, batch, config: TrainConfig) -> tuple[torch.T
         )
         target_q = torch.zeros(mask.shape, device=mask.device)
         target_q[mask] = kl_control.q_from_logit(
-            kl_control.taken_action_values(target_hidden[mask], target_head, actions[mask]),
+            _taken_logits(
+                target_hidden[mask], models.target, models.target_value, actions[mask], lse[mask]
+            ),
             lse[mask],
             logp[mask],
             algo,
@@ -127,7 +172,21 @@ def kl_control_loss(models: Models, batch, config: TrainConfig) -> tuple[torch.T
         )
     delta = kl_control.huber_delta(config.huber_delta, config.reward_clip, config.reward_scale)
     loss = kl_control.huber_td_loss(q, target, mask, delta)
-    return loss, {"td_loss": float(loss.detach()), "mean_q": float(q[mask].detach().mean())}
+    metrics = {"td_loss": float(loss.detach()), "mean_q": float(q[mask].detach().mean())}
+    if dueling:
+        metrics["mean_value"] = float(models.value(hidden[mask]).detach().mean())
+    return loss, metrics
+
+
+def _taken_logits(hidden, model, value, actions, prior_lse) -> torch.Tensor:
+    """ℓ(s, a) of the logged actions (N,) in the raw form (one row of the output layer
+    per action); in the dueling form log π(a|s) + V_φ(s) + b(s), the same quantity read
+    through the log-softmax (the full vocabulary, for its normaliser)."""
+    head = model.get_output_embeddings()
+    if value is None:
+        return kl_control.taken_action_values(hidden, head, actions)
+    relative = DuelingHead(head, value)(hidden).gather(-1, actions[:, None]).squeeze(-1)
+    return relative + prior_lse
 
 
 def bc_keep(batch, config: TrainConfig) -> torch.Tensor:
@@ -221,6 +280,10 @@ def save_checkpoint(
         "step": step,
         "q": (accelerator.unwrap_model(models.q) if accelerator else models.q).state_dict(),
         "target": models.target.state_dict() if models.target is not None else None,
+        "value": models.value.state_dict() if models.value is not None else None,
+        "target_value": (
+            models.target_value.state_dict() if models.target_value is not None else None
+        ),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "rng": _rng_state(),
@@ -244,6 +307,9 @@ def load_checkpoint(run_dir: Path, models: Models, optimizer, scheduler) -> int:
         models.q.load_state_dict(state["q"])
         if models.target is not None:
             models.target.load_state_dict(state["target"])
+        if models.value is not None:
+            models.value.load_state_dict(state["value"])
+            models.target_value.load_state_dict(state["target_value"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
@@ -290,19 +356,28 @@ def train(
     # fused: one kernel per step over all parameters; torch's CPU default is a loop of
     # ~10 ops per parameter tensor: SmolLM2-135M's AdamW step 0.62 -> 0.10 s here, ~7% of
     # a KL-control step (bench/RESULTS.md)
+    value_params = []
+    if models.value is not None:
+        value_params = list(models.value.to(accelerator.device).parameters())
+    groups = [{"params": list(models.q.parameters())}]
+    if value_params:
+        groups.append({"params": value_params, "lr": config.lr * config.value_lr_scale})
     optimizer = torch.optim.AdamW(
-        models.q.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True
+        groups,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        fused=True,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / max(config.warmup_steps, 1))
     )
     models.q, optimizer = accelerator.prepare(models.q, optimizer)
-    for frozen in (models.target, models.prior):
+    for frozen in (models.target, models.prior, models.target_value):
         if frozen is not None:
             frozen.to(accelerator.device).requires_grad_(False)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "train_config.json").write_text(config.to_json())
-    unwrapped = Models(accelerator.unwrap_model(models.q), models.target, models.prior)
+    unwrapped = dataclasses.replace(models, q=accelerator.unwrap_model(models.q))
     start = load_checkpoint(run_dir, unwrapped, optimizer, scheduler) if resume else 0
     logged = _truncate_metrics(run_dir / "metrics.jsonl", start)
     loss_fn = bc_loss if config.algo == "bc" else kl_control_loss
@@ -323,12 +398,16 @@ def train(
                 raise TrainingError(
                     "out of memory: lower --batch-size or --max-tokens, or use a smaller model"
                 ) from None
-            grad_norm = accelerator.clip_grad_norm_(models.q.parameters(), config.grad_clip)
+            grad_norm = accelerator.clip_grad_norm_(
+                [*models.q.parameters(), *value_params], config.grad_clip
+            )
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             if models.target is not None:
                 polyak(models.target, accelerator.unwrap_model(models.q), config.tau)
+            if models.value is not None:
+                polyak(models.target_value, models.value, config.tau)
             tokens = int(batch["attention_mask"].sum())
             rewards = turn_rewards(batch)
             metrics |= {
@@ -365,12 +444,17 @@ def train(
 
 
 def prepare_models(prior_path: Path, config: TrainConfig) -> Models:
-    """Q/Psi/G start from the prior's weights; the target is a copy; the prior is frozen."""
+    """Q/Psi/G start from the prior's weights; the target is a copy; the prior is frozen.
+    In the dueling form (``config.dueling``) a value head starts at zero, with its copy."""
     q, _ = load_model(prior_path)
     prior = copy.deepcopy(q).requires_grad_(False)
     target = None if config.algo == "bc" else copy.deepcopy(q).requires_grad_(False)
+    value = target_value = None
+    if config.algo in kl_control.ALGORITHMS and config.dueling:
+        value = ValueHead(q.get_output_embeddings().weight.shape[1])
+        target_value = copy.deepcopy(value).requires_grad_(False)
     q.train()
-    return Models(q, target, prior)
+    return Models(q, target, prior, value, target_value)
 
 
 def free_memory_ok(model_params: int) -> None:

@@ -145,14 +145,24 @@ def _perturbed(folder, seed: int, scale: float = 0.05):
     return model
 
 
-def _oracle_loss(algo, windows, q, target, prior, config):
+def _oracle_loss(algo, windows, q, target, prior, config, heads=(None, None)):
     """The loss straight from the formulas in learner.kl_control, one unpadded window
-    at a time, every value over the full vocabulary in float64."""
+    at a time, every value over the full vocabulary in float64. With value ``heads``
+    (q's, target's): the dueling form, whose logits ℓ̃ = log_softmax ℓ + V(s) + b(s)
+    stand in the raw form's ℓ in every formula."""
     errors = []
     for w in windows:
         ids = torch.tensor([w.input_ids])
         with torch.no_grad():
-            logits = [m(input_ids=ids).logits[0].double() for m in (q, target, prior)]
+            out = [m(input_ids=ids, output_hidden_states=True) for m in (q, target, prior)]
+            logits = [o.logits[0].double() for o in out]
+            b = torch.logsumexp(logits[2], -1)
+            for k, head in enumerate(heads):
+                if head is not None:
+                    hidden = out[k].hidden_states[-1][0]
+                    value = torch.nn.functional.layer_norm(hidden, hidden.shape[-1:])
+                    value = head.linear(value).squeeze(-1).double()
+                    logits[k] = torch.log_softmax(logits[k], -1) + (value + b)[:, None]
         errors += _window_errors(algo, w, *logits, config)
     errors = torch.tensor(errors)
     return float(torch.nn.functional.huber_loss(errors, torch.zeros_like(errors), delta=100.0))
@@ -196,15 +206,20 @@ def _window_errors(algo, w, lq, lt, lp, config):
     return [q_of(lq, t, actions[t]) - y(t) for t in range(len(w.input_ids)) if w.mask[t]]
 
 
+@pytest.mark.parametrize("dueling", [False, True], ids=["raw", "dueling"])
 @pytest.mark.parametrize("algo", ["psi", "g", "kl_q", "batch_q"])
-def test_kl_control_loss_equals_a_full_vocabulary_oracle_on_a_tiny_model(algo, tiny_model_dir):
+def test_kl_control_loss_equals_a_full_vocabulary_oracle_on_a_tiny_model(
+    algo, dueling, tiny_model_dir
+):
     """Padding (two windows of different lengths), a bootstrap across the user's reply
-    into the next bot turn, a cut reply, a terminal turn, and g in its own terms."""
+    into the next bot turn, a cut reply, a terminal turn, and g in its own terms; in
+    the raw form (Q from ℓ − b) and the dueling form (Q from log π + V_φ, each network
+    with its own value head)."""
     from transformers import AutoTokenizer
 
     from learner.config import TrainConfig
     from learner.data import Dataset, add_prior_logprobs, collate, conversation_windows
-    from learner.train import Models, kl_control_loss
+    from learner.train import Models, ValueHead, kl_control_loss
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
 
@@ -227,7 +242,15 @@ def test_kl_control_loss_equals_a_full_vocabulary_oracle_on_a_tiny_model(algo, t
     q, target = _perturbed(tiny_model_dir, 1), _perturbed(tiny_model_dir, 2)
     config = TrainConfig(algo=algo, gamma=0.9, td_lambda=0.7, reward_scale=0.5, huber_delta=100)
     batch = collate(windows, tokenizer.pad_token_id)
-    got, _ = kl_control_loss(Models(q, target, prior), batch, config)
-    want = _oracle_loss(algo, windows, q, target, prior, config)
+    heads = (None, None)
+    if dueling:  # value heads away from their zero start, different for q and target
+        heads = tuple(ValueHead(q.config.hidden_size) for _ in range(2))
+        generator = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for head in heads:
+                for p in head.parameters():
+                    p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
+    got, _ = kl_control_loss(Models(q, target, prior, *heads), batch, config)
+    want = _oracle_loss(algo, windows, q, target, prior, config, heads)
     assert float(got.detach()) == pytest.approx(want, rel=1e-4)
     assert want > 1e-3  # the perturbed networks are far from any fixed point

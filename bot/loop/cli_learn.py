@@ -69,6 +69,8 @@ def _learner_help(name: str) -> str:
 @click.option("--td-lambda", type=float, default=None, help=_learner_help("td_lambda"))
 @click.option("--tau", type=float, default=None, help=_learner_help("tau"))
 @click.option("--mc-samples", type=int, default=None, help=_learner_help("mc_samples"))
+@click.option("--dueling/--no-dueling", default=None, help=_learner_help("dueling"))
+@click.option("--value-lr-scale", type=float, default=None, help=_learner_help("value_lr_scale"))
 @click.option("--huber-delta", type=float, default=None, help=_learner_help("huber_delta"))
 @click.option("--seed", type=int, default=None, help=_learner_help("seed"))
 @click.option("--beta", type=float, default=None, help=_learner_help("beta"))
