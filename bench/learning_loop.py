@@ -35,12 +35,14 @@ table (all the openers): the learning curves, plotted into the HTML report.
 
 Run: ``.venv/bin/python bench/learning_loop.py`` (``make learning-loop``). The defaults
 are sized for 2 CPU cores (48 conversations, 16 steps; the settings are in the table's
-header): on 2 idle cores of an Intel Xeon @ 2.60GHz without native bf16 the whole bench
-took 49 minutes, of which simulation and (a) ~31 and (b) ~18 (RESULTS.md, tenth run);
-the same code would take about 65-70 on the slower 2.80GHz Xeon of the ninth run (73
-minutes with the code before it), and about 90 on 2 cores of an AMD EPYC without
-AVX512, where simulation and (a) took 58 (eleventh run); ``--rewards bot_question``
-runs (a) alone. With
+header; the KL-control rows in rapport's dueling form, with a target network that keeps
+up in 16 steps, τ = 0.05: RESULTS.md, thirteenth run): on 2 idle cores of an Intel
+Xeon @ 2.60GHz without native bf16 the whole bench took 49 minutes, of which
+simulation and (a) ~31 and (b) ~18 (RESULTS.md, tenth run); the same code would take
+about 65-70 on the slower 2.80GHz Xeon of the ninth run (73 minutes with the code before
+it), and about 90-125 on 2 cores of an AMD EPYC without AVX512, where simulation and (a)
+took 58 and 83 (eleventh and twelfth runs); ``--rewards bot_question`` runs (a) alone.
+With
 ``--curve-n 16`` each interior point's question rate has a 95% interval about +-0.2
 wide (plotted as error bars; the ends, on 200 openers, about +-0.06): on CPU the
 interior points show the KL's trajectory, the reward's mostly its noise.
@@ -89,7 +91,14 @@ def arguments() -> argparse.Namespace:
     add("--max-tokens", type=int, default=256)
     add("--lr", type=float, default=1e-4, help="KL-control, bc and kto alike")
     add("--td-lambda", type=float, default=1.0, help="KL-control learners only (rapport's default)")
-    add("--tau", type=float, default=0.005, help="KL-control learners only (rapport's default)")
+    add(
+        "--tau",
+        type=float,
+        default=0.05,
+        help="KL-control learners only: the target's Polyak rate (rapport's default 0.005 "
+        "moves the target 63%% of the way in its 200 default steps; 0.05 moves it 56%% in "
+        "the bench's 16)",
+    )
     add(
         "--dueling",
         action=argparse.BooleanOptionalAction,
@@ -97,7 +106,7 @@ def arguments() -> argparse.Namespace:
         help="KL-control learners: Q = log pi + V (rapport's default); --no-dueling: the raw "
         "form, Q = logit - b, as the runs before the thirteenth",
     )
-    add("--value-lr-scale", type=float, default=1.0, help="dueling: the value head's lr / --lr")
+    add("--value-lr", type=float, default=1e-3, help="dueling: the value head's own lr")
     add("--eval-n", type=int, default=200, help="(a): held-out openers, one reply each")
     add("--eval-n-b", type=int, default=24, help="(b): held-out conversations")
     add("--eval-turns-b", type=int, default=2)
@@ -286,7 +295,7 @@ def train_all(args, config, store, prior_dir, reward, prior_served, tokenizer) -
         )
         if algo in ALGORITHMS:  # bc and kto keep their runs (and --reuse finds them)
             train_config.td_lambda, train_config.tau = args.td_lambda, args.tau
-            train_config.dueling, train_config.value_lr_scale = args.dueling, args.value_lr_scale
+            train_config.dueling, train_config.value_lr = args.dueling, args.value_lr
         done = finished_run(train_config) if args.reuse else None
         if done:
             out[name] = {

@@ -40,8 +40,8 @@ constant in a, so they never change what is sampled; no prior is needed at servi
              with r ≡ 0 it pushes each logged token towards γ max Q'(s') and drifts,
              which is the paper's finding (batch Q collapses); a test shows it.
 
-The dueling form (the default): the state's value out of the logits' offset
---------------------------------------------------------------------------
+The dueling form (``TrainConfig.dueling``): the state's value out of the logits' offset
+-------------------------------------------------------------------------------------
 Every Q above is ℓ_θ(s,a) − b(s) = log π_θ(a|s) + [logsumexp ℓ_θ(s) − b(s)]: the policy
 plus the state's (soft) value, which the raw form stores in the common offset of the
 LM's logits. On SmolLM2 that offset is the network's most sensitive direction: one
@@ -49,8 +49,9 @@ Adam step at lr 2.5e-5 moved the mean Ψ of the logged tokens by −1.1 nats, an
 steps it swung between −0.2 and −5.4 (bench/RESULTS.md, thirteenth run) while the
 reward is ±1 in z-units. The TD error is then mostly the offset's, the clipped gradient
 mostly corrects it, and what reaches the policy is noise: psi spent KL 0.14 nats/token
-and did not move the question rate. So by default (``TrainConfig.dueling``, Wang et al.
-2016's dueling decomposition) the two parts are read apart:
+and did not move the question rate. So with ``dueling`` (Wang et al. 2016's dueling
+decomposition; the learning bench's setting, not yet rapport's default: on the tests'
+toy it does not lower a retried reply) the two parts are read apart:
 
     Q(s,a) − b(s) = log π_θ(a|s) + V_φ(s)
 
@@ -61,7 +62,10 @@ place of ℓ_θ: the untrained learner is still the zero-reward fixed point (V_�
 π_θ = p), the served policy is still softmax ℓ_θ, and V_φ is used in training only
 (the saved model is an ordinary LM). The cost: the online network's log-softmax over
 the vocabulary at the trained positions (the raw form reads one row of the output layer
-per action), ~10% of a step on 2 CPU cores.
+per action), lost in the step-to-step spread on SmolLM2: psi steps of 4 windows of
+<= 256 tokens on 2 idle cores of an AVX2 EPYC, median 63 tokens/s raw and 85 dueling,
+single steps 46-100 (thirteenth run). On the 32-wide toy model of the tests the
+vocabulary is most of the work and a step is several times slower.
 
 Credit that reaches the words that earned it
 --------------------------------------------

@@ -361,7 +361,7 @@ def train(
         value_params = list(models.value.to(accelerator.device).parameters())
     groups = [{"params": list(models.q.parameters())}]
     if value_params:
-        groups.append({"params": value_params, "lr": config.lr * config.value_lr_scale})
+        groups.append({"params": value_params, "lr": config.value_lr})
     optimizer = torch.optim.AdamW(
         groups,
         lr=config.lr,

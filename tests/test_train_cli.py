@@ -45,8 +45,9 @@ def test_rapport_train_end_to_end_registers_a_new_undeployed_version(rapport_hom
         "3",
         "--max-tokens",
         "96",
-        "--value-lr-scale",
-        "3",
+        "--dueling",
+        "--value-lr",
+        "0.003",
         "--model",
         str(tiny_model_dir),
         timeout=300,
@@ -64,7 +65,7 @@ def test_rapport_train_end_to_end_registers_a_new_undeployed_version(rapport_hom
     info = json.loads((folder / "training.json").read_text())
     assert len(info["dataset"]["id"]) == 16 and info["metrics"]["step"] == 3
     saved = json.loads((folder / "train_config.json").read_text())
-    assert (saved["algo"], saved["dueling"], saved["value_lr_scale"]) == ("psi", True, 3.0)
+    assert (saved["algo"], saved["dueling"], saved["value_lr"]) == ("psi", True, 0.003)
     load_model(folder)
     # registered: the checkpoint (network, target, optimiser: ~4x the model) is gone, the
     # model stays; the run is listed with its size, and a finished run cannot resume
