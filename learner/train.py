@@ -356,11 +356,9 @@ def train(
     # fused: one kernel per step over all parameters; torch's CPU default is a loop of
     # ~10 ops per parameter tensor: SmolLM2-135M's AdamW step 0.62 -> 0.10 s here, ~7% of
     # a KL-control step (bench/RESULTS.md)
-    value_params = []
-    if models.value is not None:
+    groups, value_params = [{"params": list(models.q.parameters())}], []
+    if models.value is not None:  # the dueling form's value head, at its own lr
         value_params = list(models.value.to(accelerator.device).parameters())
-    groups = [{"params": list(models.q.parameters())}]
-    if value_params:
         groups.append({"params": value_params, "lr": config.value_lr})
     optimizer = torch.optim.AdamW(
         groups,

@@ -195,15 +195,20 @@ def test_psi_and_g_are_the_same_learner_and_batch_q_gains_less_per_nat_of_kl(rew
     assert gain_per_kl(batch_q) < gain_per_kl(psi), summary
 
 
-@pytest.mark.parametrize("algo,mc_samples", [(algo, 1) for algo in TOKEN_LEVEL] + [("psi", 5)])
+@pytest.mark.parametrize(
+    "algo,mc_samples,dueling",
+    [(algo, 1, False) for algo in TOKEN_LEVEL]
+    + [("psi", 5, False)]
+    + [(algo, 1, True) for algo in TOKEN_LEVEL if algo != "bc"],
+)
 def test_zero_reward_control_every_kl_control_learner_stays_at_the_prior(
-    algo, mc_samples, toy_prior, tmp_path
+    algo, mc_samples, dueling, toy_prior, tmp_path
 ):
     """With r ≡ 0 the served policy stays the prior (KL < 0.01 nats/token), also with
     the paper's M = 5 dropout samples (on psi: the dropout acts on the target network's
-    hidden states the same way for every algorithm); batch_q, which has no prior to sit
-    at, drifts."""
-    r = run(toy_prior, tmp_path, algo, reward=lambda w: 0.0, mc_samples=mc_samples)
+    hidden states the same way for every algorithm), and in the dueling form (its value
+    head starts at zero); batch_q, which has no prior to sit at, drifts."""
+    r = run(toy_prior, tmp_path, algo, reward=lambda w: 0.0, mc_samples=mc_samples, dueling=dueling)
     if algo == "batch_q":
         assert r["kl"] > 0.05, r["kl"]
     else:
