@@ -7,7 +7,9 @@ Design
   bot's own prompt builder (:func:`bot.prompt.encode_chat`, so typed control tokens stay
   text here too).
 - A conversation becomes one or more *windows* of at most ``max_tokens``: the system
-  prompt, some earlier turns as context, one or more trained bot turns with the user
+  prompt, the user turns that the window's first trained reply answers (always: a reply
+  is never trained without the message it was generated from), earlier turns as context
+  while the window's head stays within half the budget, one or more trained bot turns with the user
   turns between them, and — when the conversation goes on — the user's reply and the
   header of the bot's next turn, so that value bootstraps across the user's reply.
   Single turns longer than a quarter of the window are cut in the middle first.
@@ -247,8 +249,12 @@ def _path_windows(tokenizer, system_prompt, turns, rewards, cuts, live, max_toke
     i = 0
     while i < len(trained):
         first = trained[i]
-        start = first
-        # context: earlier turns while the window's head stays within half the budget
+        # context: the user turns the first trained reply answers (what it was generated
+        # from; without them the reply is trained as if unprompted, in a state the bot
+        # is never served in), then earlier turns while the head stays within half the
+        # budget. Each turn is at most a quarter of it, so the answered turns fit.
+        answered = max((k + 1 for k in bots if k < first), default=0)
+        start = answered if length(answered, first + 1) <= max_tokens else first
         while start > 0 and length(start - 1, first + 1) <= max_tokens // 2:
             start -= 1
         end = first + 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from transformers import AutoTokenizer
 
@@ -69,6 +71,29 @@ def test_a_conversation_that_goes_on_bootstraps_into_the_next_window(tokenizer):
         last_end = max(t for t, r in enumerate(w.reward) if r != 0.0 or w.mask[t])
         assert w.next_pos[last_end] == len(w.input_ids) - 1  # the next bot header
     assert windows[-1].next_pos[max(t for t, m in enumerate(windows[-1].mask) if m)] == TERMINAL
+
+
+def test_every_trained_reply_is_trained_after_the_message_it_answered(tokenizer):
+    """A reply trained without the user's message is trained in a state the bot is never
+    served in. With long turns a window's head (the reply, the user's answer, the next
+    header) passes half the budget, and the answered message used to be left out: in
+    the learning bench's self-play logs, 70 of 86 windows (bench/RESULTS.md)."""
+    words = " ".join(["word"] * 20)
+    turns = []
+    for i in range(6):
+        turns += [turn("user", f"question {i}: {words}"), turn("bot", f"answer {i}: {words}", 1.0)]
+    turns.append(turn("user", f"last: {words}"))
+    windows = conversation_windows(tokenizer, SYS, conversation(*turns), 128)
+    assert len(windows) > 2
+    for w in windows:
+        assert len(w.input_ids) <= 128
+        first = min(t for t, m in enumerate(w.mask) if m)
+        context = tokenizer.decode(w.input_ids[: first + 1])
+        answer = "".join(decode_actions(tokenizer, w)).split(":")[0]
+        asked = re.search(
+            r"user\nquestion (\d+):[^<]*<\|im_end\|>\n<\|im_start\|>assistant\n$", context
+        )
+        assert asked and answer == f"answer {asked[1]}", (context[-80:], answer)
 
 
 def test_typed_control_tokens_do_not_reach_the_training_data(tokenizer):
