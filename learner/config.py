@@ -91,8 +91,9 @@ class TrainConfig:
         "logit minus the prior's log-partition, which puts the state's value in the "
         "logits' common offset: Adam moves it by nats a step on SmolLM2, and it buried the "
         "reward (learner/kl_control.py). The learning bench trains this way; not yet the "
-        "default: with it, the toy test that psi equals g and that batch_q gains less per "
-        "nat of KL fails (bench/RESULTS.md, fourteenth run).",
+        "default: with it, batch_q raises the tests' toy's rewarded word further than psi "
+        "(less per nat of KL), against an assertion of the raw form (bench/RESULTS.md, "
+        "fourteenth run).",
     )
     value_lr: float = _f(
         1e-3,

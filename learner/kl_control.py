@@ -51,7 +51,7 @@ reward is ±1 in z-units. The TD error is then mostly the offset's, the clipped 
 mostly corrects it, and what reaches the policy is noise: psi spent KL 0.14 nats/token
 and did not move the question rate. So with ``dueling`` (Wang et al. 2016's dueling
 decomposition; the learning bench's setting, not yet rapport's default: with it the
-tests' toy fails its check that psi equals g and that batch_q gains less per nat of KL;
+tests' toy's batch_q raises the rewarded word further than psi (less per nat of KL);
 its retried reply, which it once did not lower, was a defect of the training windows,
 bench/RESULTS.md fourteenth run) the two parts are read apart:
 
