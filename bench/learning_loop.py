@@ -9,13 +9,14 @@
    researcher would try first: filtered behaviour cloning (``bc`` on the turns above
    average) and trl's KTO (liked = reward above the mean). In (a) a row compares learners
    at equal KL from the prior: ``bc@psi`` trains bc until its KL reaches psi's (a KL
-   budget, ``rapport train --kl-budget``); ``psi@bc`` (psi trained on until it reaches
-   bc's) is not a default row: past one epoch psi diverges (RESULTS.md, fourth run), so
-   ask for it with ``--algos``. (b) has the six learners (``--algos-b``). And in
-   (a) the cheapest baseline of all, no training: ``prior+best-of-N``, the prior sampling
-   N replies and sending the one the targeted reward ranks highest (its KL column is the
-   bound log N - (N-1)/N nats per reply spread over its tokens; best-of-N has no
-   per-token policy to measure).
+   budget, ``rapport train --kl-budget``), at a quarter of the learning rate
+   (``--matched-lr``) so that one step cannot overshoot it by much; ``psi@bc`` (psi
+   trained on until it reaches bc's) is not a default row: past one epoch psi diverges
+   (RESULTS.md, fourth run), so ask for it with ``--algos``. (b) has the six learners
+   (``--algos-b``). And in (a) the cheapest baseline of all, no training:
+   ``prior+best-of-N``, the prior sampling N replies and sending the one the targeted
+   reward ranks highest (its KL column is the bound log N - (N-1)/N nats per reply
+   spread over its tokens; best-of-N has no per-token policy to measure).
 3. Every trained version and the prior are evaluated together (``rapport eval``) on
    held-out openers none of them trained on: (a) one reply to each of ``--eval-n``
    distinct openers; (b) ``--eval-n-b`` conversations of ``--eval-turns-b`` bot turns,
@@ -90,6 +91,14 @@ def arguments() -> argparse.Namespace:
     add("--batch-size", type=int, default=4)
     add("--max-tokens", type=int, default=256)
     add("--lr", type=float, default=1e-4, help="KL-control, bc and kto alike")
+    add(
+        "--matched-lr",
+        type=float,
+        default=0.25,
+        help="A@B rows train at this fraction of --lr, so that one step moves A's KL by "
+        "much less than B's (at the full lr bc's KL jumped 0.09 -> 0.22 in one step, past "
+        "psi's 0.12: RESULTS.md, fourteenth run)",
+    )
     add("--td-lambda", type=float, default=1.0, help="KL-control learners only (rapport's default)")
     add(
         "--tau",
@@ -285,7 +294,7 @@ def train_all(args, config, store, prior_dir, reward, prior_served, tokenizer) -
             steps=args.steps * (MATCHED_STEPS if matched else 1),
             batch_size=args.batch_size,
             max_tokens=args.max_tokens,
-            lr=args.lr,
+            lr=args.lr * (args.matched_lr if matched else 1),
             warmup_steps=args.warmup,
             seed=args.seed,
             checkpoint_every=10_000,
@@ -613,7 +622,8 @@ def main() -> None:
     (out / "results.json").write_text(json.dumps(report, indent=2, default=str))
     settings = (
         f"{args.simulate} simulated conversations x {args.turns} bot turns; {args.steps} steps "
-        f"x {args.batch_size} windows of <= {args.max_tokens} tokens, lr {args.lr}, "
+        f"x {args.batch_size} windows of <= {args.max_tokens} tokens, lr {args.lr} "
+        f"(A@B rows: {args.lr * args.matched_lr:g}), "
         f"KL-control lambda {args.td_lambda} tau {args.tau} "
         f"{'dueling' if args.dueling else 'raw'}; "
         f"(a) {args.eval_n} held-out openers, (b) {args.eval_n_b} x {args.eval_turns_b} turns; "

@@ -85,15 +85,15 @@ class TrainConfig:
         0.1, "Dropout on the target's deviation from the prior, for the Monte-Carlo samples."
     )
     dueling: bool = _f(
-        False,
+        True,
         "KL-control: read Q as log π_θ(a|s) + V_φ(s), a policy and a small value head (a "
         "linear read of the layer-normalised last hidden state), instead of the LM's raw "
-        "logit minus the prior's log-partition, which puts the state's value in the "
-        "logits' common offset: Adam moves it by nats a step on SmolLM2, and it buried the "
-        "reward (learner/kl_control.py). The learning bench trains this way; not yet the "
-        "default: with it, batch_q raises the tests' toy's rewarded word further than psi "
-        "(less per nat of KL), against an assertion of the raw form (bench/RESULTS.md, "
-        "fourteenth run).",
+        "logit minus the prior's log-partition (--no-dueling), which puts the state's "
+        "value in the logits' common offset: Adam moves it by nats a step on SmolLM2, and "
+        "it buried the reward (the raw form learned nothing on the bench's logs where this "
+        "one raised the question rate: bench/RESULTS.md, thirteenth run). Costs a "
+        "log-softmax over the vocabulary at the trained positions; the saved model is the "
+        "LM alone.",
     )
     value_lr: float = _f(
         1e-3,

@@ -50,10 +50,9 @@ steps it swung between −0.2 and −5.4 (bench/RESULTS.md, thirteenth run) whil
 reward is ±1 in z-units. The TD error is then mostly the offset's, the clipped gradient
 mostly corrects it, and what reaches the policy is noise: psi spent KL 0.14 nats/token
 and did not move the question rate. So with ``dueling`` (Wang et al. 2016's dueling
-decomposition; the learning bench's setting, not yet rapport's default: with it the
-tests' toy's batch_q raises the rewarded word further than psi (less per nat of KL);
-its retried reply, which it once did not lower, was a defect of the training windows,
-bench/RESULTS.md fourteenth run) the two parts are read apart:
+decomposition; rapport's default and the learning bench's setting, ``--no-dueling`` for
+the raw form; on the tests' toy batch_q then raises the rewarded word further than psi,
+but at four times its KL and less per nat of it) the two parts are read apart:
 
     Q(s,a) − b(s) = log π_θ(a|s) + V_φ(s)
 

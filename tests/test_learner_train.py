@@ -174,9 +174,12 @@ def test_every_algorithm_raises_the_rewarded_reply_and_the_metrics_say_so(
 
 def test_psi_and_g_are_the_same_learner_and_batch_q_gains_less_per_nat_of_kl(rewarded):
     """g is psi re-parameterised (learner.kl_control): the same policy, step for step.
-    batch_q, with no prior in its target, gains less of the rewarded reply than the
-    KL-control learners, and less per nat of KL than psi (its drift at zero reward, the
-    paper's finding, is in the zero-reward control below)."""
+    batch_q, with no prior in its target, moves further from the prior than the
+    KL-control learners and gains less of the rewarded reply per nat of KL than psi (its
+    drift at zero reward, the paper's finding, is in the zero-reward control below). In
+    the dueling form, the default, it may raise the word further in absolute terms (0.31
+    at KL 1.27 vs psi's 0.12 at 0.31 on an AMD EPYC): the raw form's offset had held every
+    learner back, and the paper's claim is per nat of KL, not absolute."""
     psi, g, batch_q = rewarded["psi"], rewarded["g"], rewarded["batch_q"]
     summary = {a: (round(r["p_great"], 4), round(r["kl"], 4)) for a, r in rewarded.items()}
     # Equal in exact arithmetic, not in floats: the two parameterisations round
@@ -187,7 +190,7 @@ def test_psi_and_g_are_the_same_learner_and_batch_q_gains_less_per_nat_of_kl(rew
     assert g["p_great"] == pytest.approx(psi["p_great"], rel=0.1), summary
     assert g["kl"] == pytest.approx(psi["kl"], rel=0.1, abs=1e-4), summary
     for algo in ("psi", "kl_q"):
-        assert batch_q["p_great"] < rewarded[algo]["p_great"], summary
+        assert batch_q["kl"] > rewarded[algo]["kl"], summary
 
     def gain_per_kl(r):
         return (r["p_great"] - r["prior_great"]) / r["kl"]
@@ -197,15 +200,16 @@ def test_psi_and_g_are_the_same_learner_and_batch_q_gains_less_per_nat_of_kl(rew
 
 @pytest.mark.parametrize(
     "algo,mc_samples,dueling",
-    [(algo, 1, False) for algo in TOKEN_LEVEL]
-    + [("psi", 5, False)]
-    + [(algo, 1, True) for algo in TOKEN_LEVEL if algo != "bc"],
+    [(algo, 1, True) for algo in TOKEN_LEVEL]
+    + [("psi", 5, True)]
+    + [(algo, 1, False) for algo in TOKEN_LEVEL if algo != "bc"],
 )
 def test_zero_reward_control_every_kl_control_learner_stays_at_the_prior(
     algo, mc_samples, dueling, toy_prior, tmp_path
 ):
     """With r ≡ 0 the served policy stays the prior (KL < 0.01 nats/token) at the
-    default M = 1, and in the dueling form (its value head starts at zero); batch_q,
+    default M = 1, in the dueling form (the default: its value head starts at zero) and
+    in the raw form; batch_q,
     which has no prior to sit at, drifts. With the paper's M = 5 dropout samples (on
     psi: the dropout acts on the target network's hidden states the same way for every
     algorithm) the fixed point holds only up to float noise (TD loss ~4e-12 at the first
@@ -236,7 +240,7 @@ def test_the_value_head_learns_at_its_own_rate_and_the_raw_form_has_none(toy_pri
         body = copy.deepcopy(models.q.get_output_embeddings().weight)
         dataset = shared_toy_dataset(toy_prior, tuple(likes_great(w) for w in REPLIES))
         train(config, dataset, models, tmp_path / str(scale), pad_id=0)
-        head = float(models.value.linear.weight.abs().max())
+        head = float(models.value.linear.weight.detach().abs().max())
         network = float((models.q.get_output_embeddings().weight - body).abs().max())
         # the head starts at zero; the network's weights also decay (AdamW), by ~1%
         moved[scale] = (head / config.value_lr, network / config.lr)
