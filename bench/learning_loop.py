@@ -41,12 +41,12 @@ up in 16 steps, τ = 0.05: RESULTS.md, thirteenth run): on 2 idle cores of an In
 Xeon @ 2.60GHz without native bf16 the whole bench took 49 minutes, of which
 simulation and (a) ~31 and (b) ~18 (RESULTS.md, tenth run); the same code would take
 about 65-70 on the slower 2.80GHz Xeon of the ninth run (73 minutes with the code before
-it), and about 90-125 on 2 cores of an AMD EPYC without AVX512, where simulation and (a)
-took 58 and 83 (eleventh and twelfth runs); ``--rewards bot_question`` runs (a) alone.
-With
-``--curve-n 16`` each interior point's question rate has a 95% interval about +-0.2
-wide (plotted as error bars; the ends, on 200 openers, about +-0.06): on CPU the
-interior points show the KL's trajectory, the reward's mostly its noise.
+it), and 89-125 on 2 cores of an AMD EPYC without AVX512, where simulation and (a)
+took 58-83 (eleventh, twelfth and fifteenth runs; 89 minutes in all in the
+fifteenth); ``--rewards bot_question`` runs (a) alone. With ``--curve-n 16`` each
+interior point's question rate has a 95% interval about +-0.2 wide (plotted as error
+bars; the ends, on 200 openers, about +-0.06): on CPU the interior points show the KL's
+trajectory, the reward's mostly its noise.
 On a GPU, larger settings, e.g. ``--simulate 512 --steps 300 --eval-n 500``
 (``bench/gpu_check.sh`` runs it). Writes ``results.json``, ``table.md``, ``curves.png``
 and ``index.html`` into ``--out``.
