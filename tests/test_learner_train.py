@@ -209,13 +209,13 @@ def test_zero_reward_control_every_kl_control_learner_stays_at_the_prior(
 ):
     """With r ≡ 0 the served policy stays the prior (KL < 0.01 nats/token) at the
     default M = 1, in the dueling form (the default: its value head starts at zero) and
-    in the raw form; batch_q,
-    which has no prior to sit at, drifts. With the paper's M = 5 dropout samples (on
-    psi: the dropout acts on the target network's hidden states the same way for every
-    algorithm) the fixed point holds only up to float noise (TD loss ~4e-12 at the first
-    step), which Adam turns into steps of the full lr; once the network has moved, the
-    minimum over samples of its deviation from the prior is a pessimism that does not
-    average out: on this toy, KL ~0.03 after 100 steps at lr 1e-3, bounded here at 0.05."""
+    in the raw form; batch_q, which has no prior to sit at, drifts. With the paper's M = 5
+    dropout samples (on psi: the dropout acts on the target network's hidden states the
+    same way for every algorithm) the fixed point holds only up to float noise (TD loss
+    ~4e-12 at the first step), which Adam turns into steps of the full lr; once the
+    network has moved, the minimum over samples of its deviation from the prior is a
+    pessimism that does not average out: on this toy, KL ~0.03 after 100 steps at lr
+    1e-3, bounded here at 0.05."""
     r = run(toy_prior, tmp_path, algo, reward=lambda w: 0.0, mc_samples=mc_samples, dueling=dueling)
     bound = 0.01 if mc_samples == 1 else 0.05
     if algo == "batch_q":
