@@ -12,7 +12,11 @@
    budget, ``rapport train --kl-budget``), at a quarter of the learning rate
    (``--matched-lr``) so that one step cannot overshoot it by much; ``psi@bc`` (psi
    trained on until it reaches bc's) is not a default row: past one epoch psi diverges
-   (RESULTS.md, fourth run), so ask for it with ``--algos``. (b) has the six learners
+   (RESULTS.md, fourth run), so ask for it with ``--algos``. B may also be a number, a
+   training KL: ``--algos psi@0.1,bc@0.1`` trains both at the matched lr until each
+   reaches 0.1, the same budget and lr for both sides. Rows compared at equal KL get a
+   column of their own: the targeted reward minus their peer's (B, or the first row with
+   the same budget), paired by opener. (b) has the six learners
    (``--algos-b``). And in (a) the cheapest baseline of all, no training:
    ``prior+best-of-N``, the prior sampling N replies and sending the one the targeted
    reward ranks highest (its KL column is the bound log N - (N-1)/N nats per reply
@@ -300,7 +304,7 @@ def train_all(args, config, store, prior_dir, reward, prior_served, tokenizer) -
             checkpoint_every=10_000,
             log_every=1 if matched else KL_EVERY,
             pairs_from="combined" if algo == "kto" else "votes",
-            kl_budget=out[matched]["last_kl"] if matched else 0.0,
+            kl_budget=budget_of(matched, out) if matched else 0.0,
         )
         if algo in ALGORITHMS:  # bc and kto keep their runs (and --reuse finds them)
             train_config.td_lambda, train_config.tau = args.td_lambda, args.tau
@@ -361,6 +365,36 @@ def train_all(args, config, store, prior_dir, reward, prior_served, tokenizer) -
 # A measurement is two forwards of the batch (~3 s on 2 cores); the last step always
 # measures, and the bench reads only that one, so every 8 steps (not 4) saves ~1 minute.
 KL_EVERY = 8
+
+
+def budget_of(matched: str, trained: dict) -> float:
+    """The KL budget of an "A@B" row: B's last training KL when B is a row trained before
+    it, or B itself when it is a number ("psi@0.1": psi until its training KL reaches 0.1,
+    so that two learners can be stopped at the same budget at the same lr)."""
+    if matched in trained:
+        return trained[matched]["last_kl"]
+    try:
+        return float(matched)
+    except ValueError:
+        raise SystemExit(f"{matched!r} in an A@B row is neither a row before it nor a KL") from None
+
+
+def peers(names) -> dict[str, str]:
+    """{row: the row it is compared with head to head, at equal KL}: "A@B" with B when B
+    is a row, and rows stopped at the same numeric budget ("psi@0.1", "bc@0.1") with the
+    first of them."""
+    out, first = {}, {}
+    for name in names:
+        _, _, matched = name.partition("@")
+        if not matched:
+            continue
+        if matched in names:
+            out[name] = matched
+        elif matched in first:
+            out[name] = first[matched]
+        else:
+            first[matched] = name
+    return out
 
 
 def algos_for(args, reward: str) -> str:
@@ -476,6 +510,7 @@ def evaluate_all(args, config, reward, trained, prior_served, tokenizer, store=N
         answer_last=not a,  # (a) measures the bot's replies alone
         rerank=rerank,
         reference="prior",  # each row's perplexity over the prior's, paired by opener
+        versus=peers(list(trained)),  # the equal-KL rows, head to head
     )
     results["seconds"] = time.perf_counter() - began
     for row, (twin, kl) in same.items():
@@ -518,7 +553,10 @@ def table(reward: str, results: dict, trained: dict | None = None) -> str:
         f"| model | steps | {target} (targeted) | targeted - prior's (paired) | question rate "
         "| KL/token | perplexity | perplexity / prior's (paired) | distinct-2 |"
     )
-    lines = [header, "|---|---|---|---|---|---|---|---|---|"]
+    head_to_head = any("versus" in row for row in results.values() if isinstance(row, dict))
+    if head_to_head:  # the equal-KL rows' paired difference from their peer
+        header += " targeted - equal-KL peer's (paired) |"
+    lines = [header, "|---" * header.count(" |") + "|"]
     for name, row in results.items():
         if name in ("samples", "seconds"):
             continue
@@ -532,6 +570,11 @@ def table(reward: str, results: dict, trained: dict | None = None) -> str:
             cell(row["perplexity_ratio"]) if "perplexity_ratio" in row else "-",
             cell(row["distinct_2"]),
         ]
+        if head_to_head:
+            versus = row.get("versus")
+            cells.append(
+                f"{cell(versus['difference'][target])} vs {versus['row']}" if versus else "-"
+            )
         if "same_as" in row:  # evaluated as its twin: the served policies agree
             kl = row["kl_to_same"]  # a float sum: can round to just below 0
             name = f"{name} (= {row['same_as']}: KL {f'{kl:.0e}' if kl > 0 else '~0'}/token)"

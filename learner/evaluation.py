@@ -335,6 +335,7 @@ def evaluate(
     answer_last: bool = True,
     rerank: dict | None = None,
     reference: str | None = None,
+    versus: dict[str, str] | None = None,
 ) -> dict:
     """{model name: {column: {"value", "low", "high"}}, "samples": ...} for every model.
 
@@ -349,7 +350,11 @@ def evaluate(
     ``reference`` model (e.g. the prior), every row also gets ``perplexity_ratio``: its
     perplexity over the reference's, and ``difference``: {reward column: its value minus
     the reference's}, paired by conversation (:func:`paired_ratio`,
-    :func:`paired_difference`).
+    :func:`paired_difference`). ``versus`` maps a row to another row it is compared with
+    head to head (e.g. two learners stopped at the same KL from the prior): the row gets
+    ``versus``: {"row": the other, "difference": {reward column: its value minus the
+    other's, paired by conversation}}, one interval where two rows' intervals side by side
+    would overlap for a real difference.
     """
     rerank = rerank or {}
     # One-reply games (unanswered) of a model that also plays best-of-N read their reply
@@ -416,6 +421,15 @@ def evaluate(
             results[name]["difference"] = {
                 column: paired_difference(values, rewards[reference][column], seed)
                 for column, values in rewards[name].items()
+            }
+    for name, other in (versus or {}).items():
+        if name in rewards and other in rewards and other != name:
+            results[name]["versus"] = {
+                "row": other,
+                "difference": {
+                    column: paired_difference(values, rewards[other][column], seed)
+                    for column, values in rewards[name].items()
+                },
             }
     return results
 

@@ -492,7 +492,15 @@ def test_a_plain_rows_one_reply_games_are_its_best_of_n_games_first_candidates(
     common = dict(n=4, seed=5, system_prompt="s", settings=settings, weights={}, rerank=rerank)
     models = {"plain": (model, tokenizer), "best": (model, tokenizer)}
     results = evaluation.evaluate(
-        models, model, model, tokenizer, turns=1, answer_last=False, reference="plain", **common
+        models,
+        model,
+        model,
+        tokenizer,
+        turns=1,
+        answer_last=False,
+        reference="plain",
+        versus={"best": "plain", "plain": "nobody"},
+        **common,
     )
     assert players == [["best"]]  # best-of-N's games only
     best = played[0]
@@ -512,6 +520,12 @@ def test_a_plain_rows_one_reply_games_are_its_best_of_n_games_first_candidates(
         results["best"]["bot_question"]["value"] - results["plain"]["bot_question"]["value"]
     )
     assert asked["low"] <= asked["value"] <= asked["high"]
+    # head to head with another row: here the reference itself, so the same interval
+    assert results["best"]["versus"] == {
+        "row": "plain",
+        "difference": results["best"]["difference"],
+    }
+    assert "versus" not in results["plain"]  # a peer that is not a row: no column
     ratio = results["best"]["perplexity_ratio"]["value"]
     assert ratio == pytest.approx(
         results["best"]["perplexity"]["value"] / results["plain"]["perplexity"]["value"]
