@@ -120,6 +120,13 @@ def arguments() -> argparse.Namespace:
         "form, Q = logit - b, as the runs before the thirteenth",
     )
     add("--value-lr", type=float, default=1e-3, help="dueling: the value head's own lr")
+    add(
+        "--value-fit",
+        type=int,
+        default=0,
+        help="dueling: fit the value head on this many windows before the first step "
+        "(rapport train --value-fit; 0: it starts at zero)",
+    )
     add("--eval-n", type=int, default=200, help="(a): held-out openers, one reply each")
     add("--eval-n-b", type=int, default=24, help="(b): held-out conversations")
     add("--eval-turns-b", type=int, default=2)
@@ -309,6 +316,7 @@ def train_all(args, config, store, prior_dir, reward, prior_served, tokenizer) -
         if algo in ALGORITHMS:  # bc and kto keep their runs (and --reuse finds them)
             train_config.td_lambda, train_config.tau = args.td_lambda, args.tau
             train_config.dueling, train_config.value_lr = args.dueling, args.value_lr
+            train_config.value_fit = args.value_fit
         done = finished_run(train_config) if args.reuse else None
         if done:
             out[name] = {

@@ -104,6 +104,16 @@ class TrainConfig:
         "of zero in the bench's 16 steps and every word of a turn kept the turn's whole "
         "reward (bench/RESULTS.md, thirteenth run).",
     )
+    value_fit: int = _f(
+        0,
+        "The dueling form: before the first step, fit the value head by ridge regression "
+        "on this many training windows (0: it starts at zero), to the returns the "
+        "untrained policy earns along the logged turns (fitted policy evaluation, a few "
+        "rounds so that the bootstrap across turns carries over). With td_lambda < 1 each "
+        "word is then credited with how much it changed the expected return (GAE), not "
+        "with the whole turn's reward plus every later word's deviation from the prior. "
+        "Costs one forward of the network over those windows; with r = 0 the fit is 0.",
+    )
     huber_delta: float = _f(
         1.0,
         "Huber threshold on the TD error; never below reward_clip / reward_scale, so every "
@@ -174,6 +184,7 @@ class TrainConfig:
             (0 < self.tau <= 1, "tau must be in (0, 1]"),
             (self.mc_samples >= 1, "mc_samples must be >= 1"),
             (0 <= self.td_lambda <= 1, "td_lambda must be in [0, 1]"),
+            (self.value_fit >= 0, "value_fit must be >= 0"),
             (self.reward_clip > 0, "reward_clip must be > 0"),
             (0 <= self.dropout < 1, "dropout must be in [0, 1)"),
             (self.checkpoint_every >= 1, "checkpoint_every must be >= 1"),

@@ -189,6 +189,120 @@ def _taken_logits(hidden, model, value, actions, prior_lse) -> torch.Tensor:
     return relative + prior_lse
 
 
+VALUE_FIT_ROUNDS = 4  # fitted evaluation rounds: each carries the return one turn further back
+VALUE_FIT_ALPHAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # ridge penalty per training row, chosen by CV
+
+
+@torch.no_grad()
+def fit_value(models: Models, windows: list[Window], config: TrainConfig, pad_id: int) -> dict:
+    """Warm-start the dueling form's value head (``config.value_fit``): V_φ(s) fitted by
+    ridge regression to the returns the network as it stands earns along the logged
+    turns, its target λ-returns Y minus the policy's part of Q (fitted policy evaluation).
+    Each round refits V_φ to targets that bootstrap from the last round's V_φ, so the
+    return carries back across turns one turn a round. The ridge penalty is chosen by
+    two-fold cross-validation over windows. With r ≡ 0 the targets are 0 at the prior
+    (the zero-reward fixed point), so the fit is 0 and nothing moves.
+
+    Why: V_φ starts at zero and its steps are small, so early in training every word of
+    a turn carries the turn's whole reward (with λ = 1 plus every later word's
+    deviation from the prior, which past the first epoch swamps the reward: RESULTS.md,
+    seventeenth run). A fitted V_φ takes the expected return off each word's error, and
+    with λ < 1 each word is credited with the change in expected return it made."""
+    device = next(models.q.parameters()).device
+    algo, H = config.algo, models.value.linear.weight.shape[1]
+    zero = ValueHead(H).to(device)
+    order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(config.seed))
+    picked = [windows[int(i)] for i in order[: config.value_fit]]
+    head = DuelingHead(models.q.get_output_embeddings(), zero)
+    chunks = []
+    for start in range(0, len(picked), config.batch_size):
+        batch = {
+            k: v.to(device)
+            for k, v in collate(picked[start : start + config.batch_size], pad_id).items()
+        }
+        mask, next_pos = batch["mask"], batch["next_pos"]
+        lse, pmax, logp, actions = (batch[k] for k in ("prior_lse", "prior_max", "logp", "actions"))
+        B, T = mask.shape
+        hidden = hidden_states(models.q, batch)  # (B, T, H)
+        q0 = torch.zeros(B, T, device=device)  # Q with V_φ = 0: the policy's part
+        q0[mask] = kl_control.q_from_logit(
+            _taken_logits(hidden[mask], models.q, zero, actions[mask], lse[mask]),
+            lse[mask],
+            logp[mask],
+            algo,
+        )
+        flat_next = (torch.arange(B, device=device)[:, None] * T + next_pos)[
+            mask & (next_pos != TERMINAL)
+        ].unique()
+        next_max = pmax.reshape(-1)[flat_next]
+        v0 = torch.zeros(B * T, device=device)
+        v0[flat_next] = kl_control.mc_dropout_logits(
+            hidden.reshape(B * T, H)[flat_next],
+            None,
+            head,
+            1,
+            0.0,
+            lambda logits, a, b, m=next_max: kl_control.value_from_logits(
+                logits, torch.zeros(b - a, device=device), m[a:b], algo
+            )[0],
+        )
+        feats = F.layer_norm(hidden.float(), (H,))  # what ValueHead reads
+        chunks.append(
+            {
+                "feats": torch.cat([feats, torch.ones(B, T, 1, device=device)], -1),
+                "q0": q0,
+                "v0": v0.reshape(B, T),
+                "step": kl_control.step_reward(batch["reward"], logp, config.reward_scale, algo),
+                "mask": mask,
+                "next_pos": next_pos,
+            }
+        )
+    x = torch.cat([c["feats"][c["mask"]] for c in chunks])  # (N, H + 1)
+    fold = torch.cat([torch.full((int(c["mask"].sum()),), i % 2) for i, c in enumerate(chunks)])
+    fold = fold.to(device)
+    penalty = torch.eye(H + 1, device=device)
+    penalty[H, H] = 0.0  # the bias is not shrunk
+
+    def solve(rows, y, alpha):
+        a = x[rows].T @ x[rows] + alpha * int(rows.sum()) * penalty
+        return torch.linalg.solve(a, x[rows].T @ y[rows])
+
+    w, alpha = torch.zeros(H + 1, device=device), None
+    for _ in range(VALUE_FIT_ROUNDS):
+        ys = []
+        for c in chunks:
+            values = c["feats"] @ w  # (B, T) V_φ at every position
+            y = kl_control.lambda_returns(
+                c["step"],
+                kl_control.bootstrap(c["v0"] + values, c["next_pos"]),
+                c["q0"] + values,
+                c["mask"],
+                c["next_pos"],
+                config.gamma,
+                config.td_lambda,
+            )
+            ys.append((y - c["q0"])[c["mask"]])
+        y = torch.cat(ys)
+        if alpha is None:  # two-fold cross-validation over windows, once
+            alpha = min(VALUE_FIT_ALPHAS, key=lambda a, y=y: _held_out_error(x, y, fold, a, solve))
+            alpha = alpha if len(chunks) > 1 else 1.0
+        w = solve(torch.ones_like(fold, dtype=torch.bool), y, alpha)
+    fitted = x @ w
+    explained = 1.0 - float(((fitted - y) ** 2).mean() / y.var().clamp(min=1e-12))
+    for value in (models.value, models.target_value):
+        value.linear.weight.copy_(w[:H][None])
+        value.linear.bias.copy_(w[H:])
+    return {"value_fit_r2": explained, "value_fit_alpha": alpha, "value_fit_rows": len(y)}
+
+
+def _held_out_error(x, y, fold, alpha, solve) -> float:
+    """Squared error of each fold's rows under the ridge fit on the other fold."""
+    return sum(
+        float(((x[fold == k] @ solve(fold != k, y, alpha) - y[fold == k]) ** 2).sum())
+        for k in (0, 1)
+    )
+
+
 def bc_keep(batch, config: TrainConfig) -> torch.Tensor:
     """The positions behaviour cloning trains on: filtered BC keeps only the turns whose
     (normalised) reward reaches ``min_reward``; by default the turns above the average,
@@ -380,6 +494,9 @@ def train(
     logged = _truncate_metrics(run_dir / "metrics.jsonl", start)
     loss_fn = bc_loss if config.algo == "bc" else kl_control_loss
     metrics: dict = logged[-1] if logged else {}
+    fitted = {}  # the value head's warm start, logged with the first step
+    if start == 0 and models.value is not None and config.value_fit:
+        fitted = fit_value(unwrapped, dataset.train, config, pad_id)
     if "stopped" in metrics:
         start = config.steps  # it ended on its budget; nothing left to train
     with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as log:
@@ -416,6 +533,8 @@ def train(
                 "reward": float(rewards.mean()) if rewards.numel() else 0.0,
                 "tokens_per_s": tokens / (time.perf_counter() - began),
             }
+            if step == 0:
+                metrics |= fitted
             if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
                 metrics["kl_to_prior"] = kl_to_prior(models, batch, config)
                 # the latest measurement, not a mean: a mean of several lags a fast rise

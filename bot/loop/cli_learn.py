@@ -71,6 +71,7 @@ def _learner_help(name: str) -> str:
 @click.option("--mc-samples", type=int, default=None, help=_learner_help("mc_samples"))
 @click.option("--dueling/--no-dueling", default=None, help=_learner_help("dueling"))
 @click.option("--value-lr", type=float, default=None, help=_learner_help("value_lr"))
+@click.option("--value-fit", type=int, default=None, help=_learner_help("value_fit"))
 @click.option("--huber-delta", type=float, default=None, help=_learner_help("huber_delta"))
 @click.option("--seed", type=int, default=None, help=_learner_help("seed"))
 @click.option("--beta", type=float, default=None, help=_learner_help("beta"))
