@@ -463,16 +463,20 @@ def test_the_value_fit_predicts_the_turns_return_and_is_zero_without_reward(toy_
 
 
 @pytest.mark.parametrize("reward", ["great", "zero"])
-def test_with_a_fitted_value_a_short_lambda_still_credits_the_first_word(
+def test_with_a_fitted_value_the_learner_still_learns_and_still_rests_at_zero_reward(
     reward, toy_prior, tmp_path
 ):
-    """With the value fit, λ = 0.5 (credit within ~2 tokens, where λ = 0 barely moved in
-    test_credit_reaches...) raises the rewarded first word 7 tokens before the reward;
-    with r ≡ 0 the same settings stay at the prior."""
-    by_word = likes_great if reward == "great" else lambda w: 0.0
-    r = run(toy_prior, tmp_path, "psi", reward=by_word, value_fit=64, td_lambda=0.5)
+    """The value fit changes no fixed point: with it, psi still raises the rewarded word
+    (at the default λ = 1), and with r ≡ 0 it stays at the prior, also at λ = 0.5 where
+    the fitted value is what the short return bootstraps from. (On this toy a short λ
+    does not carry the reward back to the first word: the toy prior's states along the
+    fixed tail barely keep the word, so V_φ cannot see it; see the test above.)"""
     if reward == "great":
+        r = run(toy_prior, tmp_path, "psi", value_fit=64)
         assert r["p_great"] > 3 * r["prior_great"], r["p_great"]
-        assert r["metrics"]["step"] == 100
+        assert "value_fit_r2" not in r["metrics"]  # logged with the first step only
+        first = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+        assert first["value_fit_rows"] > 0 and first["step"] == 1
     else:
+        r = run(toy_prior, tmp_path, "psi", reward=lambda w: 0.0, value_fit=64, td_lambda=0.5)
         assert r["kl"] < 0.01, r["kl"]
