@@ -425,10 +425,14 @@ def finished_run(config) -> Path | None:
 
 
 def saved_config(run: Path) -> dict:
-    """The TrainConfig a run saved: beside its model (KL-control, bc) or in it (trl's)."""
+    """The TrainConfig a run saved: beside its model (KL-control, bc) or in it (trl's),
+    read as rapport reads it (a setting added since takes the value that reproduces the
+    old run, :meth:`TrainConfig.from_json`), so that --reuse finds runs saved before it."""
+    from learner.config import TrainConfig
+
     for path in (run / "train_config.json", run / "model" / "train_config.json"):
         if path.exists():
-            return json.loads(path.read_text())
+            return dataclasses.asdict(TrainConfig.from_json(path))
     return {}
 
 
