@@ -680,7 +680,8 @@ def main() -> None:
         f"x {args.batch_size} windows of <= {args.max_tokens} tokens, lr {args.lr} "
         f"(A@B rows: {args.lr * args.matched_lr:g}), "
         f"KL-control lambda {args.td_lambda} tau {args.tau} "
-        f"{'dueling' if args.dueling else 'raw'}; "
+        f"{'dueling' if args.dueling else 'raw'}"
+        f"{f' (value fit on {args.value_fit} windows)' if args.value_fit else ''}; "
         f"(a) {args.eval_n} held-out openers, (b) {args.eval_n_b} x {args.eval_turns_b} turns; "
         f"simulation and scoring {report['logs']['seconds'] / 60:.1f} min"
     )
