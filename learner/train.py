@@ -210,8 +210,9 @@ def fit_value(models: Models, windows: list[Window], config: TrainConfig, pad_id
     with λ < 1 each word is credited with the change in expected return it made. On the
     learning bench's two draws of logs (λ = 0.9) it explains 37-41% of the return's
     variance, and psi gained more at less KL on both (+0.195 at KL 0.130 against +0.140
-    at 0.159; +0.065 at 0.140 against +0.045 at 0.171: RESULTS.md, sixteenth run); off
-    by default until the whole bench has run with it."""
+    at 0.159; +0.065 at 0.140 against +0.045 at 0.171: RESULTS.md, sixteenth run), yet
+    filtered bc at the same KL still gained more on two draws of three; off by default
+    until the whole bench has run with it."""
     device = next(models.q.parameters()).device
     algo, H = config.algo, models.value.linear.weight.shape[1]
     zero = ValueHead(H).to(device)
