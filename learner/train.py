@@ -109,6 +109,14 @@ def hidden_states(model, batch) -> torch.Tensor:
     ).last_hidden_state
 
 
+def bootstrap_positions(mask: torch.Tensor, next_pos: torch.Tensor) -> torch.Tensor:
+    """The flat (B*T) positions where a trained action's target bootstraps: V'(s') is
+    needed there only."""
+    B, T = mask.shape
+    flat = torch.arange(B, device=mask.device)[:, None] * T + next_pos
+    return flat[mask & (next_pos != TERMINAL)].unique()
+
+
 def kl_control_loss(models: Models, batch, config: TrainConfig) -> tuple[torch.Tensor, dict]:
     """The Huber TD loss of :mod:`learner.kl_control` on one batch, λ-return targets."""
     algo, mask, next_pos = config.algo, batch["mask"], batch["next_pos"]
@@ -129,9 +137,7 @@ def kl_control_loss(models: Models, batch, config: TrainConfig) -> tuple[torch.T
             target_head = DuelingHead(target_head, models.target_value)
         target_hidden = hidden_states(models.target, batch)  # (B, T, H)
         # V'(s') only where a target bootstraps: the next positions of trained actions
-        flat_next = (torch.arange(B, device=mask.device)[:, None] * T + next_pos)[
-            mask & (next_pos != TERMINAL)
-        ].unique()
+        flat_next = bootstrap_positions(mask, next_pos)
         prior_hidden = None
         if config.mc_samples > 1 and config.dropout > 0:
             prior_hidden = hidden_states(models.prior, batch).reshape(B * T, -1)[flat_next]
@@ -236,9 +242,7 @@ def fit_value(models: Models, windows: list[Window], config: TrainConfig, pad_id
             logp[mask],
             algo,
         )
-        flat_next = (torch.arange(B, device=device)[:, None] * T + next_pos)[
-            mask & (next_pos != TERMINAL)
-        ].unique()
+        flat_next = bootstrap_positions(mask, next_pos)
         next_max = pmax.reshape(-1)[flat_next]
         v0 = torch.zeros(B * T, device=device)
         v0[flat_next] = kl_control.mc_dropout_logits(
@@ -265,13 +269,6 @@ def fit_value(models: Models, windows: list[Window], config: TrainConfig, pad_id
     x = torch.cat([c["feats"][c["mask"]] for c in chunks])  # (N, H + 1)
     fold = torch.cat([torch.full((int(c["mask"].sum()),), i % 2) for i, c in enumerate(chunks)])
     fold = fold.to(device)
-    penalty = torch.eye(H + 1, device=device)
-    penalty[H, H] = 0.0  # the bias is not shrunk
-
-    def solve(rows, y, alpha):
-        a = x[rows].T @ x[rows] + alpha * int(rows.sum()) * penalty
-        return torch.linalg.solve(a, x[rows].T @ y[rows])
-
     w, alpha = torch.zeros(H + 1, device=device), None
     for _ in range(VALUE_FIT_ROUNDS):
         ys = []
@@ -289,9 +286,9 @@ def fit_value(models: Models, windows: list[Window], config: TrainConfig, pad_id
             ys.append((y - c["q0"])[c["mask"]])
         y = torch.cat(ys)
         if alpha is None:  # two-fold cross-validation over windows, once
-            alpha = min(VALUE_FIT_ALPHAS, key=lambda a, y=y: _held_out_error(x, y, fold, a, solve))
+            alpha = min(VALUE_FIT_ALPHAS, key=lambda a, y=y: _held_out_error(x, y, fold, a))
             alpha = alpha if len(chunks) > 1 else 1.0
-        w = solve(torch.ones_like(fold, dtype=torch.bool), y, alpha)
+        w = _ridge(x, y, torch.ones_like(fold, dtype=torch.bool), alpha)
     fitted = x @ w
     explained = 1.0 - float(((fitted - y) ** 2).mean() / y.var().clamp(min=1e-12))
     for value in (models.value, models.target_value):
@@ -300,10 +297,19 @@ def fit_value(models: Models, windows: list[Window], config: TrainConfig, pad_id
     return {"value_fit_r2": explained, "value_fit_alpha": alpha, "value_fit_rows": len(y)}
 
 
-def _held_out_error(x, y, fold, alpha, solve) -> float:
+def _ridge(x, y, rows, alpha: float) -> torch.Tensor:
+    """Ridge regression of y on x over ``rows``; x's last column is the bias, not shrunk;
+    the penalty is ``alpha`` per row."""
+    penalty = torch.eye(x.shape[1], device=x.device)
+    penalty[-1, -1] = 0.0
+    a = x[rows].T @ x[rows] + alpha * int(rows.sum()) * penalty
+    return torch.linalg.solve(a, x[rows].T @ y[rows])
+
+
+def _held_out_error(x, y, fold, alpha: float) -> float:
     """Squared error of each fold's rows under the ridge fit on the other fold."""
     return sum(
-        float(((x[fold == k] @ solve(fold != k, y, alpha) - y[fold == k]) ** 2).sum())
+        float(((x[fold == k] @ _ridge(x, y, fold != k, alpha) - y[fold == k]) ** 2).sum())
         for k in (0, 1)
     )
 
